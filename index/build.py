@@ -1,0 +1,195 @@
+"""Embed a folder or CSV of images into an IndexStore: incremental, resumable, with progress.
+
+Each batch is committed to the store's database as it is embedded, so an interrupted build
+keeps what it did, and running the same build again embeds only images that are new or whose
+bytes changed (compared by sha256). Images that cannot be decoded are skipped and reported,
+never fatal: one bad file must not cost an hour of embedding.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ..models.embedder import Embedder
+from ..models.preprocess import make_thumbnail
+from .store import IndexStore, StoreError
+
+__all__ = ["ImageSource", "BuildReport", "SourceError", "discover_images", "build_index"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
+
+
+class SourceError(ValueError):
+    """A folder or CSV that does not describe a set of images."""
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    key: str
+    path: Path
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BuildReport:
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    """``key -> reason`` for images that could not be decoded."""
+    total: int = 0
+
+    def summary(self) -> str:
+        parts = [f"{self.added} added", f"{self.updated} updated", f"{self.unchanged} unchanged"]
+        if self.removed:
+            parts.append(f"{self.removed} removed")
+        if self.failed:
+            parts.append(f"{len(self.failed)} failed")
+        return f"{', '.join(parts)}; the index holds {self.total} images"
+
+
+def discover_images(source: str | Path) -> list[ImageSource]:
+    """List the images a folder (recursively) or a CSV names, with their keys.
+
+    Folder: key = path relative to the folder, without extension (``left/aaa``).
+    CSV: a ``path`` column (relative to the CSV's folder), an optional ``key`` column
+    (default: the file name without extension); every other column becomes metadata.
+    """
+    source = Path(source)
+    if source.is_dir():
+        images = [
+            ImageSource(path.relative_to(source).with_suffix("").as_posix(), path)
+            for path in sorted(source.rglob("*"))
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+        ]
+    elif source.is_file():
+        images = _read_csv(source)
+    else:
+        raise SourceError(f"{source} is neither a folder nor a CSV file")
+    if not images:
+        raise SourceError(
+            f"no images found in {source} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    seen: dict[str, Path] = {}
+    for image in images:
+        if image.key in seen:
+            raise SourceError(
+                f"two images have the key {image.key!r}: {seen[image.key]} and {image.path}"
+            )
+        seen[image.key] = image.path
+    return images
+
+
+def _read_csv(path: Path) -> list[ImageSource]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or "path" not in reader.fieldnames:
+                raise SourceError(
+                    f"{path} needs a 'path' column (found: {', '.join(reader.fieldnames or [])})"
+                )
+            rows = list(reader)
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{path} is not a UTF-8 CSV file: {exc}") from exc
+    except csv.Error as exc:
+        raise SourceError(f"{path} is not a valid CSV file: {exc}") from exc
+    images = []
+    for line, row in enumerate(rows, start=2):
+        if None in row or not row.get("path"):
+            raise SourceError(f"{path} line {line}: wrong number of fields or an empty path")
+        image_path = (path.parent / row.pop("path")).resolve()
+        key = row.pop("key", None) or image_path.stem
+        images.append(ImageSource(key, image_path, row))
+    return images
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def build_index(
+    source: str | Path,
+    store_path: str | Path,
+    embedder: Embedder,
+    *,
+    batch_size: int = 16,
+    factory: str = "Flat",
+    pca_dim: int | None = None,
+    thumbnails: bool = True,
+    prune: bool = False,
+    progress: bool = True,
+) -> BuildReport:
+    """Create or update the store at ``store_path`` from the images of ``source``."""
+    images = discover_images(source)
+    store_path = Path(store_path)
+    if (store_path / "manifest.json").exists():
+        store = IndexStore.open(store_path, model_fingerprint=embedder.fingerprint)
+    else:
+        store = IndexStore.create(
+            store_path,
+            dim=embedder.dim,
+            model_fingerprint=embedder.fingerprint,
+            model_name=embedder.bundle.name,
+            factory=factory,
+            pca_dim=pca_dim,
+        )
+    report = BuildReport()
+    try:
+        known = store.digests()
+        todo: list[tuple[ImageSource, str | None]] = []
+        for image in images:
+            digest = _sha256(image.path)
+            if digest is not None and known.get(image.key) == digest:
+                report.unchanged += 1
+            else:
+                todo.append((image, digest))
+        if prune:
+            wanted = {image.key for image in images}
+            stale = [key for key in known if key not in wanted]
+            report.removed = store.remove(stale)
+        log.info("%d images to embed, %d unchanged", len(todo), report.unchanged)
+        bar = tqdm(total=len(todo), desc="embedding", unit="img", disable=not progress)
+        paths = [image.path for image, _ in todo]
+        for batch in embedder.embed_files(
+            paths, batch_size, extra=make_thumbnail if thumbnails else None
+        ):
+            chosen = [todo[i] for i in batch.indices]
+            for index, reason in batch.errors.items():
+                report.failed[todo[index][0].key] = reason
+                log.warning("skipped %s: %s", todo[index][0].path, reason)
+            if chosen:
+                updated = sum(image.key in known for image, _ in chosen)
+                store.add(
+                    [image.key for image, _ in chosen],
+                    batch.vectors,
+                    paths=[str(image.path) for image, _ in chosen],
+                    sha256=[digest for _, digest in chosen],
+                    metadata=[image.metadata for image, _ in chosen],
+                    thumbnails=batch.extras if thumbnails else None,
+                    replace=True,
+                )
+                report.updated += updated
+                report.added += len(chosen) - updated
+            bar.update(len(batch.indices) + len(batch.errors))
+        bar.close()
+        store.save()
+        report.total = len(store)
+    finally:
+        store.close()
+    if report.failed and not report.added and not report.updated and not report.unchanged:
+        raise StoreError(f"none of the {len(images)} images could be read; e.g. "
+                         f"{next(iter(report.failed.values()))}")
+    return report

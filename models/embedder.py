@@ -1,0 +1,158 @@
+"""Embedder: images (bytes, files or PIL) -> unit vectors, through a chosen inference engine.
+
+Engines are registered by name in :data:`ENGINES`; each takes a preprocessed float32 batch
+``(B, 3, S, S)`` and returns float32 embeddings ``(B, D)``. Decoding overlaps the forward pass:
+while the engine runs batch *n*, a thread pool decodes batch *n+1* (Pillow releases the GIL).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .bundle import ModelBundle
+from .preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessor
+
+__all__ = ["Embedder", "EngineError", "ENGINES", "register_engine", "FileBatch"]
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(ValueError):
+    """An unknown engine, or one whose package is not installed."""
+
+
+Engine = Callable[[np.ndarray], np.ndarray]
+EngineFactory = Callable[[ModelBundle], Engine]
+ENGINES: dict[str, EngineFactory] = {}
+
+
+def register_engine(name: str) -> Callable[[EngineFactory], EngineFactory]:
+    def decorator(factory: EngineFactory) -> EngineFactory:
+        ENGINES[name] = factory
+        return factory
+
+    return decorator
+
+
+@register_engine("torch")
+def torch_engine(bundle: ModelBundle) -> Engine:
+    """Eager PyTorch fp32 in channels_last layout: the reference engine."""
+    net = bundle.net.eval().to(memory_format=torch.channels_last)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            tensor = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
+            return net(tensor).float().numpy()
+
+    return run
+
+
+@dataclass
+class FileBatch:
+    """One batch from :meth:`Embedder.embed_files`: which inputs succeeded, and why others failed."""
+
+    indices: list[int]
+    vectors: np.ndarray
+    errors: dict[int, str]
+    extras: list[Any]
+    """``extra(image)`` for each successful input, when ``embed_files`` was given ``extra``."""
+
+
+class Embedder:
+    """A model bundle bound to an engine and a preprocessor."""
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        engine: str = "torch",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        decode_workers: int = 2,
+    ) -> None:
+        if engine not in ENGINES:
+            raise EngineError(f"unknown engine {engine!r}; choose one of {sorted(ENGINES)}")
+        config = bundle.config
+        self.bundle = bundle
+        self.engine_name = engine
+        self.preprocessor = Preprocessor(config.input_size, config.mean, config.std, max_pixels)
+        self.decode_workers = decode_workers
+        self._run = ENGINES[engine](bundle)
+
+    @property
+    def dim(self) -> int:
+        return self.bundle.config.embedding_dim
+
+    @property
+    def fingerprint(self) -> str:
+        return self.bundle.fingerprint
+
+    def embed_arrays(self, batch: np.ndarray) -> np.ndarray:
+        """``(B, 3, S, S)`` preprocessed float32 -> ``(B, D)`` unit vectors."""
+        if len(batch) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return np.ascontiguousarray(self._run(batch), dtype=np.float32)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.embed_arrays(self.preprocessor.batch(images))
+
+    def embed_bytes(self, data: bytes) -> np.ndarray:
+        """Decode (raising :class:`ImageDecodeError` on bad input) and embed one image -> ``(D,)``."""
+        return self.embed_arrays(self.preprocessor(self.preprocessor.decode(data))[None])[0]
+
+    def load_file(
+        self, path: Path, extra: Callable[[Image.Image], Any] | None = None
+    ) -> tuple[np.ndarray, Any]:
+        """Read, decode and preprocess one file -> ``((3, S, S), extra(image) or None)``."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ImageDecodeError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        image = self.preprocessor.decode(data)
+        return self.preprocessor(image), extra(image) if extra else None
+
+    def embed_files(
+        self,
+        paths: Sequence[Path],
+        batch_size: int = 32,
+        extra: Callable[[Image.Image], Any] | None = None,
+    ) -> Iterator[FileBatch]:
+        """Embed files in batches, decoding the next batch while the current one runs.
+
+        Unreadable files do not stop the run: their errors come back in each batch.
+        ``extra`` is called on each decoded image (e.g. to make a thumbnail) in the pool.
+        """
+        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode") as pool:
+
+            def submit(start: int) -> list[Future[tuple[np.ndarray, Any]]]:
+                return [pool.submit(self.load_file, p, extra) for p in paths[start : start + batch_size]]
+
+            pending = submit(0) if paths else []
+            for start in range(0, len(paths), batch_size):
+                current = pending
+                following = start + batch_size
+                pending = submit(following) if following < len(paths) else []
+                yield self._collect(current, start)
+
+    def _collect(self, futures: Iterable[Future[tuple[np.ndarray, Any]]], start: int) -> FileBatch:
+        arrays, indices, extras, errors = [], [], [], {}
+        for offset, future in enumerate(futures):
+            try:
+                array, extra = future.result()
+            except ImageDecodeError as exc:
+                errors[start + offset] = str(exc)
+                continue
+            arrays.append(array)
+            extras.append(extra)
+            indices.append(start + offset)
+        vectors = (
+            self.embed_arrays(np.stack(arrays)) if arrays else np.zeros((0, self.dim), np.float32)
+        )
+        return FileBatch(indices=indices, vectors=vectors, errors=errors, extras=extras)

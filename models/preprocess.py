@@ -1,0 +1,147 @@
+"""Safe image decoding and the model's input transform.
+
+This is the only module that opens image bytes. Decoding untrusted uploads is where an
+image service gets hurt, so every step is checked in order, cheapest first:
+
+1. the bytes are not empty;
+2. the header names a format on the allow-list (JPEG, PNG, WebP, BMP, GIF) — Pillow reads
+   only the header at ``Image.open``;
+3. the header's pixel count is under the limit, *before* any pixel is decoded (a 50 kB PNG can
+   expand to gigabytes: a decompression bomb). Pillow's own bomb check only warns below
+   twice its limit; here the limit raises;
+4. JPEGs larger than needed decode at a reduced scale (``draft``), which is both faster and
+   smaller in memory;
+5. full decode; truncated data raises instead of returning a half-grey image;
+6. EXIF orientation is applied and the image converted to RGB (first frame of a GIF).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = [
+    "ALLOWED_FORMATS",
+    "DEFAULT_MAX_PIXELS",
+    "ImageDecodeError",
+    "EmptyImageError",
+    "UnsupportedImageError",
+    "ImageTooLargeError",
+    "CorruptImageError",
+    "decode_image",
+    "Preprocessor",
+    "make_thumbnail",
+]
+
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF"})
+DEFAULT_MAX_PIXELS = 40_000_000
+"""About 40 megapixels: any real photo, never a bomb (decoded RGB is ~120 MB at the limit)."""
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image lookalike will decode. ``str(error)`` is safe to show users."""
+
+    status_code = 422
+
+
+class EmptyImageError(ImageDecodeError):
+    status_code = 400
+
+
+class UnsupportedImageError(ImageDecodeError):
+    status_code = 415
+
+
+class ImageTooLargeError(ImageDecodeError):
+    status_code = 413
+
+
+class CorruptImageError(ImageDecodeError):
+    status_code = 422
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+) -> Image.Image:
+    """Decode untrusted bytes to an RGB image, or raise an :class:`ImageDecodeError`.
+
+    ``draft_size`` lets JPEGs decode at the smallest power-of-two scale that keeps both sides
+    at least that large (the model resizes to its input size anyway).
+    """
+    if not data:
+        raise EmptyImageError("the upload is empty (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"image is too large to decode: {exc}") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise UnsupportedImageError(
+            f"not an image in a supported format ({', '.join(sorted(ALLOWED_FORMATS))})"
+        ) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise CorruptImageError(f"cannot read the image header: {exc}") from exc
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise CorruptImageError(f"image header gives an empty size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
+        )
+    if draft_size and image.format == "JPEG":
+        image.draft("RGB", (draft_size, draft_size))
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"image is too large to decode: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise CorruptImageError(f"the image data is truncated or corrupt: {exc}") from exc
+
+
+def make_thumbnail(image: Image.Image, size: int = 192, quality: int = 82) -> bytes:
+    """A small JPEG of ``image`` (longer side ``size``) to show in result lists."""
+    thumb = image.copy()
+    thumb.thumbnail((size, size), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    thumb.save(buffer, format="JPEG", quality=quality, optimize=True)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """Resize the shorter side to ``size``, centre-crop a square, scale and normalise.
+
+    Output is float32 ``(3, size, size)``, the layout every engine takes.
+    """
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def decode(self, data: bytes) -> Image.Image:
+        return decode_image(data, max_pixels=self.max_pixels, draft_size=self.size)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        width, height = image.size
+        scale = self.size / min(width, height)
+        new_w, new_h = max(self.size, round(width * scale)), max(self.size, round(height * scale))
+        left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
+        # Resize and crop in one call: Pillow resamples only the kept box.
+        box = (left / scale, top / scale, (left + self.size) / scale, (top + self.size) / scale)
+        image = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+        array = np.asarray(image, dtype=np.float32) * (1.0 / 255.0)
+        array = (array - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+    def batch(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Stack images into a ``(B, 3, size, size)`` float32 array."""
+        return np.stack([self(image) for image in images])

@@ -1,0 +1,106 @@
+"""create_app(settings) -> FastAPI: routes, error handlers, the web page, and the lifespan
+that loads the model and the index once."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import faiss
+import torch
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from .. import __version__
+from ..index.store import IndexStore, StoreError, UnknownKeyError
+from ..models.bundle import resolve_model
+from ..models.embedder import Embedder
+from ..models.preprocess import ImageDecodeError
+from .deps import ServiceState
+from .routers import health, items, match
+from .settings import Settings
+
+__all__ = ["create_app", "load_state"]
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+
+
+def load_state(settings: Settings) -> ServiceState:
+    """Load the model and open the index, refusing an index built by another model."""
+    torch.set_num_threads(settings.torch_threads)
+    faiss.omp_set_num_threads(settings.faiss_threads)
+    bundle = resolve_model(settings.model, settings.cache_dir)
+    embedder = Embedder(bundle, engine=settings.engine, max_pixels=settings.max_pixels)
+    store = IndexStore.open(settings.index, model_fingerprint=bundle.fingerprint)
+    log.info("serving %d images from %s with model %s (%s)", len(store), settings.index,
+             bundle.name, settings.engine)
+    return ServiceState(settings=settings, embedder=embedder, store=store)
+
+
+def create_app(settings: Settings | None = None, state: ServiceState | None = None) -> FastAPI:
+    """Build the app. ``state`` lets a caller hand in an already loaded model and store."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.lookalike = state or load_state(settings)
+        try:
+            yield
+        finally:
+            if state is None:
+                app.state.lookalike.store.save()
+                app.state.lookalike.store.close()
+            app.state.lookalike = None
+
+    app = FastAPI(
+        title="lookalike",
+        version=__version__,
+        description="Find images that look alike: upload a query, get ranked matches with "
+        "cosine scores.",
+        lifespan=lifespan,
+    )
+    app.state.lookalike = None
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"]
+        )
+    for router in (health.router, match.router, items.router):
+        app.include_router(router)
+    _add_error_handlers(app)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Bad input is the client's error: a 4xx with a JSON ``detail``, never a 500."""
+
+    @app.exception_handler(ImageDecodeError)
+    async def image_error(request: Request, exc: ImageDecodeError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
+
+    @app.exception_handler(UnknownKeyError)
+    async def unknown_key(request: Request, exc: UnknownKeyError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(StoreError)
+    async def store_error(request: Request, exc: StoreError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # The offending input may be binary (an upload in a text field): leave it out.
+        errors = [{k: v for k, v in e.items() if k not in ("input", "ctx", "url")}
+                  for e in exc.errors()]
+        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)

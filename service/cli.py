@@ -1,0 +1,225 @@
+"""The ``lookalike`` command line: thin commands over the library.
+
+Every user mistake (bad file, unknown key, model/index mismatch) ends as one line on
+stderr starting with ``error:`` and exit code 2; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..index.build import SourceError, build_index
+from ..index.store import IndexStore, StoreError
+from ..models.backbones import BackboneError, list_backbones
+from ..models.bundle import BundleError, resolve_model
+from ..models.embedder import ENGINES, Embedder, EngineError
+from ..models.network import ConfigError
+from ..models.preprocess import ImageDecodeError
+from .settings import Settings
+
+USER_ERRORS = (
+    BackboneError,
+    BundleError,
+    ConfigError,
+    EngineError,
+    ImageDecodeError,
+    SourceError,
+    StoreError,
+    FileNotFoundError,
+)
+
+app = typer.Typer(
+    name="lookalike",
+    help="Find images that look alike: build an index of image embeddings, search it, serve it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+index_app = typer.Typer(help="Build and inspect index stores.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+console = Console()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def command(group: typer.Typer, name: str | None = None) -> Callable[[F], F]:
+    """Register a command whose user errors print one line and exit with code 2."""
+
+    def decorator(function: F) -> F:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(*args, **kwargs)
+            except USER_ERRORS as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(2) from exc
+
+        group.command(name)(wrapper)
+        return function
+
+    return decorator
+
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model bundle directory, or a backbone name; default: the built-in model.",
+        envvar="LOOKALIKE_MODEL",
+    ),
+]
+EngineOpt = Annotated[
+    str,
+    typer.Option(help=f"Inference engine: {', '.join(sorted(ENGINES))}.", envvar="LOOKALIKE_ENGINE"),
+]
+IndexOpt = Annotated[
+    Path, typer.Option("--index", "-i", help="Index store directory.", envvar="LOOKALIKE_INDEX")
+]
+
+
+def _embedder(settings: Settings) -> Embedder:
+    bundle = resolve_model(settings.model, settings.cache_dir)
+    return Embedder(bundle, engine=settings.engine, max_pixels=settings.max_pixels)
+
+
+@command(index_app, "build")
+def index_build(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A folder of images (searched recursively; key = relative path without "
+            "extension) or a CSV with a 'path' column (optional 'key'; other columns become "
+            "metadata)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Index store directory to create or update.")],
+    model: ModelOpt = None,
+    engine: EngineOpt = "torch",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 16,
+    factory: Annotated[
+        str, typer.Option(help="FAISS index factory string, e.g. Flat, HNSW32, IVF256,Flat.")
+    ] = "Flat",
+    pca: Annotated[
+        int | None, typer.Option(min=1, help="Reduce vectors to this many dimensions with PCA.")
+    ] = None,
+    thumbnails: Annotated[bool, typer.Option(help="Store a small JPEG of each image.")] = True,
+    prune: Annotated[
+        bool, typer.Option(help="Remove items whose image is no longer in SOURCE.")
+    ] = False,
+) -> None:
+    """Embed images into an index store. Re-running skips unchanged images, so an
+    interrupted build resumes where it stopped."""
+    settings = Settings(model=model, engine=engine)
+    report = build_index(
+        source, out, _embedder(settings), batch_size=batch_size, factory=factory,
+        pca_dim=pca, thumbnails=thumbnails, prune=prune,
+    )
+    for key, reason in list(report.failed.items())[:20]:
+        typer.echo(f"skipped {key}: {reason}", err=True)
+    typer.echo(f"{out}: {report.summary()}")
+
+
+@command(index_app, "info")
+def index_info(index: Annotated[Path, typer.Argument(help="Index store directory.")]) -> None:
+    """Print an index store's manifest."""
+    store = IndexStore.open(index)
+    typer.echo(json.dumps(store.manifest, indent=2, sort_keys=True))
+    store.close()
+
+
+@command(app, "search")
+def search(
+    image: Annotated[Path, typer.Argument(help="Query image file.")],
+    index: IndexOpt = Path("data/demo-index"),
+    k: Annotated[int, typer.Option("-k", min=1, help="Number of matches.")] = 5,
+    model: ModelOpt = None,
+    engine: EngineOpt = "torch",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Find the indexed images that look most like IMAGE."""
+    settings = Settings(model=model, engine=engine, index=index)
+    embedder = _embedder(settings)
+    store = IndexStore.open(index, model_fingerprint=embedder.fingerprint)
+    vector = embedder.embed_bytes(image.read_bytes())
+    (matches,) = store.search(vector[None], k)
+    store.close()
+    if as_json:
+        typer.echo(json.dumps([m.__dict__ for m in matches], indent=2))
+        return
+    table = Table("rank", "key", "score", title=f"{image.name} vs {index}")
+    for m in matches:
+        table.add_row(str(m.rank), m.key, f"{m.score:.4f}")
+    console.print(table)
+
+
+def _serve(settings: Settings) -> None:
+    import uvicorn
+
+    from .app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    typer.echo(f"serving {settings.index} on http://{settings.host}:{settings.port}/")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+HostOpt = Annotated[str, typer.Option(help="Address to bind.", envvar="LOOKALIKE_HOST")]
+PortOpt = Annotated[int, typer.Option(help="Port to bind.", envvar="LOOKALIKE_PORT")]
+
+
+@command(app, "serve")
+def serve(
+    index: IndexOpt = Path("data/demo-index"),
+    model: ModelOpt = None,
+    engine: EngineOpt = "torch",
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
+) -> None:
+    """Serve the HTTP API and the web page (other settings: LOOKALIKE_* variables)."""
+    settings = Settings(index=index, model=model, engine=engine, host=host, port=port)
+    IndexStore.open(index).close()  # fail here, in one line, rather than inside the server
+    _serve(settings)
+
+
+@command(app, "demo")
+def demo(
+    index: IndexOpt = Path("data/demo-index"),
+    model: ModelOpt = None,
+    engine: EngineOpt = "torch",
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
+    serve_it: Annotated[
+        bool, typer.Option("--serve/--no-serve", help="Serve after building the index.")
+    ] = True,
+) -> None:
+    """Index the bundled demo images (200 "Totally Looks Like" photos) and serve them.
+
+    Unchanged images are not embedded again, so a second run starts at once."""
+    from ..demo import DEMO_IMAGES
+
+    settings = Settings(index=index, model=model, engine=engine, host=host, port=port)
+    report = build_index(DEMO_IMAGES, index, _embedder(settings))
+    typer.echo(f"{index}: {report.summary()}")
+    if serve_it:
+        _serve(settings)
+
+
+@command(app, "backbones")
+def backbones() -> None:
+    """List the registered backbones and inference engines."""
+    typer.echo("backbones: " + ", ".join(list_backbones()) + " (and timm:NAME / torchvision:NAME "
+               "with a local weights file)")
+    typer.echo("engines: " + ", ".join(sorted(ENGINES)))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,99 @@
+"""POST /match: the most similar indexed images to an uploaded image (or an indexed key)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from ...index.store import IndexStore, Match, UnknownKeyError
+from ..deps import StateDep, read_upload
+from ..schemas import ErrorOut, MatchOut, MatchResponse
+from .items import thumbnail_url
+
+router = APIRouter(tags=["search"])
+
+ERRORS = {
+    code: {"model": ErrorOut, "description": text}
+    for code, text in {
+        400: "Empty upload.",
+        404: "Unknown query_key.",
+        413: "Upload or image too large.",
+        415: "Not an image in a supported format.",
+        422: "Bad parameters, unknown candidate keys or an undecodable image.",
+    }.items()
+}
+
+
+def match_payload(store: IndexStore, matches: list[Match]) -> list[MatchOut]:
+    """Attach metadata and thumbnail URLs to bare matches."""
+    items = store.get_many([match.key for match in matches])
+    return [
+        MatchOut(
+            key=match.key,
+            score=match.score,
+            rank=match.rank,
+            metadata=items[match.key].metadata,
+            thumbnail_url=thumbnail_url(items[match.key]),
+        )
+        for match in matches
+        if match.key in items
+    ]
+
+
+@router.post(
+    "/match",
+    response_model=MatchResponse,
+    responses=ERRORS,
+    summary="Rank indexed images by how much they look like the query.",
+)
+async def match(
+    state: StateDep,
+    image: Annotated[UploadFile | None, File(description="Query image (JPEG, PNG, WebP, BMP, GIF).")] = None,
+    query_key: Annotated[
+        str | None, Form(description="Query by an indexed image's key instead of an upload.")
+    ] = None,
+    k: Annotated[int | None, Form(description="Number of matches (default: service setting).")] = None,
+    candidates: Annotated[
+        list[str] | None,
+        Form(description="Rank only among these keys (repeat the field for each key)."),
+    ] = None,
+    exclude: Annotated[list[str] | None, Form(description="Keys to leave out of the results.")] = None,
+) -> MatchResponse:
+    started = time.perf_counter()
+    settings, store = state.settings, state.store
+    k = settings.default_k if k is None else k
+    if not 1 <= k <= settings.max_k:
+        raise HTTPException(422, f"k must be between 1 and {settings.max_k}, got {k}")
+    if (image is None) == (query_key is None):
+        raise HTTPException(422, "give exactly one of an 'image' upload or a 'query_key'")
+    if candidates and len(candidates) > settings.max_candidates:
+        raise HTTPException(
+            422, f"{len(candidates)} candidates; the limit is {settings.max_candidates}"
+        )
+    exclude = list(exclude or [])
+    if image is not None:
+        data = await read_upload(image, settings)
+        vector = await run_in_threadpool(state.embedder.embed_bytes, data)
+    else:
+        try:
+            vector = store.vectors([query_key])[0]
+        except UnknownKeyError as exc:
+            raise HTTPException(404, str(exc)) from exc
+        exclude.append(query_key)
+    if candidates:
+        try:
+            ranked = await run_in_threadpool(store.rank, vector, candidates)
+        except UnknownKeyError as exc:
+            raise HTTPException(422, f"candidates: {exc}") from exc
+        matches = [m for m in ranked if m.key not in exclude][:k]
+        matches = [Match(m.key, m.score, rank) for rank, m in enumerate(matches, start=1)]
+    else:
+        (matches,) = await run_in_threadpool(store.search, vector[None], k, exclude)
+    return MatchResponse(
+        matches=match_payload(store, matches),
+        took_ms=round((time.perf_counter() - started) * 1000, 2),
+        model=state.model_info,
+    )

@@ -1,0 +1,45 @@
+"""Service configuration: one Settings object, read from ``LOOKALIKE_*`` variables or ``.env``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "default_cache_dir"]
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "lookalike"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Each field is ``LOOKALIKE_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="LOOKALIKE_", env_file=".env", extra="ignore")
+
+    index: Path = Field(Path("data/demo-index"), description="Index store directory to serve.")
+    model: str | None = Field(
+        None, description="Model bundle directory or backbone name; default: the built-in model."
+    )
+    engine: str = Field("torch", description="Inference engine (see `lookalike engines`).")
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir, description="Where built-in model bundles are cached."
+    )
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to bind.")
+    torch_threads: int = Field(2, ge=1, description="Threads for the model's forward pass.")
+    faiss_threads: int = Field(1, ge=1, description="OpenMP threads for FAISS searches.")
+    default_k: int = Field(10, ge=1, description="Matches returned when a request gives no k.")
+    max_k: int = Field(100, ge=1, description="Largest k a request may ask for.")
+    max_candidates: int = Field(1000, ge=1, description="Largest candidate list per query.")
+    max_upload_bytes: int = Field(
+        20 * 1024 * 1024, ge=1, description="Largest accepted image upload, in bytes."
+    )
+    max_pixels: int = Field(
+        40_000_000, ge=1, description="Largest accepted image, in pixels (checked before decoding)."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed by CORS; empty = CORS closed."
+    )
