@@ -1,7 +1,5 @@
-"""Embedder: images (bytes, files or PIL) -> unit vectors, through a chosen inference engine.
-
-Engines are registered by name in :data:`ENGINES`; each takes a preprocessed float32 batch
-``(B, 3, S, S)`` and returns float32 embeddings ``(B, D)``. Decoding overlaps the forward pass:
+"""Embedder: images (bytes, files or PIL) -> unit vectors, through a chosen inference engine
+(see :mod:`.engines`). Decoding overlaps the forward pass:
 while the engine runs batch *n*, a thread pool decodes batch *n+1* (Pillow releases the GIL).
 """
 
@@ -15,45 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .bundle import ModelBundle
+from .engines import ENGINES, EngineError
 from .preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessor
 
-__all__ = ["Embedder", "EngineError", "ENGINES", "register_engine", "FileBatch"]
+__all__ = ["Embedder", "FileBatch"]
 
 log = logging.getLogger(__name__)
-
-
-class EngineError(ValueError):
-    """An unknown engine, or one whose package is not installed."""
-
-
-Engine = Callable[[np.ndarray], np.ndarray]
-EngineFactory = Callable[[ModelBundle], Engine]
-ENGINES: dict[str, EngineFactory] = {}
-
-
-def register_engine(name: str) -> Callable[[EngineFactory], EngineFactory]:
-    def decorator(factory: EngineFactory) -> EngineFactory:
-        ENGINES[name] = factory
-        return factory
-
-    return decorator
-
-
-@register_engine("torch")
-def torch_engine(bundle: ModelBundle) -> Engine:
-    """Eager PyTorch fp32 in channels_last layout: the reference engine."""
-    net = bundle.net.eval().to(memory_format=torch.channels_last)
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            tensor = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
-            return net(tensor).float().numpy()
-
-    return run
 
 
 @dataclass

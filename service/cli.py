@@ -21,7 +21,8 @@ from ..index.build import SourceError, build_index
 from ..index.store import IndexStore, StoreError
 from ..models.backbones import BackboneError, list_backbones
 from ..models.bundle import BundleError, resolve_model
-from ..models.embedder import ENGINES, Embedder, EngineError
+from ..models.embedder import Embedder
+from ..models.engines import ENGINES, EngineError
 from ..models.network import ConfigError
 from ..models.preprocess import ImageDecodeError
 from .settings import Settings

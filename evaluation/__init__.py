@@ -1,0 +1,1 @@
+"""Metrics and reports: candidate-set ranking, retrieval, pair verification."""

@@ -1,0 +1,83 @@
+"""Shared fixtures: the real default model, the bundled demo images, small real stores.
+
+Everything here is real (offline ImageNet weights, FAISS, SQLite) and built once per session.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lookalike.demo import DEMO_IMAGES
+from lookalike.index.build import build_index
+from lookalike.models.bundle import ModelBundle, resolve_model
+from lookalike.models.embedder import Embedder
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def demo_dir() -> Path:
+    return DEMO_IMAGES
+
+
+@pytest.fixture(scope="session")
+def demo_pairs(demo_dir: Path) -> list[tuple[str, str]]:
+    with open(demo_dir / "pairs.csv", newline="") as handle:
+        return [(row["left"], row["right"]) for row in csv.DictReader(handle)]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("lookalike-cache")
+
+
+@pytest.fixture(scope="session")
+def bundle(cache_dir: Path) -> ModelBundle:
+    return resolve_model(None, cache_dir)
+
+
+@pytest.fixture(scope="session")
+def embedder(bundle: ModelBundle) -> Embedder:
+    return Embedder(bundle)
+
+
+@pytest.fixture(scope="session")
+def small_image_dir(
+    tmp_path_factory: pytest.TempPathFactory, demo_dir: Path, demo_pairs: list[tuple[str, str]]
+) -> Path:
+    """12 real look-alike pairs (24 images) in ``left/`` and ``right/``."""
+    root = tmp_path_factory.mktemp("images")
+    for side in ("left", "right"):
+        (root / side).mkdir()
+    for left, right in demo_pairs[:12]:
+        shutil.copy(demo_dir / "left" / f"{left}.jpg", root / "left")
+        shutil.copy(demo_dir / "right" / f"{right}.jpg", root / "right")
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_store_path(
+    tmp_path_factory: pytest.TempPathFactory, small_image_dir: Path, embedder: Embedder
+) -> Path:
+    """A store of the 24 small images; tests that change a store copy it first."""
+    path = tmp_path_factory.mktemp("stores") / "small"
+    build_index(small_image_dir, path, embedder, progress=False)
+    return path
+
+
+@pytest.fixture
+def store_copy(small_store_path: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "store"
+    shutil.copytree(small_store_path, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
