@@ -1,0 +1,27 @@
+"""Ranking metrics over candidate sets."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["answer_ranks", "candidate_metrics"]
+
+
+def answer_ranks(scores: Sequence[np.ndarray], answers: Sequence[int]) -> np.ndarray:
+    """1-based rank of the true candidate in each set (ties count against the answer)."""
+    return np.array(
+        [int((np.asarray(s) >= np.asarray(s)[a]).sum()) for s, a in zip(scores, answers, strict=True)]
+    )
+
+
+def candidate_metrics(ranks: np.ndarray) -> dict[str, float]:
+    """top-1, top-5 and mean reciprocal rank from the answers' ranks."""
+    ranks = np.asarray(ranks)
+    return {
+        "top1": float((ranks <= 1).mean()),
+        "top5": float((ranks <= 5).mean()),
+        "mrr": float((1.0 / ranks).mean()),
+        "n": int(len(ranks)),
+    }
