@@ -50,14 +50,15 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.lookalike = state or load_state(settings)
+        loaded = state or load_state(settings)
+        app.state.lookalike = loaded
         try:
             yield
         finally:
-            if state is None:
-                app.state.lookalike.store.save()
-                app.state.lookalike.store.close()
             app.state.lookalike = None
+            loaded.store.save()
+            if state is None:
+                loaded.store.close()
 
     app = FastAPI(
         title="lookalike",

@@ -164,13 +164,15 @@ def search(
 
 
 def _serve(settings: Settings) -> None:
+    """Load model and index first, so that a bad model or index fails in one line."""
     import uvicorn
 
-    from .app import create_app
+    from .app import create_app, load_state
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    state = load_state(settings)
     typer.echo(f"serving {settings.index} on http://{settings.host}:{settings.port}/")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(create_app(settings, state), host=settings.host, port=settings.port)
 
 
 HostOpt = Annotated[str, typer.Option(help="Address to bind.", envvar="LOOKALIKE_HOST")]
@@ -186,9 +188,7 @@ def serve(
     port: PortOpt = 8000,
 ) -> None:
     """Serve the HTTP API and the web page (other settings: LOOKALIKE_* variables)."""
-    settings = Settings(index=index, model=model, engine=engine, host=host, port=port)
-    IndexStore.open(index).close()  # fail here, in one line, rather than inside the server
-    _serve(settings)
+    _serve(Settings(index=index, model=model, engine=engine, host=host, port=port))
 
 
 @command(app, "demo")

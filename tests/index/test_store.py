@@ -1,0 +1,155 @@
+"""IndexStore against brute-force numpy, and its durability rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lookalike.index.store import (
+    DuplicateKeyError,
+    IndexStore,
+    ModelMismatchError,
+    StoreError,
+    UnknownKeyError,
+    normalize_rows,
+)
+
+DIM = 32
+
+
+def random_vectors(n: int, seed: int = 0) -> np.ndarray:
+    return normalize_rows(np.random.default_rng(seed).normal(size=(n, DIM)))
+
+
+def new_store(path: Path, n: int = 200, **kwargs: object) -> tuple[IndexStore, list[str], np.ndarray]:
+    store = IndexStore.create(path, dim=DIM, model_fingerprint="f" * 64, **kwargs)
+    keys = [f"item-{i:04d}" for i in range(n)]
+    vectors = random_vectors(n)
+    store.add(keys, vectors, metadata=[{"i": i} for i in range(n)])
+    return store, keys, vectors
+
+
+def brute_force(vectors: np.ndarray, keys: list[str], query: np.ndarray, k: int) -> list[str]:
+    scores = vectors @ query
+    return [keys[i] for i in np.argsort(-scores, kind="stable")[:k]]
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF4,Flat"])
+def test_search_matches_brute_force(tmp_path: Path, factory: str) -> None:
+    store, keys, vectors = new_store(tmp_path / "s", factory=factory)
+    if factory.startswith("IVF"):
+        store._index.nprobe = 4  # exhaustive over 4 lists: exact
+    queries = random_vectors(10, seed=1)
+    for query, matches in zip(queries, store.search(queries, k=5), strict=True):
+        assert [m.key for m in matches] == brute_force(vectors, keys, query, 5)
+        expected = np.sort(vectors @ query)[::-1][:5]
+        np.testing.assert_allclose([m.score for m in matches], expected, atol=1e-5)
+        assert [m.rank for m in matches] == [1, 2, 3, 4, 5]
+
+
+def test_pca_rescores_exactly_on_raw_vectors(tmp_path: Path) -> None:
+    store, keys, vectors = new_store(tmp_path / "s", pca_dim=16)
+    query = random_vectors(1, seed=3)[0]
+    (matches,) = store.search(query[None], k=10)
+    for match in matches:
+        assert match.score == pytest.approx(float(vectors[keys.index(match.key)] @ query), abs=1e-5)
+    assert store.manifest["pca_dim"] == 16 and store.factory == "PCA16,L2norm,Flat"
+
+
+def test_rank_sorts_candidates_by_cosine(tmp_path: Path) -> None:
+    store, keys, vectors = new_store(tmp_path / "s", n=20)
+    query = random_vectors(1, seed=2)[0]
+    candidates = keys[3:9]
+    ranked = store.rank(query, candidates)
+    assert [m.key for m in ranked] == brute_force(vectors[3:9], candidates, query, 6)
+    with pytest.raises(UnknownKeyError, match="nope"):
+        store.rank(query, ["item-0003", "nope"])
+
+
+def test_exclude_and_k(tmp_path: Path) -> None:
+    store, keys, vectors = new_store(tmp_path / "s", n=30)
+    (matches,) = store.search(vectors[:1], k=3, exclude=[keys[0]])
+    assert keys[0] not in [m.key for m in matches] and len(matches) == 3
+    (everything,) = store.search(vectors[:1], k=100)
+    assert len(everything) == 30
+
+
+def test_add_remove_replace(tmp_path: Path) -> None:
+    store, keys, vectors = new_store(tmp_path / "s", n=10)
+    with pytest.raises(DuplicateKeyError):
+        store.add([keys[0]], vectors[:1])
+    store.add([keys[0]], -vectors[:1], replace=True)
+    np.testing.assert_allclose(store.vectors([keys[0]])[0], -vectors[0], atol=1e-6)
+    assert store.remove(keys[:4]) == 4
+    assert len(store) == 6 and keys[1] not in store
+    (matches,) = store.search(vectors[1:2], k=10)
+    assert keys[1] not in {m.key for m in matches}
+    with pytest.raises(UnknownKeyError):
+        store.remove(["never-added"])
+    with pytest.raises(StoreError, match="dimension"):
+        store.add(["x"], np.ones((1, DIM + 1)))
+
+
+def test_saved_store_reopens_identically(tmp_path: Path) -> None:
+    store, keys, vectors = new_store(tmp_path / "s", n=50)
+    store.remove(keys[:5])
+    store.save()
+    store.close()
+    reopened = IndexStore.open(tmp_path / "s", model_fingerprint="f" * 64)
+    assert reopened.keys() == keys[5:]
+    assert reopened.get("item-0010").metadata == {"i": 10}
+    np.testing.assert_allclose(reopened.vectors(keys[5:]), vectors[5:], atol=1e-6)
+
+
+def test_another_models_store_is_refused(tmp_path: Path) -> None:
+    store, _, _ = new_store(tmp_path / "s", n=5)
+    store.close()
+    with pytest.raises(ModelMismatchError, match="rebuild the index"):
+        IndexStore.open(tmp_path / "s", model_fingerprint="0" * 64)
+
+
+def test_unsaved_adds_survive_reopening(tmp_path: Path) -> None:
+    """Every add is committed to SQLite: a stale snapshot is rebuilt from the database."""
+    store, keys, vectors = new_store(tmp_path / "s", n=5)
+    store.save()
+    store.add(["late"], random_vectors(1, seed=9))
+    store.close()  # no save: as if the process died here
+    reopened = IndexStore.open(tmp_path / "s")
+    assert "late" in reopened and len(reopened) == 6
+    (matches,) = reopened.search(random_vectors(1, seed=9), k=1)
+    assert matches[0].key == "late" and matches[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_damaged_snapshot_is_rebuilt_not_trusted(tmp_path: Path) -> None:
+    store, keys, vectors = new_store(tmp_path / "s", n=20)
+    store.save()
+    store.close()
+    (tmp_path / "s" / "index.faiss").write_bytes(b"garbage")
+    reopened = IndexStore.open(tmp_path / "s")
+    (matches,) = reopened.search(vectors[3:4], k=1)
+    assert matches[0].key == keys[3]
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["count"] == 20
+
+
+def test_create_and_open_errors(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no index store"):
+        IndexStore.open(tmp_path / "missing")
+    new_store(tmp_path / "s", n=1)
+    with pytest.raises(StoreError, match="already holds"):
+        IndexStore.create(tmp_path / "s", dim=DIM, model_fingerprint="f")
+    with pytest.raises(StoreError, match="FAISS cannot build"):
+        IndexStore.create(tmp_path / "t", dim=DIM, model_fingerprint="f", factory="Nonsense9")
+    (tmp_path / "s" / "manifest.json").write_text("{not json")
+    with pytest.raises(StoreError, match="damaged"):
+        IndexStore.open(tmp_path / "s")
+
+
+def test_untrainable_index_writes_nothing(tmp_path: Path) -> None:
+    store = IndexStore.create(tmp_path / "s", dim=DIM, model_fingerprint="f", factory="IVF64,Flat")
+    with pytest.raises(StoreError, match="cannot train"):
+        store.add(["a", "b"], random_vectors(2))
+    assert len(store) == 0 and store.items() == []
