@@ -47,9 +47,8 @@ def read_pairs(path: str | Path) -> list[Pair]:
             reader = csv.DictReader(handle)
             fields = reader.fieldnames or []
             if not {"left", "right"} <= set(fields):
-                raise PairsError(
-                    f"{path} needs 'left' and 'right' columns (found: {', '.join(fields) or 'none'})"
-                )
+                found = ", ".join(fields) or "none"
+                raise PairsError(f"{path} needs 'left' and 'right' columns (found: {found})")
             pairs = []
             for line, row in enumerate(reader, start=2):
                 left, right = (row.get("left") or "").strip(), (row.get("right") or "").strip()
@@ -83,8 +82,9 @@ def make_candidate_sets(
     """One candidate set per pair: its right image plus ``foils`` other right images."""
     rights = sorted({right for _, right in pairs})
     if len(rights) < foils + 1:
-        raise PairsError(f"{foils} foils need at least {foils + 1} distinct right images, "
-                         f"got {len(rights)}")
+        raise PairsError(
+            f"{foils} foils need at least {foils + 1} distinct right images, got {len(rights)}"
+        )
     rng = random.Random(seed)
     sets = []
     for left, right in pairs:

@@ -12,7 +12,10 @@ __all__ = ["answer_ranks", "candidate_metrics"]
 def answer_ranks(scores: Sequence[np.ndarray], answers: Sequence[int]) -> np.ndarray:
     """1-based rank of the true candidate in each set (ties count against the answer)."""
     return np.array(
-        [int((np.asarray(s) >= np.asarray(s)[a]).sum()) for s, a in zip(scores, answers, strict=True)]
+        [
+            int((np.asarray(s) >= np.asarray(s)[a]).sum())
+            for s, a in zip(scores, answers, strict=True)
+        ]
     )
 
 

@@ -190,6 +190,8 @@ def build_index(
     finally:
         store.close()
     if report.failed and not report.added and not report.updated and not report.unchanged:
-        raise StoreError(f"none of the {len(images)} images could be read; e.g. "
-                         f"{next(iter(report.failed.values()))}")
+        raise StoreError(
+            f"none of the {len(images)} images could be read; e.g. "
+            f"{next(iter(report.failed.values()))}"
+        )
     return report

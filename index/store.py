@@ -247,8 +247,9 @@ class IndexStore:
             self._vectors = np.load(self.path / VECTORS)
             self._index = faiss.read_index(str(self.path / INDEX))
         else:
-            log.warning("index snapshot of %s is stale or damaged; rebuilding from the database",
-                        self.path)
+            log.warning(
+                "index snapshot of %s is stale or damaged; rebuilding from the database", self.path
+            )
             blobs = self._db.execute("SELECT vector FROM items ORDER BY id").fetchall()
             self._vectors = (
                 np.stack([np.frombuffer(blob, np.float32) for (blob,) in blobs])
@@ -337,8 +338,15 @@ class IndexStore:
                     "INSERT INTO items (key, path, sha256, metadata, thumbnail, vector, added) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [
-                        (key, path, digest, json.dumps(meta, sort_keys=True), thumb,
-                         vector.tobytes(), now)
+                        (
+                            key,
+                            path,
+                            digest,
+                            json.dumps(meta, sort_keys=True),
+                            thumb,
+                            vector.tobytes(),
+                            now,
+                        )
                         for key, path, digest, meta, thumb, vector in zip(
                             keys, paths, sha256, metadata, thumbnails, vectors, strict=True
                         )
@@ -525,8 +533,10 @@ def _item(row: tuple[Any, ...]) -> Item:
 
 def _matches(keys: Sequence[str], scores: np.ndarray) -> list[Match]:
     clipped = np.clip(scores, -1.0, 1.0)
-    return [Match(key, float(score), rank) for rank, (key, score) in
-            enumerate(zip(keys, clipped, strict=True), start=1)]
+    return [
+        Match(key, float(score), rank)
+        for rank, (key, score) in enumerate(zip(keys, clipped, strict=True), start=1)
+    ]
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

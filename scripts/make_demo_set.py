@@ -1,4 +1,4 @@
-"""Copy the bundled demo set from the shared "Totally Looks Like" data (run once; kept for provenance).
+"""Copy the bundled demo set from the shared "Totally Looks Like" data (run once; provenance).
 
     python scripts/make_demo_set.py ../shared/tll demo/tll --pairs 100 --seed 0
 

@@ -51,16 +51,22 @@ def match_payload(store: IndexStore, matches: list[Match]) -> list[MatchOut]:
 )
 async def match(
     state: StateDep,
-    image: Annotated[UploadFile | None, File(description="Query image (JPEG, PNG, WebP, BMP, GIF).")] = None,
+    image: Annotated[
+        UploadFile | None, File(description="Query image (JPEG, PNG, WebP, BMP, GIF).")
+    ] = None,
     query_key: Annotated[
         str | None, Form(description="Query by an indexed image's key instead of an upload.")
     ] = None,
-    k: Annotated[int | None, Form(description="Number of matches (default: service setting).")] = None,
+    k: Annotated[
+        int | None, Form(description="Number of matches (default: service setting).")
+    ] = None,
     candidates: Annotated[
         list[str] | None,
         Form(description="Rank only among these keys (repeat the field for each key)."),
     ] = None,
-    exclude: Annotated[list[str] | None, Form(description="Keys to leave out of the results.")] = None,
+    exclude: Annotated[
+        list[str] | None, Form(description="Keys to leave out of the results.")
+    ] = None,
 ) -> MatchResponse:
     started = time.perf_counter()
     settings, store = state.settings, state.store

@@ -64,9 +64,9 @@ function renderMatches(payload) {
 async function match(form) {
   showError("");
   form.append("k", $("k").value);
-  $("status").textContent = "searching…";
+  $("timing").textContent = "searching…";
   const response = await fetch("/match", { method: "POST", body: form });
-  $("status").textContent = "";
+  $("timing").textContent = "";
   if (!response.ok) {
     showError(await errorText(response));
     $("results").replaceChildren();

@@ -22,8 +22,9 @@ def test_keys_and_thumbnails(small_store_path: Path) -> None:
     assert store.get(key).has_thumbnail
 
 
-def test_an_indexed_image_finds_itself(small_store_path: Path, small_image_dir: Path,
-                                       embedder: Embedder) -> None:
+def test_an_indexed_image_finds_itself(
+    small_store_path: Path, small_image_dir: Path, embedder: Embedder
+) -> None:
     store = IndexStore.open(small_store_path, model_fingerprint=embedder.fingerprint)
     query = next((small_image_dir / "right").glob("*.jpg"))
     (matches,) = store.search(embedder.embed_bytes(query.read_bytes())[None], k=3)
@@ -62,7 +63,9 @@ def test_bad_images_are_skipped_and_reported(
     assert "supported format" in report.failed["notes"]
 
 
-def test_csv_source_with_metadata(small_image_dir: Path, embedder: Embedder, tmp_path: Path) -> None:
+def test_csv_source_with_metadata(
+    small_image_dir: Path, embedder: Embedder, tmp_path: Path
+) -> None:
     rows = ["path,key,caption"]
     for index, path in enumerate(sorted((small_image_dir / "left").glob("*.jpg"))[:3]):
         rows.append(f"{path},face-{index},photo {index}")
@@ -102,9 +105,12 @@ def test_duplicate_keys_and_missing_source(tmp_path: Path) -> None:
         discover_images(tmp_path / "nothing")
 
 
-def test_store_of_another_model_is_not_extended(store_copy: Path, small_image_dir: Path,
-                                                embedder: Embedder) -> None:
+def test_store_of_another_model_is_not_extended(
+    store_copy: Path, small_image_dir: Path, embedder: Embedder
+) -> None:
     manifest = json.loads((store_copy / "manifest.json").read_text())
-    (store_copy / "manifest.json").write_text(json.dumps(dict(manifest, model_fingerprint="0" * 64)))
+    (store_copy / "manifest.json").write_text(
+        json.dumps(dict(manifest, model_fingerprint="0" * 64))
+    )
     with pytest.raises(ModelMismatchError):
         build_index(small_image_dir, store_copy, embedder, progress=False)

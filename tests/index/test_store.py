@@ -24,7 +24,9 @@ def random_vectors(n: int, seed: int = 0) -> np.ndarray:
     return normalize_rows(np.random.default_rng(seed).normal(size=(n, DIM)))
 
 
-def new_store(path: Path, n: int = 200, **kwargs: object) -> tuple[IndexStore, list[str], np.ndarray]:
+def new_store(
+    path: Path, n: int = 200, **kwargs: object
+) -> tuple[IndexStore, list[str], np.ndarray]:
     store = IndexStore.create(path, dim=DIM, model_fingerprint="f" * 64, **kwargs)
     keys = [f"item-{i:04d}" for i in range(n)]
     vectors = random_vectors(n)

@@ -42,9 +42,11 @@ def test_fingerprint_is_stable(small_net: EmbeddingNet, tmp_path: Path) -> None:
     assert save_bundle(small_net, tmp_path / "a") == save_bundle(small_net, tmp_path / "b")
 
 
-def test_half_precision_storage(small_net: EmbeddingNet, images: torch.Tensor, tmp_path: Path) -> None:
+def test_half_precision_storage(
+    small_net: EmbeddingNet, images: torch.Tensor, tmp_path: Path
+) -> None:
     save_bundle(small_net, tmp_path / "half", half=True)
-    full = (tmp_path / "full")
+    full = tmp_path / "full"
     save_bundle(small_net, full)
     assert (tmp_path / "half" / "model.safetensors").stat().st_size < 0.6 * (
         full / "model.safetensors"

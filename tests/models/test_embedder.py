@@ -9,7 +9,9 @@ import numpy as np
 from lookalike.models.embedder import Embedder
 
 
-def test_files_and_bytes_give_the_same_unit_vectors(embedder: Embedder, small_image_dir: Path) -> None:
+def test_files_and_bytes_give_the_same_unit_vectors(
+    embedder: Embedder, small_image_dir: Path
+) -> None:
     paths = sorted(small_image_dir.rglob("*.jpg"))[:5]
     batches = list(embedder.embed_files(paths, batch_size=2))
     vectors = np.concatenate([b.vectors for b in batches])
@@ -38,10 +40,12 @@ def test_look_alike_pairs_score_above_random_pairs(
 ) -> None:
     """The embedding carries the signal the product sells: true pairs are closer than chance."""
     pairs = demo_pairs[:30]
-    left = np.stack([embedder.embed_bytes((demo_dir / "left" / f"{a}.jpg").read_bytes())
-                     for a, _ in pairs])
-    right = np.stack([embedder.embed_bytes((demo_dir / "right" / f"{b}.jpg").read_bytes())
-                      for _, b in pairs])
+    left = np.stack(
+        [embedder.embed_bytes((demo_dir / "left" / f"{a}.jpg").read_bytes()) for a, _ in pairs]
+    )
+    right = np.stack(
+        [embedder.embed_bytes((demo_dir / "right" / f"{b}.jpg").read_bytes()) for _, b in pairs]
+    )
     scores = left @ right.T
     true = np.diag(scores)
     others = scores[~np.eye(len(pairs), dtype=bool)]
