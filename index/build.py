@@ -161,7 +161,7 @@ def build_index(
             stale = [key for key in known if key not in wanted]
             report.removed = store.remove(stale)
         log.info("%d images to embed, %d unchanged", len(todo), report.unchanged)
-        bar = tqdm(total=len(todo), desc="embedding", unit="img", disable=not progress)
+        bar = tqdm(total=len(todo), desc="embedding", unit="img", disable=not progress or not todo)
         paths = [image.path for image, _ in todo]
         for batch in embedder.embed_files(
             paths, batch_size, extra=make_thumbnail if thumbnails else None

@@ -14,16 +14,21 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..index.store import IndexStore, StoreError, UnknownKeyError
 from ..models.bundle import resolve_model
 from ..models.embedder import Embedder
 from ..models.preprocess import ImageDecodeError
+from .batching import DirectEmbedder, MicroBatcher
 from .deps import ServiceState
-from .routers import health, items, match
+from .metrics import ServiceMetrics
+from .routers import compare, health, items, match, rank
+from .security import limits_middleware
 from .settings import Settings
 
 __all__ = ["create_app", "load_state"]
@@ -48,14 +53,26 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
     """Build the app. ``state`` lets a caller hand in an already loaded model and store."""
     settings = settings or Settings()
 
+    metrics = ServiceMetrics()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = state or load_state(settings)
+        loaded = state or await run_in_threadpool(load_state, settings)
+        if settings.micro_batching:
+            loaded.batcher = MicroBatcher(
+                loaded.embedder.embed_arrays, metrics, settings.batch_max_size,
+                settings.batch_max_wait_ms,
+            )
+        else:
+            loaded.batcher = DirectEmbedder(loaded.embedder.embed_arrays, metrics)
+        await loaded.batcher.start()
+        metrics.index_items.set_function(lambda: len(loaded.store))
         app.state.lookalike = loaded
         try:
             yield
         finally:
             app.state.lookalike = None
+            await loaded.batcher.stop()
             loaded.store.save()
             if state is None:
                 loaded.store.close()
@@ -68,14 +85,20 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
         lifespan=lifespan,
     )
     app.state.lookalike = None
+    app.middleware("http")(limits_middleware(settings))
+    app.middleware("http")(metrics.middleware)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"]
         )
-    for router in (health.router, match.router, items.router):
+    for router in (health.router, match.router, rank.router, compare.router, items.router):
         app.include_router(router)
     _add_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
+import numpy as np
 from fastapi import Depends, HTTPException, Request, UploadFile
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
 
 from ..index.store import IndexStore
 from ..models.embedder import Embedder
+from .batching import DirectEmbedder, MicroBatcher
 from .schemas import ModelInfo
 from .settings import Settings
 
@@ -20,6 +25,23 @@ class ServiceState:
     settings: Settings
     embedder: Embedder
     store: IndexStore
+    batcher: MicroBatcher | DirectEmbedder | None = None
+    """Set by the app's lifespan; routes embed through it."""
+
+    async def decode(self, data: bytes) -> Image.Image:
+        """Decode an upload in the thread pool; raises :class:`ImageDecodeError` if unusable."""
+        return await run_in_threadpool(self.embedder.preprocessor.decode, data)
+
+    async def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Preprocess (thread pool) and embed through the batcher -> ``(n, D)``."""
+        if self.batcher is None:
+            raise RuntimeError("the app's lifespan has not started the embedder")
+        arrays = await run_in_threadpool(self.embedder.preprocessor.batch, images)
+        return await self.batcher.embed(arrays)
+
+    async def embed_uploads(self, uploads: Sequence[bytes]) -> np.ndarray:
+        """Decode and embed uploaded images -> ``(n, D)``."""
+        return await self.embed_images([await self.decode(data) for data in uploads])
 
     @property
     def model_info(self) -> ModelInfo:

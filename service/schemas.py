@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class MatchOut(BaseModel):
@@ -34,6 +34,11 @@ class ItemOut(BaseModel):
     thumbnail_url: str | None = None
 
 
+class Removed(BaseModel):
+    removed: str
+    items: int = Field(description="Images left in the index.")
+
+
 class ItemList(BaseModel):
     total: int
     offset: int
@@ -53,3 +58,83 @@ class Ready(BaseModel):
 
 class ErrorOut(BaseModel):
     detail: str | list[Any]
+
+
+class ImageRef(BaseModel):
+    """An image in a /rank request: an indexed item's ``key``, or the multipart field name
+    of an ``upload`` sent with the request. A bare string in a request means a key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str | None = Field(None, min_length=1, description="Key of an indexed image.")
+    upload: str | None = Field(None, min_length=1, description="Multipart field of an upload.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ImageRef:
+        if (self.key is None) == (self.upload is None):
+            raise ValueError("give exactly one of 'key' or 'upload'")
+        return self
+
+
+class RankQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = Field(None, description="Echoed back, to match answers to queries.")
+    query: str | ImageRef
+    candidates: list[str | ImageRef] = Field(min_length=1)
+    k: int | None = Field(None, ge=1, description="Return only the k best candidates.")
+
+
+class RankRequest(BaseModel):
+    """A batch of queries, each ranked against its own candidates (JSON body, or the
+    ``spec`` field of a multipart request whose other fields are the uploads)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queries: list[RankQuery] = Field(min_length=1)
+    assign: bool = Field(
+        False,
+        description="Transductive one-to-one assignment over the batch: assumes each candidate "
+        "is the true match of at most one query; marks one candidate per query as assigned "
+        "and ranks it first.",
+    )
+
+
+class RankedCandidate(BaseModel):
+    key: str | None = None
+    upload: str | None = None
+    position: int = Field(ge=0, description="Index in the request's candidate list.")
+    score: float = Field(ge=-1.0, le=1.0, description="Cosine similarity to the query.")
+    rank: int = Field(ge=1)
+    assigned: bool = Field(False, description="Chosen by the one-to-one assignment.")
+
+
+class RankResult(BaseModel):
+    id: str | None = None
+    query: ImageRef
+    ranked: list[RankedCandidate]
+
+
+class RankResponse(BaseModel):
+    results: list[RankResult]
+    embedded: int = Field(description="Uploaded images embedded for this request.")
+    took_ms: float
+    model: ModelInfo
+
+
+class CompareResponse(BaseModel):
+    score: float = Field(ge=-1.0, le=1.0, description="Cosine similarity of the two images.")
+    same: bool = Field(description="score >= threshold: the two look alike.")
+    threshold: float
+    calibrated: bool = Field(
+        description="True: the threshold comes from the model's calibration.json; false: the "
+        "service's default compare_threshold, not measured for this model."
+    )
+    target_far: float | None = Field(
+        None, description="False-match rate the calibrated threshold was chosen for."
+    )
+    calibration: dict[str, Any] | None = Field(
+        None, description="How the threshold was measured (data, AUC, EER, date)."
+    )
+    took_ms: float
+    model: ModelInfo

@@ -43,3 +43,36 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins allowed by CORS; empty = CORS closed."
     )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Keys accepted in the X-API-Key header; when set, write endpoints need one.",
+    )
+    max_files_per_request: int = Field(
+        64, ge=1, description="Most uploaded files in one request (checked before decoding)."
+    )
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="A request still running after this many seconds gets a 503."
+    )
+    rate_limit_per_s: float = Field(
+        0.0, ge=0, description="Sustained requests per second per client address; 0 = no limit."
+    )
+    rate_limit_burst: int = Field(20, ge=1, description="Requests a client may send at once.")
+    micro_batching: bool = Field(
+        True, description="Embed concurrent requests together in one forward pass."
+    )
+    batch_max_size: int = Field(16, ge=1, description="Most images in one micro-batch.")
+    batch_max_wait_ms: float = Field(
+        3.0, ge=0, description="How long a micro-batch waits for more requests to join."
+    )
+    max_rank_queries: int = Field(100, ge=1, description="Most queries in one POST /rank.")
+    max_rank_uploads: int = Field(
+        64, ge=1, description="Most uploaded images in one POST /rank (each is embedded)."
+    )
+    compare_threshold: float = Field(
+        0.6,
+        ge=-1.0,
+        le=1.0,
+        description="Cosine at or above which POST /compare says 'same' when the model has no "
+        "calibration.json; answers say calibrated=false. Calibrate with 'lookalike evaluate "
+        "--write-calibration'.",
+    )

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import hashlib
+import json
+from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile
+from starlette.concurrency import run_in_threadpool
 
-from ...index.store import Item, UnknownKeyError
-from ..deps import StateDep
-from ..schemas import ErrorOut, ItemList, ItemOut
+from ...index.store import DuplicateKeyError, Item, UnknownKeyError
+from ...models.preprocess import make_thumbnail
+from ..deps import StateDep, read_upload
+from ..schemas import ErrorOut, ItemList, ItemOut, Removed
+from ..security import WriteAccess
 
 router = APIRouter(prefix="/items", tags=["items"])
 
@@ -59,3 +64,73 @@ def get_item(key: str, state: StateDep) -> ItemOut:
         return item_out(state.store.get(key))
     except UnknownKeyError as exc:
         raise HTTPException(404, str(exc)) from exc
+
+
+WRITE_ERRORS = {
+    code: {"model": ErrorOut, "description": text}
+    for code, text in {
+        400: "Empty upload.",
+        401: "Missing or wrong X-API-Key (when keys are configured).",
+        409: "The key is already indexed (send replace=true).",
+        413: "Upload or image too large.",
+        415: "Not an image in a supported format.",
+        422: "Bad key, metadata or image.",
+    }.items()
+}
+
+
+@router.post(
+    "",
+    response_model=ItemOut,
+    status_code=201,
+    responses=WRITE_ERRORS,
+    dependencies=[WriteAccess],
+    summary="Add an image to the index (durable once answered).",
+)
+async def add_item(
+    state: StateDep,
+    image: Annotated[UploadFile, File(description="The image to index.")],
+    key: Annotated[str, Form(min_length=1, max_length=512, description="Its unique key.")],
+    metadata: Annotated[
+        str, Form(description="A JSON object stored with the item and returned with matches.")
+    ] = "{}",
+    replace: Annotated[bool, Form(description="Overwrite an item with the same key.")] = False,
+) -> ItemOut:
+    try:
+        meta: Any = json.loads(metadata)
+    except json.JSONDecodeError as exc:
+        raise HTTPException(422, f"metadata is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise HTTPException(422, "metadata must be a JSON object")
+    data = await read_upload(image, state.settings)
+    decoded = await state.decode(data)
+    thumbnail = await run_in_threadpool(make_thumbnail, decoded)
+    (vector,) = await state.embed_images([decoded])
+    try:
+        await run_in_threadpool(
+            state.store.add,
+            [key],
+            vector[None],
+            sha256=[hashlib.sha256(data).hexdigest()],
+            metadata=[meta],
+            thumbnails=[thumbnail],
+            replace=replace,
+        )
+    except DuplicateKeyError as exc:
+        raise HTTPException(409, str(exc)) from exc
+    return item_out(state.store.get(key))
+
+
+@router.delete(
+    "/{key:path}",
+    response_model=Removed,
+    responses={401: {"model": ErrorOut}, 404: {"model": ErrorOut}},
+    dependencies=[WriteAccess],
+    summary="Remove an image from the index.",
+)
+async def remove_item(key: str, state: StateDep) -> Removed:
+    try:
+        await run_in_threadpool(state.store.remove, [key])
+    except UnknownKeyError as exc:
+        raise HTTPException(404, str(exc)) from exc
+    return Removed(removed=key, items=len(state.store))

@@ -82,7 +82,7 @@ async def match(
     exclude = list(exclude or [])
     if image is not None:
         data = await read_upload(image, settings)
-        vector = await run_in_threadpool(state.embedder.embed_bytes, data)
+        (vector,) = await state.embed_uploads([data])
     else:
         try:
             vector = store.vectors([query_key])[0]
