@@ -13,6 +13,7 @@ import csv
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "PairsError",
     "read_pairs",
     "split_pairs",
+    "Split",
+    "select_split",
     "make_candidate_sets",
 ]
 
@@ -74,6 +77,24 @@ def split_pairs(
     random.Random(seed).shuffle(order)
     n_val = max(1, round(len(order) * val_fraction))
     return order[n_val:], order[:n_val]
+
+
+class Split(StrEnum):
+    """Which pairs to use: all of them, or one side of :func:`split_pairs`."""
+
+    all = "all"
+    train = "train"
+    val = "val"
+
+
+def select_split(
+    pairs: Sequence[Pair], split: Split = Split.all, val_fraction: float = 0.2, seed: int = 0
+) -> list[Pair]:
+    """The pairs of ``split``; ``val`` is the held-out side that training never sees."""
+    if Split(split) is Split.all:
+        return list(pairs)
+    train, val = split_pairs(pairs, val_fraction, seed)
+    return train if Split(split) is Split.train else val
 
 
 def make_candidate_sets(

@@ -27,6 +27,7 @@ __all__ = [
     "create_backbone",
     "list_backbones",
     "get_backbone_spec",
+    "trunk_stages",
 ]
 
 
@@ -104,6 +105,23 @@ def create_backbone(
     else:
         trunk = _torchvision_trunk(name.removeprefix("torchvision:"), weights_path)
     return trunk, spec
+
+
+def trunk_stages(trunk: nn.Module) -> list[nn.Module]:
+    """The trunk as an ordered list of stages whose composition is ``trunk`` itself.
+
+    Stages let the network pool features from middle layers (colour, shape and texture live
+    there) and freeze all but the last stages. timm's EfficientNet family splits into stem,
+    each block group and head; any other trunk is one stage. The returned modules are the
+    trunk's own (no copies), so parameter names in a state dict do not change.
+    """
+    if all(hasattr(trunk, name) for name in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")):
+        return [
+            nn.Sequential(trunk.conv_stem, trunk.bn1),
+            *trunk.blocks,
+            nn.Sequential(trunk.conv_head, trunk.bn2),
+        ]
+    return [trunk]
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -28,11 +30,17 @@ __all__ = [
     "load_bundle",
     "pretrained_bundle",
     "resolve_model",
+    "load_calibration",
 ]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FINGERPRINT_FILE = "fingerprint"
+CALIBRATION_FILE = "calibration.json"
+"""Verification threshold measured by ``lookalike evaluate --write-calibration``. Kept out of
+the fingerprinted files, so calibrating a model never orphans the indexes built with it."""
+
+log = logging.getLogger(__name__)
 
 
 class BundleError(ValueError):
@@ -47,6 +55,8 @@ class ModelBundle:
     fingerprint: str
     path: Path | None
     name: str
+    calibration: dict[str, Any] | None = None
+    """``calibration.json`` (threshold, target false-match rate, ...), or None if uncalibrated."""
 
     @property
     def config(self) -> EmbeddingConfig:
@@ -113,7 +123,28 @@ def load_bundle(path: str | Path) -> ModelBundle:
         raise BundleError(f"model bundle {path} has an invalid config.json: {exc}") from exc
     except (SafetensorError, RuntimeError) as exc:
         raise BundleError(f"model bundle {path} has weights that do not fit its config: {exc}") from exc
-    return ModelBundle(net=net.eval(), fingerprint=fingerprint, path=path, name=path.name)
+    return ModelBundle(net=net.eval(), fingerprint=fingerprint, path=path, name=path.name,
+                       calibration=load_calibration(path, fingerprint))
+
+
+def load_calibration(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The bundle's calibration, or None when it has none or one measured on other weights."""
+    file = path / CALIBRATION_FILE
+    if not file.is_file():
+        return None
+    try:
+        calibration = json.loads(file.read_text())
+        threshold = float(calibration["threshold"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise BundleError(
+            f"{file} is damaged ({exc}): delete it or run 'lookalike evaluate --write-calibration'"
+        ) from exc
+    if not -1.0 <= threshold <= 1.0:
+        raise BundleError(f"{file} has threshold {threshold}, outside the cosine range [-1, 1]")
+    if calibration.get("model_fingerprint") != fingerprint:
+        log.warning("ignoring %s: it was measured with other weights; re-run calibration", file)
+        return None
+    return calibration
 
 
 def pretrained_bundle(backbone: str, cache_dir: str | Path) -> ModelBundle:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -17,6 +18,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..evaluation.candidates import PairsError, Split, make_candidate_sets, read_pairs, select_split
+from ..evaluation.errors import EvaluationError
+from ..evaluation.metrics import answer_ranks, candidate_metrics
 from ..index.build import SourceError, build_index
 from ..index.store import IndexStore, StoreError
 from ..models.backbones import BackboneError, list_backbones
@@ -35,6 +39,8 @@ USER_ERRORS = (
     ImageDecodeError,
     SourceError,
     StoreError,
+    EvaluationError,
+    PairsError,
     FileNotFoundError,
 )
 
@@ -220,6 +226,159 @@ def backbones() -> None:
     typer.echo("backbones: " + ", ".join(list_backbones()) + " (and timm:NAME / torchvision:NAME "
                "with a local weights file)")
     typer.echo("engines: " + ", ".join(sorted(ENGINES)))
+
+
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+SplitOpt = Annotated[
+    Split,
+    typer.Option(
+        help="Which pairs: all, or one side of the seeded split that training uses "
+        "(see --val-fraction, --split-seed); score a trained model on val only."
+    ),
+]
+ValFractionOpt = Annotated[float, typer.Option(help="Share of pairs held out as 'val'.")]
+SplitSeedOpt = Annotated[int, typer.Option(help="Seed of the train/val split.")]
+FoilsOpt = Annotated[int, typer.Option(min=1, help="Wrong candidates per query.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the foil draw and shuffle.")]
+
+
+@command(app, "make-candidates")
+def make_candidates(
+    pairs: Annotated[Path, typer.Argument(help="Pairs CSV with 'left' and 'right' columns.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Candidates CSV to write.")],
+    foils: FoilsOpt = 19,
+    seed: SeedOpt = 0,
+    split: SplitOpt = Split.all,
+    val_fraction: ValFractionOpt = 0.2,
+    split_seed: SplitSeedOpt = 0,
+) -> None:
+    """Write challenge candidate sets (left,c0,...): each left image with its true right
+    image and FOILS right images of other pairs, shuffled."""
+    from ..evaluation.challenge import write_challenge
+
+    sets = make_candidate_sets(
+        select_split(read_pairs(pairs), split, val_fraction, split_seed), foils, seed
+    )
+    write_challenge(out, sets)
+    typer.echo(f"wrote {out}: {len(sets)} queries x {foils + 1} candidates")
+
+
+@command(app, "rank")
+def rank(
+    candidates: Annotated[
+        Path,
+        typer.Option(
+            "--candidates", "-c",
+            help="Challenge CSV: left,c0,...,cN; keys are file names without extension.",
+        ),
+    ],
+    query_dir: Annotated[Path, typer.Option(help="Folder of the query (left) images.")],
+    candidate_dir: Annotated[Path, typer.Option(help="Folder of the candidate images.")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Scores CSV: the same header, each key -> its score."),
+    ],
+    model: ModelOpt = None,
+    engine: EngineOpt = "torch",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
+    assign: Annotated[
+        bool,
+        typer.Option(
+            "--assign",
+            help="Transductive: assume each candidate is the true match of at most one query "
+            "in the file, pick one candidate per query one-to-one (largest total cosine) and "
+            "add 2.0 to its score. Only for closed sets where that holds.",
+        ),
+    ] = False,
+    answers: Annotated[
+        Path | None,
+        typer.Option(help="Pairs CSV of true matches: also print top-1, top-5 and MRR."),
+    ] = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Score every candidate of every query: cosine similarity (higher = more alike)."""
+    from ..evaluation.challenge import answers_from_pairs, read_challenge, write_scores
+    from ..evaluation.images import ImageFolder
+    from ..evaluation.ranking import score_challenge
+
+    started = time.perf_counter()
+    challenge = read_challenge(candidates)
+    truth = answers_from_pairs(challenge, read_pairs(answers)) if answers else None
+    folders = ImageFolder(query_dir), ImageFolder(candidate_dir)
+    embedder = _embedder(Settings(model=model, engine=engine))
+    scores = score_challenge(challenge, *folders, embedder, use_assignment=assign,
+                             batch_size=batch_size, progress=progress)
+    write_scores(out, challenge, scores)
+    typer.echo(f"wrote {out}: {len(challenge)} queries x {len(challenge.header) - 1} candidates "
+               f"in {time.perf_counter() - started:.1f} s")
+    if truth is not None:
+        found = candidate_metrics(answer_ranks(scores, truth))
+        typer.echo(f"top-1 {found['top1']:.4f}  top-5 {found['top5']:.4f}  "
+                   f"MRR {found['mrr']:.4f}  (n = {found['n']})")
+
+
+@command(app, "evaluate")
+def evaluate(
+    pairs: Annotated[Path, typer.Argument(help="Pairs CSV with 'left' and 'right' columns.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for metrics.json, plots and report.")
+    ],
+    query_dir: Annotated[
+        Path | None, typer.Option(help="Folder of the left images [default: PAIRS folder/left].")
+    ] = None,
+    candidate_dir: Annotated[
+        Path | None, typer.Option(help="Folder of the right images [default: PAIRS folder/right].")
+    ] = None,
+    model: ModelOpt = None,
+    engine: EngineOpt = "torch",
+    split: SplitOpt = Split.all,
+    val_fraction: ValFractionOpt = 0.2,
+    split_seed: SplitSeedOpt = 0,
+    candidates: Annotated[
+        Path | None,
+        typer.Option(help="Challenge CSV of candidate sets [default: made with --foils/--seed]."),
+    ] = None,
+    foils: FoilsOpt = 19,
+    seed: SeedOpt = 0,
+    calibrate_far: Annotated[
+        float, typer.Option(help="Target false-match rate of the verification threshold.")
+    ] = 0.01,
+    write_calibration: Annotated[
+        bool,
+        typer.Option(
+            "--write-calibration",
+            help="Save the threshold as calibration.json in the model bundle, for POST /compare.",
+        ),
+    ] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
+    progress: ProgressOpt = True,
+) -> None:
+    """Measure a model on labelled pairs: candidate-set top-k and MRR, retrieval P/R/MAP@K,
+    verification ROC/AUC/EER and a calibrated threshold, two-of-three; plots and a report."""
+    from ..evaluation.challenge import read_challenge
+    from ..evaluation.images import ImageFolder
+    from ..evaluation.report import summary_lines
+    from ..evaluation.suite import EvaluationOptions, run_evaluation
+    from ..evaluation.verification import write_calibration as save_calibration
+
+    options = EvaluationOptions(foils=foils, seed=seed, far=calibrate_far,
+                                batch_size=batch_size, progress=progress)
+    query_dir = query_dir or pairs.parent / "left"
+    candidate_dir = candidate_dir or pairs.parent / "right"
+    chosen = select_split(read_pairs(pairs), split, val_fraction, split_seed)
+    data = {"pairs_file": str(pairs), "split": split.value, "query_dir": str(query_dir),
+            "candidate_dir": str(candidate_dir)}
+    if split is not Split.all:
+        data.update(val_fraction=val_fraction, split_seed=split_seed)
+    challenge = read_challenge(candidates) if candidates else None
+    if challenge is not None:
+        data["candidates_file"] = str(candidates)
+    embedder = _embedder(Settings(model=model, engine=engine))
+    result = run_evaluation(chosen, ImageFolder(query_dir), ImageFolder(candidate_dir), embedder,
+                            out, challenge=challenge, options=options, data=data)
+    typer.echo("\n".join([*summary_lines(result.metrics), f"report: {result.report}"]))
+    if write_calibration:
+        typer.echo(f"calibration: {save_calibration(embedder.bundle, result.calibration)}")
 
 
 def main() -> None:

@@ -1,0 +1,122 @@
+"""Siamese losses, chosen by name from one table.
+
+Every loss takes the embeddings of a batch of pairs in one tensor and one label per row:
+
+``embeddings`` ``(2B, D)`` = the B first images of the pairs, then the B second images;
+``labels`` ``(2B,)`` = a group id per image, equal for images that look alike. Rows with
+different labels are negatives, so every other pair in the batch is a free negative
+(in-batch negatives); a labelled negative pair simply has two different labels.
+``indices_tuple`` is what a miner (see :mod:`.mining`) picked, or ``None`` for all pairs.
+
+The metric-learning losses are pytorch-metric-learning's, composed with a distance object
+(a distance knows whether larger means closer, so no caller hard-codes a sign). The pair
+classifier is the one loss written here: BCE on a learned combination of two embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning import distances, losses
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+from torch import nn
+
+from .network import ConfigError
+
+__all__ = ["LOSSES", "LossSpec", "PairClassifierLoss", "build_loss", "pair_labels"]
+
+Indices = tuple[torch.Tensor, ...]
+
+
+class PairClassifierLoss(nn.Module):
+    """BCE on ``logit = w · [u*v, |u-v|] + b`` for positive and negative pairs of the batch.
+
+    The combination starts as a scaled cosine (weights on ``u*v`` equal, none on ``|u-v|``),
+    so training moves the embeddings towards what the retrieval score (the cosine) rewards.
+    Positives and negatives are weighted equally however many of each the batch holds.
+    """
+
+    def __init__(self, embedding_dim: int, scale: float = 10.0) -> None:
+        super().__init__()
+        self.combine = nn.Linear(2 * embedding_dim, 1)
+        with torch.no_grad():
+            self.combine.weight.zero_()
+            self.combine.weight[0, :embedding_dim] = scale
+            self.combine.bias.fill_(-scale / 2)
+
+    def logits(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.combine(torch.cat([u * v, (u - v).abs()], dim=1)).squeeze(1)
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: Indices | None = None,
+    ) -> torch.Tensor:
+        a1, p, a2, n = lmu.convert_to_pairs(indices_tuple, labels)
+        if len(a1) == 0 or len(a2) == 0:
+            return embeddings.sum() * 0.0
+        pos = self.logits(embeddings[a1], embeddings[p])
+        neg = self.logits(embeddings[a2], embeddings[n])
+        return 0.5 * (
+            F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos))
+            + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg))
+        )
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """How to build one loss: ``build(margin, temperature, embedding_dim) -> module``."""
+
+    build: Callable[[float, float, int], nn.Module]
+    help: str
+
+
+LOSSES: dict[str, LossSpec] = {
+    "contrastive-cosine": LossSpec(
+        lambda margin, temperature, dim: losses.ContrastiveLoss(
+            pos_margin=1.0, neg_margin=margin, distance=distances.CosineSimilarity()
+        ),
+        "pull positives to cosine 1, push negatives below cosine MARGIN",
+    ),
+    "contrastive-euclidean": LossSpec(
+        lambda margin, temperature, dim: losses.ContrastiveLoss(
+            pos_margin=0.0, neg_margin=1.0 + margin, distance=distances.LpDistance()
+        ),
+        "pull positives to distance 0, push negatives beyond L2 distance 1 + MARGIN",
+    ),
+    "triplet-cosine": LossSpec(
+        lambda margin, temperature, dim: losses.TripletMarginLoss(
+            margin=margin, distance=distances.CosineSimilarity()
+        ),
+        "anchor-positive cosine must beat anchor-negative cosine by MARGIN",
+    ),
+    "triplet-euclidean": LossSpec(
+        lambda margin, temperature, dim: losses.TripletMarginLoss(
+            margin=margin, distance=distances.LpDistance()
+        ),
+        "anchor-positive L2 distance must beat anchor-negative distance by MARGIN",
+    ),
+    "infonce": LossSpec(
+        lambda margin, temperature, dim: losses.NTXentLoss(temperature=temperature),
+        "NT-Xent / symmetric InfoNCE over in-batch negatives at TEMPERATURE",
+    ),
+    "pair-bce": LossSpec(
+        lambda margin, temperature, dim: PairClassifierLoss(dim),
+        "BCE of a learned pair classifier on [u*v, |u-v|] (positives vs in-batch negatives)",
+    ),
+}
+
+
+def build_loss(name: str, margin: float, temperature: float, embedding_dim: int) -> nn.Module:
+    if name not in LOSSES:
+        raise ConfigError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    return LOSSES[name].build(margin, temperature, embedding_dim)
+
+
+def pair_labels(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Labels ``(2B,)`` for ``cat([first_images, second_images])`` from two ``(B,)`` group ids."""
+    return torch.cat([first, second]).long()

@@ -1,0 +1,84 @@
+"""POST /compare: do two images look alike? A cosine score and a same/different verdict.
+
+The verdict uses the model's calibrated threshold (``calibration.json`` in the bundle, written
+by ``lookalike evaluate --write-calibration`` for a chosen false-match rate). A model without
+one falls back to the service's ``compare_threshold`` and says so (``calibrated: false``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from ...evaluation.ranking import cosine_scores
+from ..deps import ServiceState, StateDep, read_upload
+from ..schemas import CompareResponse, ErrorOut
+from .rank import embed_uploads
+
+router = APIRouter(tags=["search"])
+
+ERRORS = {
+    code: {"model": ErrorOut, "description": text}
+    for code, text in {
+        400: "Empty upload.",
+        404: "Unknown key.",
+        413: "Upload or image too large.",
+        415: "Not an image in a supported format.",
+        422: "Not exactly one image or key per side, or an undecodable image.",
+    }.items()
+}
+
+ImageOpt = Annotated[UploadFile | None, File(description="An image (JPEG, PNG, WebP, BMP, GIF).")]
+KeyOpt = Annotated[str | None, Form(description="Or the key of an indexed image.")]
+
+
+async def _vectors(
+    state: ServiceState, sides: dict[str, tuple[UploadFile | None, str | None]]
+) -> dict[str, np.ndarray]:
+    """One vector per side, from its upload or its key; uploads are embedded off the loop."""
+    uploads, keys = {}, {}
+    for side, (upload, key) in sides.items():
+        if (upload is None) == (key is None):
+            raise HTTPException(422, f"give exactly one of 'image_{side}' or 'key_{side}'")
+        if upload is not None:
+            uploads[f"image_{side}"] = await read_upload(upload, state.settings)
+        else:
+            keys[side] = key
+    vectors = dict(zip(keys.keys(), state.store.vectors(list(keys.values())), strict=True))
+    embedded = await run_in_threadpool(embed_uploads, state.embedder, uploads)
+    vectors.update((name.removeprefix("image_"), vector) for name, vector in embedded.items())
+    return vectors
+
+
+@router.post(
+    "/compare",
+    response_model=CompareResponse,
+    responses=ERRORS,
+    summary="Score two images and say whether they look alike at the calibrated threshold.",
+)
+async def compare(
+    state: StateDep,
+    image_a: ImageOpt = None,
+    image_b: ImageOpt = None,
+    key_a: KeyOpt = None,
+    key_b: KeyOpt = None,
+) -> CompareResponse:
+    started = time.perf_counter()
+    vectors = await _vectors(state, {"a": (image_a, key_a), "b": (image_b, key_b)})
+    score = float(cosine_scores(vectors["a"], vectors["b"][None])[0])
+    calibration = state.embedder.bundle.calibration
+    threshold = float(calibration["threshold"]) if calibration else state.settings.compare_threshold
+    return CompareResponse(
+        score=score,
+        same=score >= threshold,
+        threshold=threshold,
+        calibrated=calibration is not None,
+        target_far=calibration.get("target_far") if calibration else None,
+        calibration=calibration,
+        took_ms=round((time.perf_counter() - started) * 1000, 2),
+        model=state.model_info,
+    )

@@ -1,0 +1,229 @@
+"""POST /rank: a batch of queries, each ranked against its own candidate list.
+
+Queries and candidates are keys of indexed images or images uploaded with the request. A
+keys-only batch can be a JSON body; with uploads the request is multipart: a ``spec`` field
+holding the same JSON, and one file field per upload, referenced from the spec by field name
+(``{"upload": "q1"}``). Each upload is decoded and embedded once, off the event loop, however
+often the spec names it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from ...evaluation.ranking import assign, cosine_scores, ranked_order
+from ...models.embedder import Embedder
+from ...models.preprocess import ImageDecodeError
+from ..deps import StateDep, read_upload
+from ..schemas import ErrorOut, ImageRef, RankedCandidate, RankRequest, RankResponse, RankResult
+from ..settings import Settings
+
+__all__ = ["router", "embed_uploads"]
+
+router = APIRouter(tags=["search"])
+
+ERRORS = {
+    code: {"model": ErrorOut, "description": text}
+    for code, text in {
+        400: "Empty upload, or a malformed multipart body.",
+        404: "Unknown keys (all of them are listed).",
+        413: "Upload or image too large.",
+        415: "A body that is neither JSON nor multipart, or an upload that is not an image.",
+        422: "A spec that does not validate, too many queries or candidates, uploads missing "
+        "from or not used by the spec, or an undecodable image.",
+    }.items()
+}
+
+
+def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its ``$defs`` inlined, to embed in ``openapi_extra``."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(value) for value in node]
+        return node
+
+    return resolve(schema)
+
+
+REQUEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": _inline_schema(RankRequest)},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["spec"],
+                    "properties": {
+                        "spec": {
+                            "type": "string",
+                            "description": "The JSON request (as for application/json).",
+                        }
+                    },
+                    "additionalProperties": {"type": "string", "format": "binary"},
+                }
+            },
+        },
+    }
+}
+
+
+def embed_uploads(embedder: Embedder, uploads: dict[str, bytes]) -> dict[str, np.ndarray]:
+    """Decode and embed named uploads (blocking: call in a worker thread).
+
+    A decoding error names the field it came from and keeps its HTTP status.
+    """
+    vectors = {}
+    for name, data in uploads.items():
+        try:
+            vectors[name] = embedder.embed_bytes(data)
+        except ImageDecodeError as exc:
+            raise type(exc)(f"upload {name!r}: {exc}") from exc
+    return vectors
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing more than ``limit`` bytes without reading the rest."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPException(413, f"the request body is larger than {limit:,} bytes")
+    return bytes(body)
+
+
+async def _read_request(
+    request: Request, settings: Settings
+) -> tuple[RankRequest, dict[str, bytes]]:
+    """The validated spec and the uploads' bytes by field name."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    uploads: dict[str, bytes] = {}
+    if content_type == "application/json":
+        raw: str | bytes = await _read_body(request, settings.max_upload_bytes)
+    elif content_type == "multipart/form-data":
+        async with request.form(
+            max_files=settings.max_rank_uploads,
+            max_fields=settings.max_rank_uploads + 1,
+            max_part_size=settings.max_upload_bytes,
+        ) as form:
+            spec = None
+            for name, value in form.multi_items():
+                if name in uploads or (name == "spec" and spec is not None):
+                    raise HTTPException(422, f"the multipart field {name!r} appears twice")
+                if isinstance(value, UploadFile):
+                    uploads[name] = await read_upload(value, settings)
+                elif name == "spec":
+                    spec = value
+                else:
+                    raise HTTPException(
+                        422, f"unexpected text field {name!r}: send 'spec' and image files only"
+                    )
+            if spec is None:
+                raise HTTPException(422, "a multipart /rank needs a 'spec' field with the JSON")
+            raw = spec
+    else:
+        raise HTTPException(
+            415, "send application/json, or multipart/form-data with a 'spec' field and uploads"
+        )
+    try:
+        return RankRequest.model_validate_json(raw), uploads
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from exc
+
+
+def _as_ref(ref: str | ImageRef) -> ImageRef:
+    return ImageRef(key=ref) if isinstance(ref, str) else ref
+
+
+def _check(
+    spec: RankRequest, refs: Iterable[ImageRef], uploads: dict[str, bytes], settings: Settings
+) -> None:
+    if len(spec.queries) > settings.max_rank_queries:
+        raise HTTPException(
+            422,
+            f"{len(spec.queries)} queries; the limit is {settings.max_rank_queries} per request",
+        )
+    for number, query in enumerate(spec.queries):
+        if len(query.candidates) > settings.max_candidates:
+            raise HTTPException(
+                422,
+                f"query {number} has {len(query.candidates)} candidates; the limit is "
+                f"{settings.max_candidates}",
+            )
+    named = {ref.upload for ref in refs if ref.upload is not None}
+    missing, unused = sorted(named - uploads.keys()), sorted(uploads.keys() - named)
+    if missing:
+        raise HTTPException(422, f"the spec names uploads that were not sent: {missing}")
+    if unused:
+        raise HTTPException(422, f"uploads not named by the spec: {unused}")
+
+
+@router.post(
+    "/rank",
+    response_model=RankResponse,
+    responses=ERRORS,
+    openapi_extra=REQUEST_BODY,
+    summary="Rank each query's own candidates by cosine similarity (the challenge shape).",
+)
+async def rank(request: Request, state: StateDep) -> RankResponse:
+    started = time.perf_counter()
+    settings = state.settings
+    spec, uploads = await _read_request(request, settings)
+    queries = [(_as_ref(q.query), [_as_ref(c) for c in q.candidates]) for q in spec.queries]
+    refs = [ref for query, candidates in queries for ref in (query, *candidates)]
+    _check(spec, refs, uploads, settings)
+    keys = list(dict.fromkeys(ref.key for ref in refs if ref.key is not None))
+    by_key = dict(zip(keys, state.store.vectors(keys), strict=True))
+    by_upload = await run_in_threadpool(embed_uploads, state.embedder, uploads)
+
+    def vector(ref: ImageRef) -> np.ndarray:
+        return by_key[ref.key] if ref.key is not None else by_upload[ref.upload]
+
+    scores = [
+        cosine_scores(vector(query), np.stack([vector(c) for c in candidates]))
+        for query, candidates in queries
+    ]
+    identities = [[(c.key, c.upload) for c in candidates] for _, candidates in queries]
+    chosen = assign(identities, scores) if spec.assign else [-1] * len(scores)
+    results = []
+    for request_query, (query, candidates), row, pick in zip(
+        spec.queries, queries, scores, chosen, strict=True
+    ):
+        order = list(ranked_order(row))
+        if pick >= 0:
+            order.remove(pick)
+            order.insert(0, pick)
+        ranked = [
+            RankedCandidate(
+                key=candidates[i].key,
+                upload=candidates[i].upload,
+                position=int(i),
+                score=float(row[i]),
+                rank=rank,
+                assigned=bool(i == pick),
+            )
+            for rank, i in enumerate(order[: request_query.k], start=1)
+        ]
+        results.append(RankResult(id=request_query.id, query=query, ranked=ranked))
+    return RankResponse(
+        results=results,
+        embedded=len(by_upload),
+        took_ms=round((time.perf_counter() - started) * 1000, 2),
+        model=state.model_info,
+    )
