@@ -4,20 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
-
-from lookalike.index.store import IndexStore
-from lookalike.models.embedder import Embedder
-from lookalike.service.app import create_app
-from lookalike.service.deps import ServiceState
-from lookalike.service.settings import Settings
 
 pytestmark = pytest.mark.browser
 
@@ -39,32 +28,6 @@ def browser_path() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return CHROMIUM
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def server(store_copy: Path, cache_dir: Path, embedder: Embedder) -> Iterator[str]:
-    port = free_port()
-    settings = Settings(index=store_copy, cache_dir=cache_dir, port=port)
-    store = IndexStore.open(store_copy, model_fingerprint=embedder.fingerprint)
-    app = create_app(settings, ServiceState(settings, embedder, store))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("server did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
-    store.close()
 
 
 def test_page_search_by_click_upload_and_error(

@@ -1,0 +1,196 @@
+"""Production behaviour: metrics, micro-batching, limits, API keys, durable writes."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from lookalike.index.store import IndexStore
+from lookalike.models.embedder import Embedder
+from lookalike.service.app import create_app
+from lookalike.service.batching import MicroBatcher
+from lookalike.service.deps import ServiceState
+from lookalike.service.metrics import ServiceMetrics
+from lookalike.service.security import RateLimiter
+from lookalike.service.settings import Settings
+
+
+def make_client(settings: Settings, embedder: Embedder) -> tuple[TestClient, IndexStore]:
+    store = IndexStore.open(settings.index, model_fingerprint=embedder.fingerprint)
+    app = create_app(settings, ServiceState(settings, embedder, store))
+    return TestClient(app), store
+
+
+def test_metrics_count_requests_batches_and_items(
+    client: TestClient, query_jpeg: tuple[str, bytes]
+) -> None:
+    _, data = query_jpeg
+    for _ in range(3):
+        client.post("/match", files={"image": ("q.jpg", data, "image/jpeg")})
+    client.post("/match", data={"k": "3"})  # a 422
+    text = client.get("/metrics").text
+    assert 'lookalike_requests_total{method="POST",route="/match",status="200"} 3.0' in text
+    assert 'lookalike_requests_total{method="POST",route="/match",status="422"} 1.0' in text
+    assert "lookalike_embed_batch_size_count 3.0" in text
+    assert "lookalike_index_items 24.0" in text
+    assert 'lookalike_request_seconds_bucket{le="10.0",method="POST",route="/match"} 4.0' in text
+
+
+def test_micro_batcher_joins_concurrent_requests(embedder: Embedder, small_image_dir: Path) -> None:
+    """Eight concurrent callers share forward passes and each gets its own vector back."""
+    paths = sorted(small_image_dir.rglob("*.jpg"))[:8]
+    arrays = [embedder.preprocessor(embedder.preprocessor.decode(p.read_bytes())) for p in paths]
+    expected = embedder.embed_arrays(np.stack(arrays))
+    metrics = ServiceMetrics()
+
+    async def run() -> list[np.ndarray]:
+        batcher = MicroBatcher(embedder.embed_arrays, metrics, max_size=8, max_wait_ms=200)
+        await batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.embed(a[None]) for a in arrays))
+        finally:
+            await batcher.stop()
+
+    results = asyncio.run(run())
+    np.testing.assert_allclose(np.concatenate(results), expected, atol=1e-4)
+    batches = metrics.batch_size.collect()[0].samples
+    count = next(s.value for s in batches if s.name.endswith("_count"))
+    assert count < 8  # fewer forward passes than requests
+
+
+def test_engine_errors_reach_every_caller(small_image_dir: Path) -> None:
+    def broken(batch: np.ndarray) -> np.ndarray:
+        raise RuntimeError("engine exploded")
+
+    async def run() -> None:
+        batcher = MicroBatcher(broken, ServiceMetrics(), max_size=4, max_wait_ms=50)
+        await batcher.start()
+        try:
+            outcomes = await asyncio.gather(
+                *(batcher.embed(np.zeros((1, 3, 8, 8), np.float32)) for _ in range(3)),
+                return_exceptions=True,
+            )
+            assert all(isinstance(o, RuntimeError) for o in outcomes)
+            with pytest.raises(RuntimeError):  # the worker survived and answers again
+                await batcher.embed(np.zeros((1, 3, 8, 8), np.float32))
+        finally:
+            await batcher.stop()
+
+    asyncio.run(run())
+
+
+def test_oversized_body_is_refused_from_its_header(settings: Settings, embedder: Embedder) -> None:
+    small = settings.model_copy(update={"max_upload_bytes": 1000, "max_files_per_request": 2})
+    client, store = make_client(small, embedder)
+    with client:
+        response = client.post(
+            "/match", content=b"x" * 300_000, headers={"content-type": "multipart/form-data"}
+        )
+    store.close()
+    assert response.status_code == 413 and "over the limit" in response.json()["detail"]
+
+
+def test_rate_limit_answers_429(settings: Settings, embedder: Embedder) -> None:
+    limited = settings.model_copy(update={"rate_limit_per_s": 0.5, "rate_limit_burst": 3})
+    client, store = make_client(limited, embedder)
+    with client:
+        codes = [client.get("/health").status_code for _ in range(5)]
+        blocked = client.get("/health")
+    store.close()
+    assert codes == [200, 200, 200, 429, 429]
+    assert int(blocked.headers["retry-after"]) >= 1 and "rate limit" in blocked.json()["detail"]
+
+
+def test_token_bucket_refills() -> None:
+    limiter = RateLimiter(rate=1000.0, burst=1)
+    assert limiter.retry_after("a") == 0
+    assert limiter.retry_after("a") > 0
+    assert limiter.retry_after("b") == 0  # clients are independent
+
+
+def test_request_timeout_is_a_503(settings: Settings, embedder: Embedder) -> None:
+    hurried = settings.model_copy(update={"request_timeout_s": 0.001})
+    client, store = make_client(hurried, embedder)
+    big = io.BytesIO()
+    Image.new("RGB", (3000, 3000), "white").save(big, format="PNG")
+    with client:
+        response = client.post("/match", files={"image": ("big.png", big.getvalue(), "image/png")})
+    store.close()
+    assert response.status_code == 503 and "longer than" in response.json()["detail"]
+
+
+def test_writes_need_an_api_key_when_keys_are_set(
+    settings: Settings, embedder: Embedder, query_jpeg: tuple[str, bytes]
+) -> None:
+    guarded = settings.model_copy(update={"api_keys": ["s3cret"]})
+    client, store = make_client(guarded, embedder)
+    _, data = query_jpeg
+    upload = {"image": ("new.jpg", data, "image/jpeg")}
+    with client:
+        assert client.post("/items", files=upload, data={"key": "new"}).status_code == 401
+        wrong = {"X-API-Key": "guess"}
+        assert (
+            client.post("/items", files=upload, data={"key": "new"}, headers=wrong).status_code
+            == 401
+        )
+        good = {"X-API-Key": "s3cret"}
+        created = client.post(
+            "/items", files=upload, data={"key": "new", "metadata": '{"a": 1}'}, headers=good
+        )
+        assert created.status_code == 201 and created.json()["metadata"] == {"a": 1}
+        assert (
+            client.post("/items", files=upload, data={"key": "new"}, headers=good).status_code
+            == 409
+        )
+        assert client.get("/items/new").status_code == 200  # reads stay open
+        assert client.delete("/items/new").status_code == 401
+        assert client.delete("/items/new", headers=good).json() == {"removed": "new", "items": 24}
+        assert client.delete("/items/new", headers=good).status_code == 404
+    store.close()
+
+
+def test_added_item_is_searchable_and_durable(
+    client: TestClient, settings: Settings, query_jpeg: tuple[str, bytes], embedder: Embedder
+) -> None:
+    _, data = query_jpeg
+    response = client.post(
+        "/items", files={"image": ("x.jpg", data, "image/jpeg")}, data={"key": "uploads/x"}
+    )
+    assert response.status_code == 201, response.text
+    matches = client.post("/match", data={"query_key": "uploads/x", "k": "1"}).json()["matches"]
+    assert matches[0]["score"] == pytest.approx(1.0, abs=1e-3)  # the original image
+    bad = client.post(
+        "/items", files={"image": ("x.jpg", b"nope", "image/jpeg")}, data={"key": "uploads/y"}
+    )
+    assert bad.status_code == 415
+    meta = client.post(
+        "/items",
+        files={"image": ("x.jpg", data, "image/jpeg")},
+        data={"key": "uploads/z", "metadata": "[1, 2]"},
+    )
+    assert meta.status_code == 422 and "JSON object" in meta.json()["detail"]
+    reopened = IndexStore.open(settings.index)  # another connection sees the committed add
+    assert "uploads/x" in reopened and "uploads/y" not in reopened
+    reopened.close()
+
+
+def test_concurrent_matches(client: TestClient, query_jpeg: tuple[str, bytes]) -> None:
+    """Twelve requests at once through the micro-batcher each get their own right answer."""
+    key, data = query_jpeg
+
+    def one(_: int) -> tuple[int, str]:
+        response = client.post(
+            "/match", files={"image": ("q.jpg", data, "image/jpeg")}, data={"k": "1"}
+        )
+        return response.status_code, response.json()["matches"][0]["key"]
+
+    with ThreadPoolExecutor(12) as pool:
+        outcomes = list(pool.map(one, range(12)))
+    assert outcomes == [(200, key)] * 12
