@@ -1,0 +1,194 @@
+"""Load benchmark: POST /match at several concurrency levels, with and without micro-batching.
+
+    python benchmarks/load.py                       # demo index, concurrency 1/4/16/64
+    python benchmarks/load.py --requests 100 --seconds 20 --concurrency 1 16
+
+For each mode it starts a real server (``lookalike serve``) on 127.0.0.1 in a subprocess,
+sends a bounded number of requests (and for a bounded time) per level with an async client,
+and prints requests/s, latency percentiles and error counts. The offline batch embedding
+rate of the same model and engine, measured in the same run, is the baseline: the ratio says
+how much of the model's speed survives HTTP, decoding and concurrency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from lookalike.demo import DEMO_IMAGES
+from lookalike.index.build import build_index
+from lookalike.models.bundle import resolve_model
+from lookalike.models.embedder import Embedder
+from lookalike.service.settings import Settings
+
+
+@dataclass
+class LevelResult:
+    mode: str
+    concurrency: int
+    requests: int
+    seconds: float
+    latencies: list[float]
+    errors: int
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q) * 1000) if self.latencies else float("nan")
+
+
+def offline_rate(embedder: Embedder, images: list[Path], batch_size: int) -> float:
+    """Images/s for decode + preprocess + forward in batches, no HTTP."""
+    list(embedder.embed_files(images[:batch_size], batch_size))  # warm-up
+    started = time.perf_counter()
+    count = sum(len(b.indices) for b in embedder.embed_files(images, batch_size))
+    return count / (time.perf_counter() - started)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(index: Path, port: int, micro_batching: bool, engine: str) -> subprocess.Popen:
+    env = dict(
+        os.environ,
+        LOOKALIKE_MICRO_BATCHING=str(micro_batching).lower(),
+        LOOKALIKE_REQUEST_TIMEOUT_S="120",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "lookalike.service.cli",
+        "serve",
+        "--index",
+        str(index),
+        "--port",
+        str(port),
+        "--engine",
+        engine,
+    ]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None:
+            raise RuntimeError("the server exited during start-up")
+        time.sleep(0.25)
+    process.kill()
+    raise RuntimeError("the server did not become ready in 120 s")
+
+
+async def run_level(
+    url: str,
+    payloads: list[bytes],
+    concurrency: int,
+    max_requests: int,
+    max_seconds: float,
+    mode: str,
+) -> LevelResult:
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
+    started = time.perf_counter()
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal issued, errors
+            while issued < max_requests and time.perf_counter() - started < max_seconds:
+                payload = payloads[issued % len(payloads)]
+                issued += 1
+                sent = time.perf_counter()
+                try:
+                    response = await client.post(
+                        "/match",
+                        files={"image": ("q.jpg", payload, "image/jpeg")},
+                        data={"k": "10"},
+                    )
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    latencies.append(time.perf_counter() - sent)
+                else:
+                    errors += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    return LevelResult(mode, concurrency, len(latencies) + errors, elapsed, latencies, errors)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--index", type=Path, default=Path("data/demo-index"))
+    parser.add_argument("--engine", default=Settings().engine)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--requests", type=int, default=200, help="Most requests per level.")
+    parser.add_argument("--seconds", type=float, default=30, help="Most seconds per level.")
+    parser.add_argument("--batch-size", type=int, default=16, help="Offline baseline batch.")
+    args = parser.parse_args()
+
+    settings = Settings(engine=args.engine)
+    embedder = Embedder(resolve_model(settings.model, settings.cache_dir), engine=args.engine)
+    build_index(DEMO_IMAGES, args.index, embedder, progress=False)
+    images = sorted(DEMO_IMAGES.rglob("*.jpg"))
+    baseline = offline_rate(embedder, images, args.batch_size)
+    payloads = [path.read_bytes() for path in images]
+    del embedder
+
+    results: list[LevelResult] = []
+    for micro_batching in (True, False):
+        mode = "micro-batching" if micro_batching else "per-request"
+        port = free_port()
+        server = start_server(args.index, port, micro_batching, args.engine)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            asyncio.run(run_level(url, payloads, 2, 10, 30, mode))  # warm-up
+            for concurrency in args.concurrency:
+                results.append(
+                    asyncio.run(
+                        run_level(url, payloads, concurrency, args.requests, args.seconds, mode)
+                    )
+                )
+        finally:
+            server.terminate()
+            server.wait(30)
+
+    print(
+        f"engine {args.engine}; offline batch-{args.batch_size} embedding rate "
+        f"{baseline:.1f} images/s (decode + preprocess + forward, same run)"
+    )
+    print(
+        f"{'mode':<15} {'clients':>7} {'requests':>8} {'req/s':>7} {'x offline':>9} "
+        f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'errors':>6}"
+    )
+    for r in results:
+        print(
+            f"{r.mode:<15} {r.concurrency:>7} {r.requests:>8} {r.rate:>7.1f} "
+            f"{r.rate / baseline:>9.2f} {r.percentile(50):>7.1f} {r.percentile(95):>7.1f} "
+            f"{r.percentile(99):>7.1f} {r.errors:>6}"
+        )
+
+
+if __name__ == "__main__":
+    main()
