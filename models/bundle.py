@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .backbones import BackboneError, get_backbone_spec
+from .errors import BundleError
 from .network import ConfigError, EmbeddingConfig, EmbeddingNet
 
 __all__ = [
@@ -43,8 +44,6 @@ the fingerprinted files, so calibrating a model never orphans the indexes built 
 log = logging.getLogger(__name__)
 
 
-class BundleError(ValueError):
-    """A model bundle that is missing, incomplete, corrupt or inconsistent."""
 
 
 @dataclass

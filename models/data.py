@@ -36,6 +36,7 @@ from ..evaluation.candidates import (
     read_pairs,
     split_pairs,
 )
+from .network import ConfigError
 from .preprocess import Preprocessor, decode_image
 
 __all__ = [
@@ -54,8 +55,9 @@ __all__ = [
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 
 
-class DataError(ValueError):
-    """Training data that is missing, empty or malformed."""
+class DataError(ConfigError):
+    """Training data that is missing, empty or malformed (a configuration the CLI reports in
+    one line)."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Embedder: images (bytes, files or PIL) -> unit vectors, through a chosen inference engine
 (see :mod:`.engines`). Decoding overlaps the forward pass:
-while the engine runs batch *n*, a thread pool decodes batch *n+1* (Pillow releases the GIL).
+while the engine runs batch *n*, a thread pool decodes batch *n+1* (Pillow and numpy release
+the GIL) straight into the rows of the next batch array, so no batch is copied by stacking.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from .bundle import ModelBundle
-from .engines import ENGINES, EngineError
+from .engines import EngineOptions, create_engine
 from .preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessor
 
 __all__ = ["Embedder", "FileBatch"]
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FileBatch:
-    """One batch from :meth:`Embedder.embed_files`: which inputs succeeded, and why others failed."""
+    """One batch from :meth:`Embedder.embed_files`: which inputs succeeded, why others failed."""
 
     indices: list[int]
     vectors: np.ndarray
@@ -36,7 +37,12 @@ class FileBatch:
 
 
 class Embedder:
-    """A model bundle bound to an engine and a preprocessor."""
+    """A model bundle bound to an engine and a preprocessor.
+
+    ``threads`` is the forward pass's thread count and ``cache_dir`` where engines cache
+    converted models (see :class:`~.engines.EngineOptions`). The default engine is the eager
+    reference; the service and the CLI default to the fastest accurate one.
+    """
 
     def __init__(
         self,
@@ -44,15 +50,17 @@ class Embedder:
         engine: str = "torch",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         decode_workers: int = 2,
+        *,
+        threads: int = 2,
+        cache_dir: str | Path | None = None,
     ) -> None:
-        if engine not in ENGINES:
-            raise EngineError(f"unknown engine {engine!r}; choose one of {sorted(ENGINES)}")
         config = bundle.config
         self.bundle = bundle
         self.engine_name = engine
         self.preprocessor = Preprocessor(config.input_size, config.mean, config.std, max_pixels)
         self.decode_workers = decode_workers
-        self._run = ENGINES[engine](bundle)
+        options = EngineOptions(threads, Path(cache_dir) if cache_dir is not None else None)
+        self._run = create_engine(engine, bundle, options)
 
     @property
     def dim(self) -> int:
@@ -72,19 +80,23 @@ class Embedder:
         return self.embed_arrays(self.preprocessor.batch(images))
 
     def embed_bytes(self, data: bytes) -> np.ndarray:
-        """Decode (raising :class:`ImageDecodeError` on bad input) and embed one image -> ``(D,)``."""
+        """Decode (raising :class:`ImageDecodeError` on bad input), embed one image -> ``(D,)``."""
         return self.embed_arrays(self.preprocessor(self.preprocessor.decode(data))[None])[0]
 
     def load_file(
-        self, path: Path, extra: Callable[[Image.Image], Any] | None = None
+        self,
+        path: Path,
+        extra: Callable[[Image.Image], Any] | None = None,
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, Any]:
-        """Read, decode and preprocess one file -> ``((3, S, S), extra(image) or None)``."""
+        """Read, decode and preprocess one file -> ``((3, S, S), extra(image) or None)``;
+        the array is written into ``out`` when given."""
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
             raise ImageDecodeError(f"cannot read {path}: {exc.strerror or exc}") from exc
         image = self.preprocessor.decode(data)
-        return self.preprocessor(image), extra(image) if extra else None
+        return self.preprocessor(image, out=out), extra(image) if extra else None
 
     def embed_files(
         self,
@@ -97,30 +109,41 @@ class Embedder:
         Unreadable files do not stop the run: their errors come back in each batch.
         ``extra`` is called on each decoded image (e.g. to make a thumbnail) in the pool.
         """
+        size = self.preprocessor.size
         with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode") as pool:
 
-            def submit(start: int) -> list[Future[tuple[np.ndarray, Any]]]:
-                return [pool.submit(self.load_file, p, extra) for p in paths[start : start + batch_size]]
+            def submit(start: int) -> _Pending:
+                chunk = paths[start : start + batch_size]
+                batch = np.empty((len(chunk), 3, size, size), np.float32)
+                futures = [pool.submit(self.load_file, path, extra, row)
+                           for path, row in zip(chunk, batch, strict=True)]
+                return batch, futures
 
-            pending = submit(0) if paths else []
+            pending = submit(0)
             for start in range(0, len(paths), batch_size):
-                current = pending
-                following = start + batch_size
-                pending = submit(following) if following < len(paths) else []
-                yield self._collect(current, start)
+                current, following = pending, start + batch_size
+                if following < len(paths):
+                    pending = submit(following)
+                yield self._collect(*current, start)
 
-    def _collect(self, futures: Iterable[Future[tuple[np.ndarray, Any]]], start: int) -> FileBatch:
-        arrays, indices, extras, errors = [], [], [], {}
+    def _collect(
+        self, batch: np.ndarray, futures: Iterable[Future[tuple[np.ndarray, Any]]], start: int
+    ) -> FileBatch:
+        rows, indices, extras, errors = [], [], [], {}
         for offset, future in enumerate(futures):
             try:
-                array, extra = future.result()
+                _, extra = future.result()
             except ImageDecodeError as exc:
                 errors[start + offset] = str(exc)
                 continue
-            arrays.append(array)
+            rows.append(offset)
             extras.append(extra)
             indices.append(start + offset)
-        vectors = (
-            self.embed_arrays(np.stack(arrays)) if arrays else np.zeros((0, self.dim), np.float32)
-        )
+        if not rows:
+            vectors = np.zeros((0, self.dim), np.float32)
+        else:
+            vectors = self.embed_arrays(batch if len(rows) == len(batch) else batch[rows])
         return FileBatch(indices=indices, vectors=vectors, errors=errors, extras=extras)
+
+
+_Pending = tuple[np.ndarray, list[Future[tuple[np.ndarray, Any]]]]

@@ -1,12 +1,16 @@
 """EmbeddingNet: backbone(s) -> pooling -> fusion (concat) -> projection head -> L2 normalise.
 
 Both branches of the Siamese pair share this one network; a cosine score between two
-images is the dot product of their embeddings.
+images is the dot product of their embeddings. Besides the last feature map, middle stages
+of each trunk can be pooled too (``taps``): look-alikes share colour, shape and texture,
+which live in middle layers more than in the ImageNet-class features of the last one.
+``forward`` is plain tensor operations, so the network exports to ONNX as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import create_backbone, get_backbone_spec
+from .backbones import create_backbone, get_backbone_spec, trunk_stages
 
 __all__ = ["EmbeddingConfig", "EmbeddingNet", "ConfigError", "POOLINGS"]
 
@@ -50,11 +54,20 @@ class EmbeddingConfig:
 
     ``head`` lists the projection layer widths; empty means identity (pooled backbone
     features, L2-normalised). Input size, mean and std default to the first backbone's.
+    ``taps`` are trunk stage indices (see :func:`~.backbones.trunk_stages`; for EfficientNet
+    0 = stem, 1-7 = block groups, 8 = head) whose outputs are average-pooled and
+    concatenated before the last stage's pooled features, for every backbone.
+    ``standardize`` puts a fixed per-feature ``(x - mean) / std`` (fitted on training
+    features, stored as buffers) in front of the head, so features of very different scales
+    from several stages and backbones weigh alike; ``dropout`` drops features while training.
     """
 
     backbones: tuple[str, ...] = ("efficientnet_lite0",)
     pooling: str = "avg"
     head: tuple[int, ...] = ()
+    taps: tuple[int, ...] = ()
+    standardize: bool = False
+    dropout: float = 0.0
     input_size: int = 0
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -68,6 +81,15 @@ class EmbeddingConfig:
             raise ConfigError(f"unknown pooling {self.pooling!r}; choose one of {sorted(POOLINGS)}")
         if any(width <= 0 for width in self.head):
             raise ConfigError(f"head widths must be positive, got {list(self.head)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in self.backbones:
+            last = len(stage_channels(name)) - 1
+            bad = [tap for tap in self.taps if not 0 <= tap < last]
+            if bad:
+                raise ConfigError(
+                    f"backbone {name} has stages 0-{last}; taps must be below the last, got {bad}"
+                )
         first = get_backbone_spec(self.backbones[0])
         if not self.input_size:
             object.__setattr__(self, "input_size", first.input_size)
@@ -77,7 +99,10 @@ class EmbeddingConfig:
 
     @property
     def feature_dim(self) -> int:
-        return sum(get_backbone_spec(name).num_features for name in self.backbones)
+        return sum(
+            sum(stage_channels(name)[tap] for tap in self.taps) + stage_channels(name)[-1]
+            for name in self.backbones
+        )
 
     @property
     def embedding_dim(self) -> int:
@@ -93,10 +118,40 @@ class EmbeddingConfig:
         if unknown:
             raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")
         values = dict(data)
-        for key in ("backbones", "head", "mean", "std"):
+        for key in ("backbones", "head", "taps", "mean", "std"):
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)
+
+
+@functools.cache
+def stage_channels(name: str) -> tuple[int, ...]:
+    """Output channels of each stage of backbone ``name`` (from one tiny random-init pass)."""
+    trunk, _ = create_backbone(name, pretrained=False)
+    channels = []
+    with torch.no_grad():
+        x = torch.zeros(1, 3, 64, 64)
+        for stage in trunk_stages(trunk.eval()):
+            x = stage(x)
+            channels.append(x.shape[1])
+    return tuple(channels)
+
+
+class Standardize(nn.Module):
+    """``(x - mean) / std`` with fixed buffers; identity until :meth:`fit` sets them."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def fit(self, features: torch.Tensor) -> None:
+        """Fit on training features ``(N, dim)``."""
+        self.mean.copy_(features.mean(0))
+        self.std.copy_(features.std(0).clamp(min=1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
 
 
 class EmbeddingNet(nn.Module):
@@ -115,19 +170,56 @@ class EmbeddingNet(nn.Module):
             create_backbone(name, pretrained=pretrained, weights=weights.get(name))[0]
             for name in config.backbones
         )
+        # Views of the trunks' own modules, not registered again: state-dict names stay put.
+        self._stages = [trunk_stages(trunk) for trunk in self.trunks]
+        self._frozen: list[nn.Module] = []
         self.pool = POOLINGS[config.pooling]()
+        self.standardize = Standardize(config.feature_dim) if config.standardize else None
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else None
         self.head = _make_head(config.feature_dim, config.head)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled, concatenated backbone features ``(B, F)`` (what a frozen trunk caches)."""
-        return torch.cat([self.pool(trunk(images)) for trunk in self.trunks], dim=1)
+        """Pooled, concatenated backbone features ``(B, F)`` (what a frozen trunk caches):
+        per backbone, the average-pooled ``taps`` stages, then the pooled last stage."""
+        pooled = []
+        for stages in self._stages:
+            x = images
+            for index, stage in enumerate(stages):
+                x = stage(x)
+                if index in self.config.taps:
+                    pooled.append(x.mean(dim=(2, 3)))
+            pooled.append(self.pool(x))
+        return torch.cat(pooled, dim=1)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """Head and L2 normalisation ``(B, F) -> (B, D)``."""
-        return F.normalize(self.head(features.float()), dim=1)
+        """Standardisation, head and L2 normalisation ``(B, F) -> (B, D)``."""
+        x = features.float()
+        if self.standardize is not None:
+            x = self.standardize(x)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return F.normalize(self.head(x), dim=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.project(self.features(images))
+
+    def set_trainable_stages(self, count: int) -> None:
+        """Train only the last ``count`` stages of each trunk (0: frozen trunk, features can
+        be cached). Frozen stages also keep their BatchNorm statistics (stay in eval mode)."""
+        self._frozen = []
+        for stages in self._stages:
+            for index, stage in enumerate(stages):
+                trainable = index >= len(stages) - count
+                stage.requires_grad_(trainable)
+                if not trainable:
+                    self._frozen.append(stage)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> EmbeddingNet:
+        super().train(mode)
+        for stage in self._frozen:
+            stage.eval()
+        return self
 
 
 def _make_head(in_dim: int, widths: tuple[int, ...]) -> nn.Module:

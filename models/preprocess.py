@@ -134,7 +134,11 @@ class Preprocessor:
     def decode(self, data: bytes) -> Image.Image:
         return decode_image(data, max_pixels=self.max_pixels, draft_size=self.size)
 
-    def __call__(self, image: Image.Image) -> np.ndarray:
+    def __call__(self, image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
+        """``image`` -> float32 ``(3, size, size)``, written into ``out`` when given (a row of
+        a batch array, so that a batch is never copied again by stacking)."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
         width, height = image.size
         scale = self.size / min(width, height)
         new_w, new_h = max(self.size, round(width * scale)), max(self.size, round(height * scale))
@@ -142,10 +146,19 @@ class Preprocessor:
         # Resize and crop in one call: Pillow resamples only the kept box.
         box = (left / scale, top / scale, (left + self.size) / scale, (top + self.size) / scale)
         image = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
-        array = np.asarray(image, dtype=np.float32) * (1.0 / 255.0)
-        array = (array - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(array.transpose(2, 0, 1))
+        if out is None:
+            out = np.empty((3, self.size, self.size), np.float32)
+        # Per contiguous band, (x / 255 - mean) / std as one multiply-add: about 4x faster
+        # than normalising the interleaved HWC array and transposing it.
+        for channel, band in enumerate(image.split()):
+            scale_c = np.float32(1.0 / (255.0 * self.std[channel]))
+            np.multiply(np.asarray(band), scale_c, out=out[channel], casting="unsafe")
+            out[channel] += np.float32(-self.mean[channel] / self.std[channel])
+        return out
 
     def batch(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Stack images into a ``(B, 3, size, size)`` float32 array."""
-        return np.stack([self(image) for image in images])
+        batch = np.empty((len(images), 3, self.size, self.size), np.float32)
+        for row, image in zip(batch, images, strict=True):
+            self(image, out=row)
+        return batch

@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import faiss
-import torch
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -21,9 +20,9 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..index.store import IndexStore, StoreError, UnknownKeyError
-from ..models.bundle import resolve_model
 from ..models.embedder import Embedder
 from ..models.preprocess import ImageDecodeError
+from ..models.serving import resolve_any_model
 from .batching import DirectEmbedder, MicroBatcher
 from .deps import ServiceState
 from .metrics import ServiceMetrics
@@ -39,13 +38,26 @@ STATIC = Path(__file__).parent / "static"
 
 def load_state(settings: Settings) -> ServiceState:
     """Load the model and open the index, refusing an index built by another model."""
-    torch.set_num_threads(settings.torch_threads)
     faiss.omp_set_num_threads(settings.faiss_threads)
-    bundle = resolve_model(settings.model, settings.cache_dir)
-    embedder = Embedder(bundle, engine=settings.engine, max_pixels=settings.max_pixels)
-    store = IndexStore.open(settings.index, model_fingerprint=bundle.fingerprint)
-    log.info("serving %d images from %s with model %s (%s)", len(store), settings.index,
-             bundle.name, settings.engine)
+    model = resolve_any_model(settings.model, settings.cache_dir)
+    embedder = Embedder(
+        model,
+        engine=settings.engine,
+        max_pixels=settings.max_pixels,
+        threads=settings.torch_threads,
+        cache_dir=settings.cache_dir,
+    )
+    if settings.create_index and not (settings.index / "manifest.json").exists():
+        log.info("creating an empty index at %s", settings.index)
+        IndexStore.create(
+            settings.index, dim=embedder.dim, model_fingerprint=model.fingerprint,
+            model_name=model.name,
+        ).close()
+    store = IndexStore.open(settings.index, model_fingerprint=model.fingerprint)
+    log.info(
+        "serving %d images from %s with model %s (%s)",
+        len(store), settings.index, model.name, settings.engine,
+    )
     return ServiceState(settings=settings, embedder=embedder, store=store)
 
 

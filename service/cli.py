@@ -29,6 +29,7 @@ from ..models.embedder import Embedder
 from ..models.engines import ENGINES, EngineError
 from ..models.network import ConfigError
 from ..models.preprocess import ImageDecodeError
+from ..models.train import TrainConfig
 from .settings import Settings
 
 USER_ERRORS = (
@@ -170,15 +171,9 @@ def search(
 
 
 def _serve(settings: Settings) -> None:
-    """Load model and index first, so that a bad model or index fails in one line."""
-    import uvicorn
+    from .serve import run
 
-    from .app import create_app, load_state
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    state = load_state(settings)
-    typer.echo(f"serving {settings.index} on http://{settings.host}:{settings.port}/")
-    uvicorn.run(create_app(settings, state), host=settings.host, port=settings.port)
+    run(settings)
 
 
 HostOpt = Annotated[str, typer.Option(help="Address to bind.", envvar="LOOKALIKE_HOST")]
@@ -218,6 +213,27 @@ def demo(
     typer.echo(f"{index}: {report.summary()}")
     if serve_it:
         _serve(settings)
+
+
+@command(app, "export")
+def export(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the serving model.")],
+    model: ModelOpt = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Cache for built-in models.", envvar="LOOKALIKE_CACHE_DIR")
+    ] = None,
+) -> None:
+    """Export a model to ONNX as a serving model (model.onnx + serving.json) that serves
+    without PyTorch: `LOOKALIKE_MODEL=DIR LOOKALIKE_ENGINE=onnx`. The export is checked
+    against the PyTorch model on real images and keeps its fingerprint, so indexes built
+    with the model stay valid."""
+    from ..models.serving import export_serving_model
+
+    settings = Settings(model=model) if cache_dir is None else Settings(model=model,
+                                                                         cache_dir=cache_dir)
+    serving = export_serving_model(resolve_model(settings.model, settings.cache_dir), out)
+    typer.echo(f"{out}: {serving.name} ({serving.fingerprint[:12]}), "
+               f"{serving.config.embedding_dim}-d, {serving.onnx_path.stat().st_size:,} bytes")
 
 
 @command(app, "backbones")
@@ -380,6 +396,88 @@ def evaluate(
     if write_calibration:
         typer.echo(f"calibration: {save_calibration(embedder.bundle, result.calibration)}")
 
+_TRAIN_HELP = TrainConfig.fields_help()
+
+
+def _train_option(name: str, *flags: str) -> Any:
+    return typer.Option(*flags, help=_TRAIN_HELP[name], show_default=False)
+
+
+@command(app, "train")
+def train(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="TOML or JSON file of settings (keys = the option "
+                     "names with underscores); options given here override it."),
+    ] = None,
+    pairs: Annotated[Path | None, _train_option("pairs")] = None,
+    left_dir: Annotated[Path | None, _train_option("left_dir")] = None,
+    right_dir: Annotated[Path | None, _train_option("right_dir")] = None,
+    labelled: Annotated[Path | None, _train_option("labelled")] = None,
+    image_root: Annotated[Path | None, _train_option("image_root")] = None,
+    classes: Annotated[Path | None, _train_option("classes")] = None,
+    val_fraction: Annotated[float | None, _train_option("val_fraction")] = None,
+    foils: Annotated[int | None, _train_option("foils")] = None,
+    split_seed: Annotated[int | None, _train_option("split_seed")] = None,
+    backbones: Annotated[list[str] | None, _train_option("backbones", "--backbone")] = None,
+    pooling: Annotated[str | None, _train_option("pooling")] = None,
+    taps: Annotated[list[int] | None, _train_option("taps", "--tap")] = None,
+    head: Annotated[list[int] | None, _train_option("head")] = None,
+    standardize: Annotated[
+        bool | None, _train_option("standardize", "--standardize/--no-standardize")
+    ] = None,
+    dropout: Annotated[float | None, _train_option("dropout")] = None,
+    trainable_stages: Annotated[int | None, _train_option("trainable_stages")] = None,
+    loss: Annotated[str | None, _train_option("loss")] = None,
+    miner: Annotated[str | None, _train_option("miner")] = None,
+    margin: Annotated[float | None, _train_option("margin")] = None,
+    temperature: Annotated[float | None, _train_option("temperature")] = None,
+    hard_negatives: Annotated[
+        bool | None, _train_option("hard_negatives", "--hard-negatives/--no-hard-negatives")
+    ] = None,
+    hard_neighbours: Annotated[int | None, _train_option("hard_neighbours")] = None,
+    epochs: Annotated[int | None, _train_option("epochs")] = None,
+    batch_size: Annotated[int | None, _train_option("batch_size")] = None,
+    lr: Annotated[float | None, _train_option("lr")] = None,
+    backbone_lr: Annotated[float | None, _train_option("backbone_lr")] = None,
+    weight_decay: Annotated[float | None, _train_option("weight_decay")] = None,
+    warmup: Annotated[float | None, _train_option("warmup")] = None,
+    patience: Annotated[int | None, _train_option("patience")] = None,
+    max_steps: Annotated[int | None, _train_option("max_steps")] = None,
+    crop_scale: Annotated[float | None, _train_option("crop_scale")] = None,
+    flip: Annotated[float | None, _train_option("flip")] = None,
+    jitter: Annotated[float | None, _train_option("jitter")] = None,
+    views: Annotated[int | None, _train_option("views")] = None,
+    out: Annotated[Path | None, _train_option("out", "--out", "-o")] = None,
+    work_dir: Annotated[Path | None, _train_option("work_dir")] = None,
+    seed: Annotated[int | None, _train_option("seed")] = None,
+    device: Annotated[str | None, _train_option("device")] = None,
+    fp16: Annotated[bool | None, _train_option("fp16", "--fp16/--fp32")] = None,
+    progress: Annotated[bool | None, _train_option("progress", "--progress/--no-progress")] = None,
+    resume: Annotated[bool | None, _train_option("resume", "--resume/--no-resume")] = None,
+) -> None:
+    """Train a Siamese embedding model on look-alike pairs and write a model bundle.
+
+    Validation: the seeded split and 20-candidate sets that 'lookalike evaluate' scores;
+    the best epoch by top-1 is kept. Example (the shipped default model):
+    lookalike train --config models/recipes/default.toml
+    """
+    from ..models.train import train as run_training
+
+    given = {key: value for key, value in locals().items()
+             if key != "config" and value is not None and key in _TRAIN_HELP}
+    settings = (TrainConfig.from_file(config, **given) if config
+                else TrainConfig.from_dict(given, origin="options"))
+    result = run_training(settings)
+    metrics = result.metrics
+    typer.echo(f"{result.bundle}: val top1 {metrics['top1']:.3f} top5 {metrics['top5']:.3f} "
+               f"mrr {metrics['mrr']:.3f} on {metrics['n']} sets (best epoch {result.best_epoch}, "
+               f"{result.steps} steps, {result.minutes:.1f} min); fingerprint {result.fingerprint}")
+
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

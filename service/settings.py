@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(
         default_factory=default_cache_dir, description="Where built-in model bundles are cached."
     )
+    create_index: bool = Field(
+        False, description="Create an empty index at `index` when there is none (containers)."
+    )
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=1, le=65535, description="Port to bind.")
     torch_threads: int = Field(2, ge=1, description="Threads for the model's forward pass.")

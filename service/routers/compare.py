@@ -12,7 +12,6 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
-from starlette.concurrency import run_in_threadpool
 
 from ...evaluation.ranking import cosine_scores
 from ..deps import ServiceState, StateDep, read_upload
@@ -49,7 +48,7 @@ async def _vectors(
         else:
             keys[side] = key
     vectors = dict(zip(keys.keys(), state.store.vectors(list(keys.values())), strict=True))
-    embedded = await run_in_threadpool(embed_uploads, state.embedder, uploads)
+    embedded = await embed_uploads(state, uploads)
     vectors.update((name.removeprefix("image_"), vector) for name, vector in embedded.items())
     return vectors
 

@@ -3,8 +3,8 @@
 Queries and candidates are keys of indexed images or images uploaded with the request. A
 keys-only batch can be a JSON body; with uploads the request is multipart: a ``spec`` field
 holding the same JSON, and one file field per upload, referenced from the spec by field name
-(``{"upload": "q1"}``). Each upload is decoded and embedded once, off the event loop, however
-often the spec names it.
+(``{"upload": "q1"}``). Each upload is decoded once (in the thread pool) and embedded once
+(through the service's batcher), however often the spec names it.
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from ...evaluation.ranking import assign, cosine_scores, ranked_order
-from ...models.embedder import Embedder
 from ...models.preprocess import ImageDecodeError
-from ..deps import StateDep, read_upload
+from ..deps import ServiceState, StateDep, read_upload
 from ..schemas import ErrorOut, ImageRef, RankedCandidate, RankRequest, RankResponse, RankResult
 from ..settings import Settings
 
@@ -84,18 +82,22 @@ REQUEST_BODY = {
 }
 
 
-def embed_uploads(embedder: Embedder, uploads: dict[str, bytes]) -> dict[str, np.ndarray]:
-    """Decode and embed named uploads (blocking: call in a worker thread).
+async def embed_uploads(state: ServiceState, uploads: dict[str, bytes]) -> dict[str, np.ndarray]:
+    """Decode (in the thread pool) and embed (through the service's batcher) named uploads.
 
     A decoding error names the field it came from and keeps its HTTP status.
     """
-    vectors = {}
+    images = []
     for name, data in uploads.items():
         try:
-            vectors[name] = embedder.embed_bytes(data)
+            images.append(await state.decode(data))
         except ImageDecodeError as exc:
             raise type(exc)(f"upload {name!r}: {exc}") from exc
-    return vectors
+    vectors = await state.embed_images(images) if images else []
+    return dict(zip(uploads, vectors, strict=True))
+
+
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -116,7 +118,7 @@ async def _read_request(
     uploads: dict[str, bytes] = {}
     if content_type == "application/json":
         raw: str | bytes = await _read_body(request, settings.max_upload_bytes)
-    elif content_type == "multipart/form-data":
+    elif content_type in FORM_TYPES:
         async with request.form(
             max_files=settings.max_rank_uploads,
             max_fields=settings.max_rank_uploads + 1,
@@ -139,7 +141,7 @@ async def _read_request(
             raw = spec
     else:
         raise HTTPException(
-            415, "send application/json, or multipart/form-data with a 'spec' field and uploads"
+            415, "send application/json, or a form (multipart/form-data) with a 'spec' field"
         )
     try:
         return RankRequest.model_validate_json(raw), uploads
@@ -190,7 +192,7 @@ async def rank(request: Request, state: StateDep) -> RankResponse:
     _check(spec, refs, uploads, settings)
     keys = list(dict.fromkeys(ref.key for ref in refs if ref.key is not None))
     by_key = dict(zip(keys, state.store.vectors(keys), strict=True))
-    by_upload = await run_in_threadpool(embed_uploads, state.embedder, uploads)
+    by_upload = await embed_uploads(state, uploads)
 
     def vector(ref: ImageRef) -> np.ndarray:
         return by_key[ref.key] if ref.key is not None else by_upload[ref.upload]

@@ -1,0 +1,656 @@
+"""Siamese training: one config dataclass, one Trainer, one model bundle out.
+
+The recipe in short: pairs of look-alike images go through one shared :class:`EmbeddingNet`;
+a loss from :mod:`.losses` (optionally fed by a miner, and by FAISS hard-negative batches from
+:mod:`.mining`) pulls each pair together and pushes in-batch negatives apart. After every
+epoch the model ranks held-out candidate sets (the same sets ``lookalike evaluate`` scores);
+the best epoch by top-1 is kept and training stops when top-1 has not improved for
+``patience`` epochs.
+
+Two speeds:
+
+* ``trainable_stages = 0`` (frozen trunk): backbone features of every training image are
+  computed once per augmented *view* (view 0 is the plain inference transform) and cached
+  on disk, keyed by everything they depend on; then each step only runs the head, so an
+  epoch takes seconds on a CPU and ablations reuse the cache;
+* ``trainable_stages > 0``: images are decoded and augmented on the fly and the last stages
+  of each trunk are fine-tuned at ``backbone_lr`` (the head at ``lr``), under bf16 autocast
+  on a CPU and fp16 AMP on a GPU.
+
+State lives in ``work_dir``: ``checkpoint.pt`` (our own file, read back with
+``weights_only=True``) after every epoch and on every stop, ``best.safetensors``,
+``history.json`` and ``training-curve.png``. ``resume=True`` continues from the saved step;
+steps are seeded by ``(seed, step)``, so a resumed run draws what the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import time
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from ..evaluation.metrics import answer_ranks, candidate_metrics
+from .bundle import load_bundle, save_bundle
+from .data import (
+    Augment,
+    DataError,
+    ImageDataset,
+    PairData,
+    TrainPairs,
+    ValidationSets,
+    load_class_folders,
+    load_labelled_pairs,
+    load_tll_pairs,
+    split,
+)
+from .embedder import Embedder
+from .losses import LOSSES, build_loss
+from .mining import MINERS, HardNegativeBatches, build_miner, random_batches
+from .network import ConfigError, EmbeddingConfig, EmbeddingNet
+from .preprocess import Preprocessor
+
+__all__ = ["TrainConfig", "TrainConfigError", "Trainer", "TrainResult", "train"]
+
+
+class TrainConfigError(ConfigError):
+    """A training configuration that cannot run; the message says which setting to fix."""
+
+
+def _opt(default: Any, help: str) -> Any:
+    """A config field with the help text the CLI and the docs show."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run depends on; saved as the bundle's ``recipe``.
+
+    Exactly one data source: ``pairs`` (TLL CSV), ``labelled`` (a,b,label CSV) or
+    ``classes`` (class-per-folder tree).
+    """
+
+    pairs: Path | None = _opt(None, "Look-alike pairs CSV with left,right columns (TLL format).")
+    left_dir: Path | None = _opt(None, "Folder of the 'left' images (default: CSV folder/left).")
+    right_dir: Path | None = _opt(None, "Folder of the 'right' images (default: CSV folder/right).")
+    labelled: Path | None = _opt(None, "Labelled pairs CSV with a,b,label (1 alike, 0 not).")
+    image_root: Path | None = _opt(None, "Folder the labelled CSV's paths are relative to.")
+    classes: Path | None = _opt(None, "Class-per-folder tree: images of one folder look alike.")
+    val_fraction: float = _opt(0.2, "Fraction of positive pairs held out for validation.")
+    foils: int = _opt(19, "Wrong candidates per validation set (19 = 20-candidate sets).")
+    split_seed: int = _opt(0, "Seed of the validation split and candidate sets.")
+
+    backbones: list[str] = _opt(["efficientnet_lite0"], "Backbones; two or more are fused.")
+    pooling: str = _opt("avg", "Pooling of the last feature map: avg or gem.")
+    taps: list[int] = _opt([], "Middle trunk stages also average-pooled (lite: 1-7 blocks).")
+    head: list[int] = _opt([256], "Projection head widths; the last is the embedding size.")
+    standardize: bool = _opt(True, "Standardise features (fitted on training data) before head.")
+    dropout: float = _opt(0.0, "Dropout on the features before the head (training only).")
+    trainable_stages: int = _opt(0, "Trunk stages fine-tuned, from the end; 0 = frozen, cached.")
+
+    loss: str = _opt("infonce", f"Loss: {', '.join(LOSSES)}.")
+    miner: str = _opt("none", f"In-batch miner: {', '.join(MINERS)}.")
+    margin: float = _opt(0.2, "Margin of the contrastive / triplet losses and semi-hard miner.")
+    temperature: float = _opt(0.1, "Temperature of the InfoNCE loss.")
+    hard_negatives: bool = _opt(False, "Batch pairs with FAISS nearest neighbours (per epoch).")
+    hard_neighbours: int = _opt(8, "Neighbours per pair looked up for hard-negative batches.")
+
+    epochs: int = _opt(40, "Most epochs (0: only evaluate the initial model).")
+    batch_size: int = _opt(128, "Pairs per step.")
+    lr: float = _opt(1e-3, "Peak learning rate of the head.")
+    backbone_lr: float = _opt(1e-4, "Peak learning rate of the fine-tuned trunk stages.")
+    weight_decay: float = _opt(0.01, "AdamW weight decay.")
+    warmup: float = _opt(0.1, "Fraction of the steps with a linear warm-up (then cosine decay).")
+    patience: int = _opt(8, "Stop after this many epochs without a better validation top-1.")
+    max_steps: int = _opt(0, "Stop after this many steps in all (0: no limit).")
+
+    crop_scale: float = _opt(0.6, "Smallest area fraction of a random crop (1: no cropping).")
+    flip: float = _opt(0.5, "Probability of a horizontal flip.")
+    jitter: float = _opt(0.2, "Colour jitter strength (brightness, contrast, saturation).")
+    views: int = _opt(4, "Cached views per image when frozen: the plain one + augmented ones.")
+
+    out: Path = _opt(Path("runs/model"), "Model bundle directory to write.")
+    work_dir: Path | None = _opt(None, "Checkpoints, cache and curves (default: OUT.work).")
+    seed: int = _opt(0, "Seed of initialisation, batches and augmentation.")
+    device: str = _opt("auto", "auto, cpu or cuda.")
+    fp16: bool = _opt(True, "Store the bundle's weights as float16 (half the size).")
+    progress: bool = _opt(True, "Show progress bars.")
+    resume: bool = _opt(False, "Continue from WORK_DIR/checkpoint.pt.")
+
+    # Settings that may change between a run and its resumption.
+    RESUMABLE = frozenset({"epochs", "patience", "max_steps", "progress", "resume"})
+
+    def __post_init__(self) -> None:
+        for name in ("pairs", "left_dir", "right_dir", "labelled", "image_root", "classes",
+                     "out", "work_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                setattr(self, name, Path(value))
+        self.backbones, self.taps, self.head = (
+            list(self.backbones), [int(t) for t in self.taps], [int(w) for w in self.head]
+        )
+        if self.work_dir is None:
+            self.work_dir = self.out.with_name(self.out.name + ".work")
+
+    @classmethod
+    def fields_help(cls) -> dict[str, str]:
+        """Each setting's help text, ending with its default."""
+        texts = {}
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            shown = "derived" if default is None and f.name == "work_dir" else default
+            texts[f.name] = f"{f.metadata.get('help', '')} [default: {shown}]"
+        return texts
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Read a TOML or JSON config file (keys = field names); ``overrides`` win.
+
+        Relative paths in the file are relative to the current directory, as on the
+        command line, so a recipe is run from the repository root.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise TrainConfigError(f"config file {path} does not exist")
+        try:
+            text = path.read_text()
+            values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise TrainConfigError(f"config file {path} is not valid TOML/JSON: {exc}") from exc
+        return cls.from_dict({**values, **overrides}, origin=str(path))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], origin: str = "config") -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TrainConfigError(f"{origin}: unknown setting(s) {', '.join(unknown)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            key: str(value) if isinstance(value, Path) else value
+            for key, value in dataclasses.asdict(self).items()
+        }
+
+    def model_config(self, extra: dict[str, Any] | None = None) -> EmbeddingConfig:
+        return EmbeddingConfig(
+            backbones=tuple(self.backbones),
+            pooling=self.pooling,
+            head=tuple(self.head),
+            taps=tuple(self.taps),
+            standardize=self.standardize,
+            dropout=self.dropout,
+            extra=extra or {},
+        )
+
+    def validate(self) -> None:
+        """Raise :class:`TrainConfigError` naming the first setting that cannot work."""
+        sources = [name for name in ("pairs", "labelled", "classes") if getattr(self, name)]
+        if len(sources) != 1:
+            raise TrainConfigError(
+                "give exactly one data source: pairs (TLL CSV), labelled (a,b,label CSV) or "
+                f"classes (folder tree); got {', '.join(sources) or 'none'}"
+            )
+        if self.loss not in LOSSES:
+            raise TrainConfigError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.miner not in MINERS:
+            raise TrainConfigError(
+                f"unknown miner {self.miner!r}; choose one of {', '.join(MINERS)}"
+            )
+        checks = [
+            (self.epochs >= 0, "epochs must be >= 0"),
+            (self.batch_size >= 2, "batch_size must be >= 2 (in-batch negatives)"),
+            (self.lr > 0 and self.backbone_lr > 0, "learning rates must be > 0"),
+            (self.temperature > 0, "temperature must be > 0"),
+            (self.margin >= 0, "margin must be >= 0"),
+            (0 <= self.warmup < 1, "warmup must be in [0, 1)"),
+            (self.patience >= 1, "patience must be >= 1"),
+            (self.max_steps >= 0, "max_steps must be >= 0"),
+            (0 < self.crop_scale <= 1, "crop_scale must be in (0, 1]"),
+            (0 <= self.flip <= 1, "flip must be in [0, 1]"),
+            (self.jitter >= 0, "jitter must be >= 0"),
+            (self.views >= 1, "views must be >= 1"),
+            (self.trainable_stages >= 0, "trainable_stages must be >= 0"),
+            (self.hard_neighbours >= 3, "hard_neighbours must be >= 3"),
+            (self.device in {"auto", "cpu", "cuda"}, "device must be auto, cpu or cuda"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TrainConfigError(message)
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise TrainConfigError("device cuda was asked for but no GPU is available")
+        if self.trainable_stages == 0 and not (self.head or self.standardize) and self.epochs:
+            raise TrainConfigError(
+                "nothing to train: the trunk is frozen and there is no head; set head or "
+                "trainable_stages, or epochs = 0 to only evaluate"
+            )
+
+
+@dataclass
+class TrainResult:
+    bundle: Path
+    fingerprint: str
+    metrics: dict[str, float]
+    """Validation metrics of the saved bundle, measured end to end through the Embedder."""
+    best_epoch: int
+    steps: int
+    minutes: float
+
+
+def load_data(config: TrainConfig) -> PairData:
+    if config.pairs:
+        return load_tll_pairs(config.pairs, config.left_dir, config.right_dir)
+    if config.labelled:
+        return load_labelled_pairs(config.labelled, config.image_root)
+    return load_class_folders(config.classes, seed=config.split_seed)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    """bf16 on a CPU (several-fold faster with AVX-512 BF16), fp16 AMP on a GPU."""
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def score_sets(vectors: np.ndarray, val: ValidationSets) -> dict[str, float]:
+    """Cosine-rank each candidate set from unit vectors of ``val.images``."""
+    scores = np.einsum("sd,scd->sc", vectors[val.queries], vectors[val.candidates])
+    return candidate_metrics(answer_ranks(list(scores), list(val.answers)))
+
+
+class FeatureCache:
+    """Pooled trunk features of a fixed list of images, per augmented view, on disk.
+
+    The file name is a digest of everything the features depend on (trunks, taps, pooling,
+    input transform, augmentation, seed, the image files), so a changed setting never
+    reuses stale features and an unchanged one never recomputes them.
+    """
+
+    def __init__(self, net: EmbeddingNet, config: TrainConfig, device: torch.device) -> None:
+        self.net, self.config, self.device = net, config, device
+        model = net.config
+        self.preprocessor = Preprocessor(model.input_size, model.mean, model.std)
+        self.augment = Augment(model.input_size, config.crop_scale, config.flip, config.jitter)
+
+    def _key(self, images: Sequence[Path], views: int) -> str:
+        model = self.net.config
+        facts = {
+            "backbones": model.backbones, "taps": model.taps, "pooling": model.pooling,
+            "size": model.input_size, "views": views, "seed": self.config.seed,
+            "augment": [self.config.crop_scale, self.config.flip, self.config.jitter],
+            "images": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in images],
+        }
+        return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
+
+    def get(self, images: Sequence[Path], views: int, label: str) -> torch.Tensor:
+        """``(views, len(images), F)`` float16 features; view 0 is un-augmented."""
+        path = self.config.work_dir / f"features-{label}-{self._key(images, views)}.safetensors"
+        if path.is_file():
+            return load_file(str(path))["features"]
+        outs = [
+            self.compute(images, augment=view > 0, seed=self.config.seed * 1000 + view,
+                         desc=f"features {label} view {view + 1}/{views}")
+            for view in range(views)
+        ]
+        features = torch.stack(outs).half()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"features": features.contiguous()}, str(path))
+        return features
+
+    def compute(self, images: Sequence[Path], augment: bool, seed: int, desc: str) -> torch.Tensor:
+        torch.manual_seed(seed)
+        dataset = ImageDataset(images, self.preprocessor, self.augment if augment else None)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=0)
+        net = self.net.eval().to(self.device, memory_format=torch.channels_last)
+        chunks = []
+        with torch.inference_mode(), _autocast(self.device):
+            for batch in tqdm(loader, desc=desc, unit="batch", disable=not self.config.progress):
+                batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
+                chunks.append(net.features(batch).float().cpu())
+        return torch.cat(chunks)
+
+
+class Trainer:
+    """Train an :class:`EmbeddingNet` on look-alike pairs; see the module docstring."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        config.validate()
+        self.config = config
+        self.device = _device(config.device)
+        self.data = load_data(config)
+        self.train_pairs, self.val = split(
+            self.data, config.val_fraction, config.foils, seed=config.split_seed
+        )
+        torch.manual_seed(config.seed)
+        self.net = EmbeddingNet(config.model_config(), pretrained=True)
+        self.net.set_trainable_stages(config.trainable_stages)
+        self.loss = build_loss(
+            config.loss, config.margin, config.temperature, self.net.config.embedding_dim
+        )
+        self.miner = build_miner(config.miner, config.margin)
+        self.batcher = (
+            HardNegativeBatches(config.batch_size, config.hard_neighbours)
+            if config.hard_negatives else None
+        )
+        self.frozen = config.trainable_stages == 0
+        self.cache = FeatureCache(self.net, config, self.device)
+        self.preprocessor = self.cache.preprocessor
+        self.train_features: torch.Tensor | None = None
+        self.val_features: torch.Tensor | None = None
+        self.batches_per_epoch = len(random_batches(
+            len(self.train_pairs.first), config.batch_size, np.random.default_rng(0)
+        ))
+        # The schedule ignores max_steps, so a run stopped early and resumed follows the
+        # same learning rates as one that never stopped.
+        self.total_steps = config.epochs * self.batches_per_epoch
+        self.optimizer = self._optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._schedule)
+        self.scaler = torch.amp.GradScaler(enabled=self.device.type == "cuda" and not self.frozen)
+        self.state: dict[str, Any] = {
+            "step": 0, "epoch": 0, "batch": 0, "best": -1.0, "best_epoch": -1, "stale": 0,
+            "history": [], "seconds": 0.0, "batches": [],
+        }
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        trunk = [p for p in self.net.trunks.parameters() if p.requires_grad]
+        head = [p for name, p in self.net.named_parameters()
+                if p.requires_grad and not name.startswith("trunks.")]
+        head += list(self.loss.parameters())
+        groups = [{"params": head, "lr": self.config.lr}]
+        if trunk:
+            groups.append({"params": trunk, "lr": self.config.backbone_lr})
+        return torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
+
+    def _schedule(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to zero over ``total_steps``."""
+        total = max(1, self.total_steps)
+        warm = max(1, int(self.config.warmup * total))
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    def _prepare(self) -> None:
+        """Cache features (frozen trunk) and fit the standardisation on training images."""
+        if self.frozen:
+            images, views = self.train_pairs.images, self.config.views
+            self.train_features = self.cache.get(images, views, "train")
+            self.val_features = self.cache.get(self.val.images, 1, "val")[0]
+            plain = self.train_features[0].float()
+        else:
+            plain = self.cache.compute(self.train_pairs.images, augment=False, seed=0,
+                                       desc="standardisation features")
+        if self.net.standardize is not None:
+            self.net.standardize.fit(plain.float())
+
+    # -- embedding ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def embed(self, images: Sequence[Path], features: torch.Tensor | None) -> np.ndarray:
+        """Unit vectors of ``images`` with the current weights (eval mode, no augmentation)."""
+        self.net.eval()
+        if features is None:
+            features = self.cache.compute(images, augment=False, seed=0, desc="embedding")
+        return self.net.project(features.float().to(self.device)).cpu().numpy()
+
+    def validate(self) -> dict[str, float]:
+        vectors = self.embed(self.val.images, self.val_features)
+        return score_sets(vectors, self.val)
+
+    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.config.seed, epoch])
+        pairs = self.train_pairs
+        if self.batcher is None:
+            return random_batches(len(pairs.first), self.config.batch_size, rng)
+        plain = self.train_features[0] if self.frozen else None
+        vectors = self.embed(pairs.images, plain)
+        self.batcher.refresh(vectors[pairs.first], vectors[pairs.second])
+        return self.batcher.batches(rng)
+
+    # -- one step -------------------------------------------------------------------------
+
+    def _inputs(self, images: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        """Features (frozen: a random cached view per image) or augmented image tensors."""
+        if self.frozen:
+            views = rng.integers(0, self.train_features.shape[0], size=len(images))
+            return self.train_features[views, images].float().to(self.device)
+        dataset = ImageDataset([self.train_pairs.images[i] for i in images], self.preprocessor,
+                               self.cache.augment)
+        batch = torch.stack([dataset[i] for i in range(len(dataset))]).to(self.device)
+        return batch.contiguous(memory_format=torch.channels_last)
+
+    def step(self, batch: np.ndarray) -> float:
+        """One optimisation step on pair indices ``batch``; returns the loss."""
+        step = self.state["step"]
+        rng = np.random.default_rng([self.config.seed, step, 1])
+        torch.manual_seed(self.config.seed * 1_000_003 + step)
+        pairs: TrainPairs = self.train_pairs
+        images = np.concatenate([pairs.first[batch], pairs.second[batch]])
+        labels = torch.from_numpy(pairs.labels[images]).to(self.device)
+        self.net.train()
+        self.loss.train()
+        inputs = self._inputs(images, rng)
+        if self.frozen:
+            embeddings = self.net.project(inputs)
+        else:
+            with _autocast(self.device):
+                features = self.net.features(inputs)
+            embeddings = self.net.project(features)
+        indices = self.miner(embeddings, labels) if self.miner is not None else None
+        loss = self.loss(embeddings, labels, indices)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.state["step"] = step + 1
+        return float(loss.detach())
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    @property
+    def work_dir(self) -> Path:
+        return self.config.work_dir
+
+    def save_checkpoint(self) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        state = dict(self.state)
+        state["history"] = json.dumps(state["history"])
+        state["batches"] = [torch.from_numpy(np.asarray(b)) for b in state["batches"]]
+        checkpoint = {
+            "net": self.net.state_dict(),
+            "loss": self.loss.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "state": state,
+            "config": json.dumps(self._fixed_settings()),
+        }
+        tmp = self.work_dir / "checkpoint.pt.tmp"
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, self.work_dir / "checkpoint.pt")
+
+    def _fixed_settings(self) -> dict[str, Any]:
+        return {k: v for k, v in self.config.to_dict().items() if k not in TrainConfig.RESUMABLE}
+
+    def load_checkpoint(self) -> None:
+        path = self.work_dir / "checkpoint.pt"
+        if not path.is_file():
+            raise TrainConfigError(f"nothing to resume: no checkpoint at {path}")
+        checkpoint = torch.load(path, map_location=self.device, weights_only=True)
+        saved = json.loads(checkpoint["config"])
+        changed = sorted(k for k, v in self._fixed_settings().items() if saved.get(k) != v)
+        if changed:
+            raise TrainConfigError(
+                f"cannot resume {path}: settings changed since it was saved: {', '.join(changed)}"
+            )
+        self.net.load_state_dict(checkpoint["net"])
+        self.loss.load_state_dict(checkpoint["loss"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        state = dict(checkpoint["state"])
+        state["history"] = json.loads(state["history"])
+        state["batches"] = [b.numpy() for b in state["batches"]]
+        self.state = state
+
+    def _save_best(self) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.net.state_dict().items()}
+        save_file(state, str(self.work_dir / "best.safetensors"))
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        started = time.perf_counter()
+        self._prepare()
+        if self.config.resume:
+            self.load_checkpoint()
+        else:
+            self._record(epoch=0, loss=None, metrics=self.validate())
+        seconds_before = self.state["seconds"]
+        config = self.config
+        stopped = False
+        while self.state["epoch"] < config.epochs and not stopped:
+            epoch = self.state["epoch"] + 1
+            if self.state["batch"] == 0:
+                self.state["batches"] = self._epoch_batches(epoch)
+            batches = self.state["batches"]
+            losses: list[float] = []
+            bar = tqdm(total=len(batches), initial=self.state["batch"], unit="step",
+                       desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress)
+            while self.state["batch"] < len(batches):
+                if config.max_steps and self.state["step"] >= config.max_steps:
+                    stopped = True
+                    break
+                losses.append(self.step(batches[self.state["batch"]]))
+                self.state["batch"] += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", val_top1=f"{self.state['best']:.3f}")
+            bar.close()
+            self.state["seconds"] = seconds_before + time.perf_counter() - started
+            if stopped and self.state["batch"] < len(batches):
+                self.save_checkpoint()
+                break
+            self.state.update(epoch=epoch, batch=0, batches=[])
+            self._record(epoch, float(np.mean(losses)) if losses else None, self.validate())
+            self.save_checkpoint()
+            if self.state["stale"] >= config.patience:
+                break
+        self.state["seconds"] = seconds_before + time.perf_counter() - started
+        return self._finish()
+
+    def _record(self, epoch: int, loss: float | None, metrics: dict[str, float]) -> None:
+        entry = {"epoch": epoch, "step": self.state["step"], "loss": loss,
+                 "minutes": self.state["seconds"] / 60, **metrics}
+        self.state["history"].append(entry)
+        if metrics["top1"] > self.state["best"]:
+            self.state.update(best=metrics["top1"], best_epoch=epoch, stale=0)
+            self._save_best()
+        else:
+            self.state["stale"] += 1
+        if self.config.progress:
+            shown = "-" if loss is None else f"{loss:.4f}"
+            tqdm.write(f"epoch {epoch}: loss {shown}  val top1 {metrics['top1']:.3f}  "
+                       f"top5 {metrics['top5']:.3f}  mrr {metrics['mrr']:.3f}")
+        (self.work_dir / "history.json").write_text(json.dumps(self.state["history"], indent=1))
+        plot_history(self.state["history"], self.work_dir / "training-curve.png")
+
+    def _finish(self) -> TrainResult:
+        """Write the best weights as a bundle, then measure it end to end and record that."""
+        best = load_file(str(self.work_dir / "best.safetensors"))
+        self.net.load_state_dict(best)
+        history = self.state["history"]
+        best_entry = next(h for h in history if h["epoch"] == self.state["best_epoch"])
+        minutes = self.state["seconds"] / 60
+        extra = {
+            "recipe": self.config.to_dict(),
+            "data": {
+                **self.data.summary(),
+                "train_pairs": len(self.train_pairs.first),
+                "train_images": len(self.train_pairs.images),
+                "validation_sets": len(self.val.sets),
+                "candidates_per_set": self.config.foils + 1,
+            },
+            "training": {
+                "loss": self.config.loss, "best_epoch": self.state["best_epoch"],
+                "steps": self.state["step"], "minutes": round(minutes, 2),
+                "hardware": hardware(),
+                "validation_during_training": {k: best_entry[k] for k in ("top1", "top5", "mrr")},
+            },
+        }
+        out = self.config.out
+        model = dataclasses.replace(self.net.config, extra=extra)
+        self.net.config = model
+        save_bundle(self.net, out, half=self.config.fp16)
+        # The saved (possibly fp16) weights, through the real inference path.
+        bundle = load_bundle(out)
+        embedder = Embedder(bundle)
+        vectors = np.zeros((len(self.val.images), embedder.dim), np.float32)
+        for batch in embedder.embed_files(self.val.images, batch_size=32):
+            if batch.errors:
+                raise DataError(f"cannot embed validation images: {batch.errors}")
+            vectors[batch.indices] = batch.vectors
+        metrics = score_sets(vectors, self.val)
+        extra["validation"] = metrics
+        self.net.config = dataclasses.replace(model, extra=extra)
+        fingerprint = save_bundle(self.net, out, half=self.config.fp16)
+        curve = self.work_dir / "training-curve.png"
+        if curve.is_file():
+            shutil.copy(curve, out / curve.name)
+        return TrainResult(out, fingerprint, metrics, self.state["best_epoch"],
+                           self.state["step"], minutes)
+
+
+def plot_history(history: list[dict[str, Any]], path: Path) -> None:
+    """Training loss and validation top-1 / top-5 / MRR per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
+    left.plot(epochs, [np.nan if h["loss"] is None else h["loss"] for h in history], marker="o")
+    left.set(xlabel="epoch", ylabel="training loss", title="loss")
+    for key in ("top1", "top5", "mrr"):
+        right.plot(epochs, [h[key] for h in history], marker="o", label=key)
+    right.set(xlabel="epoch", ylabel="validation", title="20-candidate validation", ylim=(0, 1))
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run one training configuration end to end."""
+    return Trainer(config).fit()

@@ -1,0 +1,158 @@
+"""Training on real demo pairs: the loss falls, a bundle comes out, resume continues exactly,
+fine-tuning touches only the chosen stages, and bad configs fail in one line (exit code 2).
+
+Every run here is a handful of steps on a few real look-alike pairs: real weights, real
+images, real FAISS; long training is not a test.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lookalike.models.bundle import load_bundle
+from lookalike.models.embedder import Embedder
+from lookalike.models.train import TrainConfig, TrainConfigError, Trainer, train
+from lookalike.service.cli import app
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory: pytest.TempPathFactory, demo_pairs: list[tuple[str, str]]) -> Path:
+    """30 real pairs: 24 train (3 steps of 8 per epoch) and 6 held out as 6-candidate sets."""
+    path = tmp_path_factory.mktemp("train-data") / "pairs.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["left", "right"])
+        writer.writerows(demo_pairs[:30])
+    return path
+
+
+@pytest.fixture(scope="module")
+def make_config(pairs_file: Path, demo_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    shared = tmp_path_factory.mktemp("feature-cache")
+
+    def make(out: Path, **changes) -> TrainConfig:
+        values = dict(
+            pairs=pairs_file, left_dir=demo_dir / "left", right_dir=demo_dir / "right",
+            foils=5, taps=[6, 7], head=[32], views=2, epochs=3, batch_size=8, lr=1e-2,
+            patience=10, out=out, progress=False,
+        )
+        values.update(changes)
+        config = TrainConfig(**values)
+        # Every run here caches the same features: compute them once for the module.
+        config.work_dir.mkdir(parents=True, exist_ok=True)
+        for cached in shared.glob("features-*"):
+            shutil.copy(cached, config.work_dir)
+        return config
+
+    make.shared = shared
+    return make
+
+
+@pytest.fixture(scope="module")
+def trained(make_config, tmp_path_factory: pytest.TempPathFactory):
+    config = make_config(tmp_path_factory.mktemp("run") / "model")
+    result = train(config)
+    for cached in config.work_dir.glob("features-*"):
+        shutil.copy(cached, make_config.shared)
+    return config, result
+
+
+def test_training_lowers_the_loss_and_writes_a_bundle_that_embeds(trained, demo_dir: Path) -> None:
+    config, result = trained
+    history = json.loads((config.work_dir / "history.json").read_text())
+    losses = [entry["loss"] for entry in history if entry["epoch"] > 0]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    assert result.steps == 9
+
+    bundle = load_bundle(result.bundle)
+    assert bundle.fingerprint == result.fingerprint
+    extra = bundle.config.extra
+    assert extra["recipe"]["loss"] == "infonce" and extra["recipe"]["taps"] == [6, 7]
+    assert extra["data"]["train_pairs"] == 24 and extra["data"]["validation_sets"] == 6
+    assert extra["validation"] == result.metrics and result.metrics["n"] == 6
+    assert (result.bundle / "training-curve.png").stat().st_size > 1000
+
+    embedder = Embedder(bundle)
+    files = sorted((demo_dir / "left").glob("*.jpg"))[:3]
+    (batch,) = embedder.embed_files(files)
+    assert batch.vectors.shape == (3, 32)
+    np.testing.assert_allclose(np.linalg.norm(batch.vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_resume_continues_from_the_saved_step(make_config, trained, tmp_path: Path) -> None:
+    """Stop mid-epoch at step 4, resume: the run ends exactly where an unbroken one does."""
+    _, unbroken = trained
+    first = make_config(tmp_path / "model", max_steps=4)
+    train(first)
+    saved = torch.load(first.work_dir / "checkpoint.pt", weights_only=True)
+    assert saved["state"]["step"] == 4 and saved["state"]["batch"] == 1
+
+    resumed_config = make_config(tmp_path / "model", resume=True)
+    trainer = Trainer(resumed_config)
+    trainer._prepare()
+    trainer.load_checkpoint()
+    assert trainer.state["step"] == 4
+    result = Trainer(resumed_config).fit()
+    assert result.steps == unbroken.steps == 9
+    mine = load_file(str(resumed_config.work_dir / "best.safetensors"))
+    theirs = load_file(str(unbroken.bundle.with_name("model.work") / "best.safetensors"))
+    for key, value in theirs.items():
+        torch.testing.assert_close(mine[key], value, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_refuses_changed_settings(make_config, trained, tmp_path: Path) -> None:
+    config, _ = trained
+    changed = make_config(config.out, resume=True, loss="triplet-cosine")
+    with pytest.raises(TrainConfigError, match="settings changed since it was saved: loss"):
+        Trainer(changed).fit()
+
+
+def test_fine_tuning_trains_only_the_last_stages(make_config, tmp_path: Path) -> None:
+    config = make_config(tmp_path / "model", trainable_stages=1, standardize=False,
+                         batch_size=2)
+    trainer = Trainer(config)
+    stages = trainer.net._stages[0]
+    last = [p.detach().clone() for p in stages[-1].parameters()]
+    first = [p.detach().clone() for p in stages[0].parameters()]
+    stats = stages[0][1].running_mean.clone()
+    loss = trainer.step(np.array([0, 1]))
+    assert np.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(last, stages[-1].parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(first, stages[0].parameters(), strict=True))
+    assert torch.equal(stats, stages[0][1].running_mean), "frozen BatchNorm keeps its statistics"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--loss", "arcface"], "error: unknown loss 'arcface'; choose one of"),
+        (["--miner", "hardest"], "error: unknown miner 'hardest'"),
+        (["--pairs", "{tmp}/missing.csv"], "error: pairs CSV {tmp}/missing.csv does not exist"),
+        (["--pairs", "{tmp}/empty.csv"], "has no pairs"),
+        (["--batch-size", "1"], "error: batch_size must be >= 2"),
+        (["--config", "{tmp}/bad.toml"], "error: {tmp}/bad.toml: unknown setting(s) lossy"),
+        (["--labelled", "{tmp}/empty.csv"], "error: give exactly one data source"),
+    ],
+)
+def test_bad_configs_fail_in_one_line_with_exit_code_2(
+    args: list[str], message: str, pairs_file: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "empty.csv").write_text("left,right\n")
+    (tmp_path / "bad.toml").write_text(f'pairs = "{pairs_file}"\nlossy = "infonce"\n')
+    args = [a.format(tmp=tmp_path) for a in args]
+    if "--pairs" not in args and "--config" not in args:
+        args += ["--pairs", str(pairs_file)]
+    args += ["--out", str(tmp_path / "model"), "--no-progress"]
+    result = CliRunner().invoke(app, ["train", *args])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and message.format(tmp=tmp_path) in lines[0], result.output

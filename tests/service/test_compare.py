@@ -1,0 +1,109 @@
+"""POST /compare: a score and a verdict, at the model's calibrated threshold when it has one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from lookalike.evaluation.verification import calibrate, write_calibration
+from lookalike.index.store import IndexStore
+from lookalike.models.bundle import ModelBundle, load_bundle, save_bundle
+from lookalike.models.embedder import Embedder
+from lookalike.service.app import create_app
+from lookalike.service.deps import ServiceState
+from lookalike.service.settings import Settings
+
+
+def test_same_image_uploaded_twice(
+    client: TestClient, settings: Settings, query_jpeg: tuple[str, bytes]
+) -> None:
+    _, data = query_jpeg
+    response = client.post(
+        "/compare",
+        files={"image_a": ("a.jpg", data, "image/jpeg"), "image_b": ("b.jpg", data, "image/jpeg")},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["score"] == pytest.approx(1.0, abs=1e-4) and body["same"] is True
+    assert body["calibrated"] is False and body["calibration"] is None
+    assert body["threshold"] == settings.compare_threshold and body["target_far"] is None
+    assert body["model"]["fingerprint"] and body["took_ms"] > 0
+
+
+def test_keys_and_a_mix_of_key_and_upload(
+    client: TestClient, settings: Settings, query_jpeg: tuple[str, bytes]
+) -> None:
+    key, data = query_jpeg
+    other = next(item["key"] for item in client.get("/items").json()["items"] if item["key"] != key)
+    store = IndexStore.open(settings.index)
+    expected = float(store.vectors([key])[0] @ store.vectors([other])[0])
+    store.close()
+    by_keys = client.post("/compare", data={"key_a": key, "key_b": other}).json()
+    assert by_keys["score"] == pytest.approx(expected, abs=1e-5)
+    assert by_keys["same"] is (expected >= settings.compare_threshold)
+    mixed = client.post(
+        "/compare", data={"key_b": other}, files={"image_a": ("a.jpg", data, "image/jpeg")}
+    ).json()
+    assert mixed["score"] == pytest.approx(expected, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("data", "files", "status", "text"),
+    [
+        ({}, {}, 422, "exactly one of 'image_a' or 'key_a'"),
+        ({"key_a": "left/x"}, {}, 422, "exactly one of 'image_b' or 'key_b'"),
+        ({"key_a": "left/nope", "key_b": "right/gone"}, {}, 404, "'left/nope'"),
+        ({"key_b": "x"}, {"image_a": ("a.jpg", b"", "image/jpeg")}, 400, "empty"),
+    ],
+)
+def test_bad_requests(client: TestClient, data: dict, files: dict, status: int, text: str) -> None:
+    response = client.post("/compare", data=data, files=files or None)
+    assert response.status_code == status, response.text
+    assert text in response.json()["detail"]
+
+
+def test_bad_uploads_name_the_field(client: TestClient, query_jpeg: tuple[str, bytes]) -> None:
+    key, data = query_jpeg
+    for name, body, status in [("text.txt", b"hello", 415), ("cut.jpg", data[:300], 422)]:
+        response = client.post(
+            "/compare", data={"key_a": key}, files={"image_b": (name, body, "image/jpeg")}
+        )
+        assert response.status_code == status, response.text
+        assert response.json()["detail"].startswith("upload 'image_b': ")
+
+
+@pytest.fixture
+def calibrated(bundle: ModelBundle, tmp_path: Path) -> ModelBundle:
+    """A copy of the default model with a calibration.json, loaded back from disk."""
+    save_bundle(bundle.net, tmp_path / "model")
+    copy = load_bundle(tmp_path / "model")
+    rng = np.random.default_rng(0)
+    calibration = calibrate(
+        rng.normal(0.7, 0.1, 100), rng.normal(0.3, 0.1, 10_000), 0.01, copy, {"split": "val"}
+    )
+    write_calibration(copy, calibration)
+    return load_bundle(tmp_path / "model")
+
+
+@pytest.fixture
+def calibrated_client(settings: Settings, calibrated: ModelBundle) -> Iterator[TestClient]:
+    store = IndexStore.open(settings.index)
+    state = ServiceState(settings, Embedder(calibrated), store)
+    with TestClient(create_app(settings, state)) as test_client:
+        yield test_client
+    store.close()
+
+
+def test_a_calibrated_model_uses_its_threshold(
+    calibrated_client: TestClient, calibrated: ModelBundle, query_jpeg: tuple[str, bytes]
+) -> None:
+    key, _ = query_jpeg
+    body = calibrated_client.post("/compare", data={"key_a": key, "key_b": key}).json()
+    assert body["calibrated"] is True and body["target_far"] == 0.01
+    assert body["threshold"] == pytest.approx(calibrated.calibration["threshold"])
+    assert 0.4 < body["threshold"] < 0.7
+    assert body["calibration"]["measured_on"]["split"] == "val"
