@@ -8,7 +8,7 @@ match of at most one query in the batch (as in "Totally Looks Like", where the f
 query are the answers of others), so it picks one candidate per query such that no candidate
 is picked twice and the sum of the picked cosines is largest (the Hungarian method,
 ``scipy.optimize.linear_sum_assignment``). When that assumption is false - candidates that may
-match several queries, or a batch that is a small sample of a larger set - it can only hurt.
+match several queries, or a batch that is a small sample of a larger set - it can hurt.
 It also makes each query's result depend on the other queries in the batch.
 """
 
@@ -17,13 +17,9 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from ..index.store import normalize_rows
-from ..models.embedder import Embedder
-from .challenge import Challenge
 from .errors import EvaluationError
-from .images import ImageFolder, embed_unique
 
 __all__ = [
     "ASSIGN_BOOST",
@@ -32,7 +28,7 @@ __all__ = [
     "ranked_order",
     "assign",
     "boost_assigned",
-    "score_challenge",
+    "AssignmentUnavailableError",
 ]
 
 ASSIGN_BOOST = 2.0
@@ -45,6 +41,10 @@ MAX_ASSIGN_CELLS = 100_000_000
 _FORBIDDEN = -1e6
 """Cost of pairing a query with a candidate outside its list: far below any sum of cosines, so
 the solver only uses such a cell when a query cannot get any of its own candidates."""
+
+
+class AssignmentUnavailableError(EvaluationError):
+    """scipy is not installed (e.g. a slim serving image), so ``assign`` cannot run."""
 
 
 def cosine_scores(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -65,6 +65,12 @@ def assign(candidates: Sequence[Sequence[Hashable]], scores: Sequence[np.ndarray
     queries); ``scores[q]`` are their cosines. Returns, per query, the position of its assigned
     candidate in its own list, or -1 where every one of its candidates went to other queries.
     """
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError as exc:  # scipy is imported here so that plain ranking never needs it
+        raise AssignmentUnavailableError(
+            "one-to-one assignment needs scipy, which is not installed here: pip install scipy"
+        ) from exc
     columns: dict[Hashable, int] = {}
     for row in candidates:
         for name in row:
@@ -95,38 +101,3 @@ def boost_assigned(scores: Sequence[np.ndarray], chosen: Sequence[int]) -> list[
             row[position] += ASSIGN_BOOST
         boosted.append(row)
     return boosted
-
-
-def score_challenge(
-    challenge: Challenge,
-    query_folder: ImageFolder,
-    candidate_folder: ImageFolder,
-    embedder: Embedder,
-    *,
-    use_assignment: bool = False,
-    batch_size: int = 32,
-    progress: bool = True,
-) -> list[np.ndarray]:
-    """Scores for every candidate of every query, in the file's order.
-
-    All keys are resolved to files before anything is embedded, so a missing image fails in
-    a second, not after an hour; then each unique file is embedded once.
-    """
-    query_paths = query_folder.paths(challenge.queries)
-    candidate_paths = candidate_folder.paths(k for row in challenge.candidates for k in row)
-    vectors = embed_unique(
-        embedder,
-        [*query_paths.values(), *candidate_paths.values()],
-        batch_size=batch_size,
-        progress=progress,
-    )
-    scores = [
-        cosine_scores(
-            vectors[query_paths[query]],
-            np.stack([vectors[candidate_paths[key]] for key in row]),
-        )
-        for query, row in zip(challenge.queries, challenge.candidates, strict=True)
-    ]
-    if use_assignment:
-        scores = boost_assigned(scores, assign(challenge.candidates, scores))
-    return scores

@@ -32,11 +32,14 @@ __all__ = [
     "pretrained_bundle",
     "resolve_model",
     "load_calibration",
+    "DEFAULT_BUNDLE",
 ]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FINGERPRINT_FILE = "fingerprint"
+DEFAULT_BUNDLE = Path(__file__).parent / "default"
+"""The shipped trained model (``models/recipes/default.toml``), installed with the package."""
 CALIBRATION_FILE = "calibration.json"
 """Verification threshold measured by ``lookalike evaluate --write-calibration``. Kept out of
 the fingerprinted files, so calibrating a model never orphans the indexes built with it."""
@@ -162,9 +165,12 @@ def pretrained_bundle(backbone: str, cache_dir: str | Path) -> ModelBundle:
 def resolve_model(model: str | Path | None, cache_dir: str | Path) -> ModelBundle:
     """Turn what a user typed into a model: a bundle directory, or a backbone name.
 
-    ``None`` means the default model.
+    ``None`` means the default model: the shipped trained bundle, or (in a checkout without
+    it) the untrained ImageNet EfficientNet-Lite0. A backbone name always means untrained.
     """
     if model is None:
+        if (DEFAULT_BUNDLE / CONFIG_FILE).is_file():
+            return load_bundle(DEFAULT_BUNDLE)
         return pretrained_bundle("efficientnet_lite0", cache_dir)
     candidate = Path(model)
     if candidate.is_dir():

@@ -11,14 +11,17 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from .bundle import ModelBundle
 from .engines import EngineOptions, create_engine
 from .preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessor
+
+if TYPE_CHECKING:
+    from .bundle import ModelBundle
+    from .serving import ServingModel
 
 __all__ = ["Embedder", "FileBatch"]
 
@@ -37,7 +40,8 @@ class FileBatch:
 
 
 class Embedder:
-    """A model bundle bound to an engine and a preprocessor.
+    """A model (a bundle, or a serving model for the ONNX engines) bound to an engine and a
+    preprocessor. Imports no torch itself: a serving container runs without it.
 
     ``threads`` is the forward pass's thread count and ``cache_dir`` where engines cache
     converted models (see :class:`~.engines.EngineOptions`). The default engine is the eager
@@ -46,7 +50,7 @@ class Embedder:
 
     def __init__(
         self,
-        bundle: ModelBundle,
+        bundle: ModelBundle | ServingModel,
         engine: str = "torch",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         decode_workers: int = 2,

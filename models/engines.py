@@ -1,13 +1,15 @@
-"""Inference engines: one registry, name -> factory(bundle, options) -> run(batch) -> embeddings.
+"""Inference engines: one registry, name -> factory(model, options) -> run(batch) -> embeddings.
 
-An engine takes a preprocessed float32 batch ``(B, 3, S, S)`` and returns float32 embeddings
-``(B, D)``. Add one with :func:`register_engine`; the service and the CLI pick it by name
-and :func:`create_engine` builds it. Each engine states the largest cosine distance from the
-eager PyTorch reference it may show on real images (``tolerance``): an engine that converts
-the model checks that bound when it converts, and the tests check it for every engine.
+An engine takes a preprocessed float32 batch ``(B, 3, S, S)`` and returns float32 unit
+embeddings ``(B, D)``. Add one with :func:`register_engine`; the service and the CLI pick it
+by name and :func:`create_engine` builds it. Each engine states the largest cosine distance
+from the eager PyTorch reference it may show on real photos (``tolerance``): an engine that
+converts the model checks that bound when it converts, and the tests check it for every engine.
 
 ``onnx`` exports the whole :class:`~.network.EmbeddingNet` (trunks, taps, head, L2) once per
-model fingerprint and caches the file, so a second start loads it in a fraction of a second.
+model fingerprint and caches the file, so a second start only loads it; ``onnx-int8``
+quantises that export. Both also run a serving model (:mod:`.serving`: an export without
+PyTorch), so this module imports torch only inside the functions that need it.
 Speed and accuracy of every engine: ``benchmarks/embed.py`` and ``benchmarks/RESULTS.md``.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import importlib
 import io
 import logging
@@ -24,13 +27,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from .bundle import ModelBundle
 from .preprocess import Preprocessor
+
+if TYPE_CHECKING:
+    from .bundle import ModelBundle
+    from .serving import ServingModel
+
+    Model = ModelBundle | ServingModel
 
 __all__ = [
     "DEFAULT_ENGINE",
@@ -40,17 +47,18 @@ __all__ = [
     "EngineOptions",
     "EngineSpec",
     "create_engine",
-    "register_engine",
+    "export_onnx",
     "reference_images",
+    "register_engine",
 ]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENGINE = "onnx"
+DEFAULT_ENGINE = "onnx-int8"
 """The fastest engine that keeps the reference accuracy (see benchmarks/RESULTS.md)."""
 
 VERIFY_IMAGES = 16
-"""Real images an exported model is checked on against the eager reference."""
+"""Real photos a converted model is checked on against the reference."""
 
 
 class EngineError(ValueError):
@@ -64,16 +72,15 @@ Engine = Callable[[np.ndarray], np.ndarray]
 class EngineOptions:
     """How an engine runs: its thread count and where converted models are cached.
 
-    ``threads`` is the forward pass's intra-op thread count; on a 2-core machine leave
-    the decoding threads something to run on (ONNX Runtime threads here never spin-wait).
-    ``cache_dir=None`` converts into a temporary directory on every start.
+    ``threads`` is the forward pass's intra-op thread count. ``cache_dir=None`` converts
+    into a temporary directory on every start.
     """
 
     threads: int = 2
     cache_dir: Path | None = None
 
 
-EngineFactory = Callable[[ModelBundle, EngineOptions], Engine]
+EngineFactory = Callable[["Model", EngineOptions], Engine]
 
 
 @dataclass(frozen=True)
@@ -81,9 +88,9 @@ class EngineSpec:
     name: str
     factory: EngineFactory
     tolerance: float
-    """Largest cosine distance ``1 - cos`` from the eager reference on real images."""
+    """Largest cosine distance ``1 - cos`` from the eager reference on real photos."""
     packages: tuple[tuple[str, str], ...]
-    """``(module, pip package)`` pairs the engine needs beyond torch."""
+    """``(module, pip package)`` pairs the engine needs."""
     summary: str
 
 
@@ -93,28 +100,27 @@ ENGINES: dict[str, EngineSpec] = {}
 def register_engine(
     name: str, *, tolerance: float, packages: tuple[tuple[str, str], ...] = ()
 ) -> Callable[[EngineFactory], EngineFactory]:
-    """Register ``factory(bundle, options) -> run`` under ``name``; its docstring is the summary."""
+    """Register ``factory(model, options) -> run`` under ``name``; its docstring's first line
+    is the summary ``lookalike backbones`` shows."""
 
     def decorator(factory: EngineFactory) -> EngineFactory:
         if name in ENGINES:
             raise EngineError(f"engine {name!r} is registered twice")
-        summary = (factory.__doc__ or "").strip().splitlines()[0] if factory.__doc__ else ""
+        summary = (factory.__doc__ or "").strip().split("\n")[0]
         ENGINES[name] = EngineSpec(name, factory, tolerance, packages, summary)
         return factory
 
     return decorator
 
 
-def create_engine(
-    name: str, bundle: ModelBundle, options: EngineOptions | None = None
-) -> Engine:
-    """Build engine ``name`` for ``bundle``; a clear :class:`EngineError` if it cannot be."""
+def create_engine(name: str, model: Model, options: EngineOptions | None = None) -> Engine:
+    """Build engine ``name`` for ``model``; a clear :class:`EngineError` if it cannot be."""
     spec = ENGINES.get(name)
     if spec is None:
         raise EngineError(f"unknown engine {name!r}; choose one of {', '.join(sorted(ENGINES))}")
     for module, package in spec.packages:
         _require(name, module, package)
-    return spec.factory(bundle, options or EngineOptions())
+    return spec.factory(model, options or EngineOptions())
 
 
 def _require(engine: str, module: str, package: str) -> ModuleType:
@@ -127,15 +133,19 @@ def _require(engine: str, module: str, package: str) -> ModuleType:
         ) from exc
 
 
-def reference_images(bundle: ModelBundle, count: int) -> np.ndarray:
-    """The first ``count`` bundled demo images, preprocessed for ``bundle``: ``(N, 3, S, S)``.
+def _is_serving(model: Model) -> bool:
+    return not hasattr(model, "net")
+
+
+def reference_images(model: Model, count: int) -> np.ndarray:
+    """The first ``count`` bundled demo photos, preprocessed for ``model``: ``(N, 3, S, S)``.
 
     Real photographs, so a conversion is checked (and int8 calibrated) on the inputs it
     will see rather than on noise, whose activations look nothing like a photo's.
     """
     from ..demo import DEMO_IMAGES
 
-    config = bundle.config
+    config = model.config
     preprocessor = Preprocessor(config.input_size, config.mean, config.std)
     paths = sorted(DEMO_IMAGES.glob("*/*.jpg"))[:count]
     batch = np.empty((len(paths), 3, config.input_size, config.input_size), np.float32)
@@ -144,49 +154,77 @@ def reference_images(bundle: ModelBundle, count: int) -> np.ndarray:
     return batch
 
 
-def _torch_forward(net: torch.nn.Module, batch: np.ndarray, bf16: bool = False) -> np.ndarray:
+# -- PyTorch ----------------------------------------------------------------------------------
+
+TORCH_PACKAGES = (("torch", "torch"),)
+
+
+def _torch_net(model: Model, engine: str, threads: int) -> Any:
+    """The bundle's network in channels_last layout, with ``threads`` intra-op threads."""
+    if _is_serving(model):
+        raise EngineError(
+            f"engine {engine!r} needs a model bundle with PyTorch weights; {model.name} is a "
+            "serving model (ONNX only): use --engine onnx or onnx-int8"
+        )
+    import torch
+
+    torch.set_num_threads(threads)
+    return model.net.eval().to(memory_format=torch.channels_last)
+
+
+def _torch_forward(net: Any, batch: np.ndarray, bf16: bool = False) -> np.ndarray:
+    import torch
+
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         tensor = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
         return net(tensor).float().numpy()
 
 
-@register_engine("torch", tolerance=1e-5)
-def torch_engine(bundle: ModelBundle, options: EngineOptions) -> Engine:
+@register_engine("torch", tolerance=1e-5, packages=TORCH_PACKAGES)
+def torch_engine(model: Model, options: EngineOptions) -> Engine:
     """Eager PyTorch fp32 in channels_last layout: the reference engine."""
-    torch.set_num_threads(options.threads)
-    net = bundle.net.eval().to(memory_format=torch.channels_last)
+    net = _torch_net(model, "torch", options.threads)
     return lambda batch: _torch_forward(net, batch)
 
 
-@register_engine("torch-bf16", tolerance=0.01)
-def torch_bf16_engine(bundle: ModelBundle, options: EngineOptions) -> Engine:
-    """Eager PyTorch, channels_last, bf16 autocast (AVX-512 BF16 CPUs and GPUs)."""
-    torch.set_num_threads(options.threads)
-    net = bundle.net.eval().to(memory_format=torch.channels_last)
+@register_engine("torch-bf16", tolerance=0.02, packages=TORCH_PACKAGES)
+def torch_bf16_engine(model: Model, options: EngineOptions) -> Engine:
+    """Eager PyTorch, channels_last, bf16 autocast (needs a CPU with AVX-512 BF16 or AMX)."""
+    net = _torch_net(model, "torch-bf16", options.threads)
     return lambda batch: _torch_forward(net, batch, bf16=True)
 
 
-ONNX_PACKAGES = (("onnxruntime", "onnxruntime"), ("onnx", "onnx"), ("onnxscript", "onnxscript"))
+# -- ONNX Runtime -----------------------------------------------------------------------------
+
+ONNX_PACKAGES = (("onnxruntime", "onnxruntime"), ("onnx", "onnx"))
+EXPORT_PACKAGES = (("torch", "torch"), ("onnxscript", "onnxscript"))
 
 
 @register_engine("onnx", tolerance=1e-5, packages=ONNX_PACKAGES)
-def onnx_engine(bundle: ModelBundle, options: EngineOptions) -> Engine:
+def onnx_engine(model: Model, options: EngineOptions) -> Engine:
     """ONNX Runtime fp32 on the exported EmbeddingNet (export cached per model)."""
     with _model_dir(options) as directory:
-        path = _cached(directory / f"{bundle.fingerprint}.fp32.onnx",
-                       lambda target: _export(bundle, target))
-        return _ort_runner(path, options.threads)
+        return _ort_runner(_fp32_onnx(model, directory, "onnx"), options.threads)
 
 
 @register_engine("onnx-int8", tolerance=0.05, packages=ONNX_PACKAGES)
-def onnx_int8_engine(bundle: ModelBundle, options: EngineOptions) -> Engine:
+def onnx_int8_engine(model: Model, options: EngineOptions) -> Engine:
     """ONNX Runtime int8: static per-channel QDQ calibrated on real photos (cached per model)."""
     with _model_dir(options) as directory:
-        fp32 = _cached(directory / f"{bundle.fingerprint}.fp32.onnx",
-                       lambda target: _export(bundle, target))
-        int8 = _cached(directory / f"{bundle.fingerprint}.int8.onnx",
-                       lambda target: _quantize(bundle, fp32, target))
+        fp32 = _fp32_onnx(model, directory, "onnx-int8")
+        int8 = _cached(directory / f"{model.fingerprint}.int8.onnx",
+                       lambda target: _quantize(model, fp32, target))
         return _ort_runner(int8, options.threads)
+
+
+def _fp32_onnx(model: Model, directory: Path, engine: str) -> Path:
+    """A serving model's own ONNX file, or the bundle's export cached in ``directory``."""
+    if _is_serving(model):
+        return model.onnx_path
+    for module, package in EXPORT_PACKAGES:
+        _require(engine, module, package)
+    return _cached(directory / f"{model.fingerprint}.fp32.onnx",
+                   lambda target: export_onnx(model, target))
 
 
 @contextlib.contextmanager
@@ -202,7 +240,8 @@ def _model_dir(options: EngineOptions) -> Iterator[Path]:
 
 
 def _cached(path: Path, build: Callable[[Path], None]) -> Path:
-    """``path``, built by ``build(tmp)`` and moved into place atomically when missing."""
+    """``path``, built by ``build(tmp)`` and moved into place atomically when missing, so
+    that concurrent or interrupted starts never see half a file."""
     if path.is_file():
         return path
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -215,40 +254,44 @@ def _cached(path: Path, build: Callable[[Path], None]) -> Path:
     return path
 
 
-def _export(bundle: ModelBundle, target: Path) -> None:
-    """Export the whole EmbeddingNet with a dynamic batch axis and check it on real images.
+def export_onnx(bundle: ModelBundle, target: Path) -> None:
+    """Export the whole EmbeddingNet to ``target`` with a dynamic batch axis, then check it
+    against eager PyTorch on real photos (:class:`EngineError` when it drifts).
 
     The dynamo exporter specialises the fixed image size, so TF-style "same" padding folds
-    into the convolutions (the TorchScript exporter keeps it as runtime Shape/Pad ops,
-    measured ~30% slower under ONNX Runtime).
+    into the convolutions; the TorchScript exporter keeps it as run-time Shape/Pad ops,
+    measured 1.4x slower under ONNX Runtime.
     """
+    import torch
+
     log.info("exporting model %s to ONNX (once per model)", bundle.name)
-    net = bundle.net.eval()
     size = bundle.config.input_size
-    example = torch.zeros(2, 3, size, size)
     batch = torch.export.Dim("batch", min=1, max=65536)
     try:
         with _quiet(), torch.no_grad():
             program = torch.onnx.export(
-                net, (example,), input_names=["images"], output_names=["embeddings"],
+                bundle.net.eval(), (torch.zeros(2, 3, size, size),),
+                input_names=["images"], output_names=["embeddings"],
                 dynamic_shapes=({0: batch},), dynamo=True, optimize=True, verbose=False,
             )
             program.save(str(target))
     except Exception as exc:  # the exporter raises many types for unsupported modules
         raise EngineError(f"cannot export model {bundle.name} to ONNX: {exc}") from exc
-    _verify(bundle, _ort_runner(target, threads=1), "onnx")
+    reference = functools.partial(_torch_forward, bundle.net)
+    _verify(bundle, _ort_runner(target, threads=1), reference, "onnx")
 
 
 CALIBRATION_IMAGES = 200
 """Demo photos that set the int8 activation ranges (the first VERIFY_IMAGES are held out)."""
 FLOAT_CONVS = 3
-"""Leading convolutions kept in fp32: the stem and the first block at full resolution, where
-int8 noise (measured: the embeddings' SQNR fell from 53 to 24 dB there) grows through
-every later layer; keeping them halves the drift and costs no measurable speed."""
+"""Leading convolutions kept in fp32: the stem and the first block at full resolution. Int8
+noise there grows through every later layer (measured: the features' SQNR fell from 53 to
+24 dB in the first block); keeping them halves the drift at no measurable cost in speed."""
 
 
-def _quantize(bundle: ModelBundle, fp32: Path, target: Path) -> None:
-    """Static int8 QDQ quantisation of the exported model, checked on held-out photos.
+def _quantize(model: Model, fp32: Path, target: Path) -> None:
+    """Static int8 QDQ quantisation of the fp32 model, checked on held-out photos against
+    eager PyTorch (or, for a serving model, against its fp32 export).
 
     Per-channel weights, uint8 activations with ranges from a moving average of per-batch
     min/max over real photos (plain min/max let single outliers widen the ranges). Only the
@@ -256,11 +299,11 @@ def _quantize(bundle: ModelBundle, fp32: Path, target: Path) -> None:
     fusion, the projection head and the L2 normalisation stay fp32 (cheap, and a shared
     8-bit scale would crush small features next to large ones).
     """
+    onnx = importlib.import_module("onnx")
     quantization = importlib.import_module("onnxruntime.quantization")
     shape_inference = importlib.import_module("onnxruntime.quantization.shape_inference")
-    onnx = importlib.import_module("onnx")
-    log.info("quantising model %s to int8 (once per model)", bundle.name)
-    images = reference_images(bundle, CALIBRATION_IMAGES)[VERIFY_IMAGES:]
+    log.info("quantising model %s to int8 (once per model)", model.name)
+    images = reference_images(model, CALIBRATION_IMAGES)[VERIFY_IMAGES:]
 
     class Calibration(quantization.CalibrationDataReader):
         def __init__(self) -> None:
@@ -275,8 +318,7 @@ def _quantize(bundle: ModelBundle, fp32: Path, target: Path) -> None:
         shape_inference.quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         trunk = [node for node in onnx.load(str(prepared)).graph.node if _in_trunk(node)]
         if not trunk:
-            raise EngineError(f"cannot find the trunk of model {bundle.name} in its ONNX graph")
-        float_convs = [node.name for node in trunk if node.op_type == "Conv"][:FLOAT_CONVS]
+            raise EngineError(f"cannot find the trunk of model {model.name} in its ONNX graph")
         with _quiet():
             quantization.quantize_static(
                 str(prepared), str(target), Calibration(),
@@ -285,10 +327,12 @@ def _quantize(bundle: ModelBundle, fp32: Path, target: Path) -> None:
                 weight_type=quantization.QuantType.QInt8,
                 calibrate_method=quantization.CalibrationMethod.MinMax,
                 nodes_to_quantize=[node.name for node in trunk],
-                nodes_to_exclude=float_convs,
+                nodes_to_exclude=[n.name for n in trunk if n.op_type == "Conv"][:FLOAT_CONVS],
                 extra_options={"CalibMovingAverage": True},
             )
-    _verify(bundle, _ort_runner(target, threads=1), "onnx-int8")
+    reference = (_ort_runner(fp32, threads=1) if _is_serving(model)
+                 else functools.partial(_torch_forward, model.net))
+    _verify(model, _ort_runner(target, threads=1), reference, "onnx-int8")
 
 
 def _in_trunk(node: Any) -> bool:
@@ -313,25 +357,25 @@ def _quiet() -> Iterator[None]:
         logging.disable(previous)
 
 
-def _verify(bundle: ModelBundle, run: Engine, name: str) -> None:
+def _verify(model: Model, run: Engine, reference: Engine, name: str) -> None:
     """Refuse a converted model whose embeddings drift past the engine's tolerance."""
-    images = reference_images(bundle, VERIFY_IMAGES)
-    distance = float((1.0 - (run(images) * _torch_forward(bundle.net, images)).sum(1)).max())
+    images = reference_images(model, VERIFY_IMAGES)
+    distance = float((1.0 - (run(images) * reference(images)).sum(axis=1)).max())
     tolerance = ENGINES[name].tolerance
-    log.info("%s engine for %s: largest cosine distance from eager torch on %d photos: %.2e",
-             name, bundle.name, len(images), distance)
+    log.info("%s engine for %s: largest cosine distance from the reference on %d photos: %.2e",
+             name, model.name, len(images), distance)
     if not distance <= tolerance:
         raise EngineError(
-            f"the {name} conversion of model {bundle.name} drifts from the torch reference: "
-            f"cosine distance {distance:.2e} on real images exceeds {tolerance:.0e}"
+            f"the {name} conversion of model {model.name} drifts from the reference: cosine "
+            f"distance {distance:.2e} on real photos exceeds {tolerance:.0e}; use another engine"
         )
 
 
 def _ort_runner(path: Path, threads: int) -> Engine:
     """An ONNX Runtime CPU session with deliberate threading.
 
-    ``threads`` intra-op threads and no spin-waiting: idle runtime threads would otherwise
-    burn the cores the decoding threads (and other processes) need on a 2-core machine.
+    ``threads`` intra-op threads that never spin-wait: idle runtime threads would otherwise
+    burn the cores that the decoding threads (and other processes) need on a small machine.
     """
     ort = importlib.import_module("onnxruntime")
     settings = ort.SessionOptions()

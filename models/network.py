@@ -57,6 +57,8 @@ class EmbeddingConfig:
     ``taps`` are trunk stage indices (see :func:`~.backbones.trunk_stages`; for EfficientNet
     0 = stem, 1-7 = block groups, 8 = head) whose outputs are average-pooled and
     concatenated before the last stage's pooled features, for every backbone.
+    ``grid_taps`` are stages pooled over a ``grid`` x ``grid`` layout of cells instead of the
+    whole map: where colour and shape sit in the picture, which look-alikes often share.
     ``standardize`` puts a fixed per-feature ``(x - mean) / std`` (fitted on training
     features, stored as buffers) in front of the head, so features of very different scales
     from several stages and backbones weigh alike; ``dropout`` drops features while training.
@@ -66,6 +68,8 @@ class EmbeddingConfig:
     pooling: str = "avg"
     head: tuple[int, ...] = ()
     taps: tuple[int, ...] = ()
+    grid_taps: tuple[int, ...] = ()
+    grid: int = 3
     standardize: bool = False
     dropout: float = 0.0
     input_size: int = 0
@@ -83,9 +87,11 @@ class EmbeddingConfig:
             raise ConfigError(f"head widths must be positive, got {list(self.head)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.grid < 1:
+            raise ConfigError(f"grid must be >= 1, got {self.grid}")
         for name in self.backbones:
             last = len(stage_channels(name)) - 1
-            bad = [tap for tap in self.taps if not 0 <= tap < last]
+            bad = [tap for tap in (*self.taps, *self.grid_taps) if not 0 <= tap < last]
             if bad:
                 raise ConfigError(
                     f"backbone {name} has stages 0-{last}; taps must be below the last, got {bad}"
@@ -99,8 +105,11 @@ class EmbeddingConfig:
 
     @property
     def feature_dim(self) -> int:
+        cells = self.grid * self.grid
         return sum(
-            sum(stage_channels(name)[tap] for tap in self.taps) + stage_channels(name)[-1]
+            sum(stage_channels(name)[tap] for tap in self.taps)
+            + cells * sum(stage_channels(name)[tap] for tap in self.grid_taps)
+            + stage_channels(name)[-1]
             for name in self.backbones
         )
 
@@ -118,7 +127,7 @@ class EmbeddingConfig:
         if unknown:
             raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")
         values = dict(data)
-        for key in ("backbones", "head", "taps", "mean", "std"):
+        for key in ("backbones", "head", "taps", "grid_taps", "mean", "std"):
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)
@@ -126,8 +135,13 @@ class EmbeddingConfig:
 
 @functools.cache
 def stage_channels(name: str) -> tuple[int, ...]:
-    """Output channels of each stage of backbone ``name`` (from one tiny random-init pass)."""
-    trunk, _ = create_backbone(name, pretrained=False)
+    """Output channels of each stage of backbone ``name`` (from one tiny random-init pass).
+
+    The random init runs on a forked RNG: asking for a shape must not change what a seeded
+    training run draws next.
+    """
+    with torch.random.fork_rng(devices=[]):
+        trunk, _ = create_backbone(name, pretrained=False)
     channels = []
     with torch.no_grad():
         x = torch.zeros(1, 3, 64, 64)
@@ -180,7 +194,8 @@ class EmbeddingNet(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled, concatenated backbone features ``(B, F)`` (what a frozen trunk caches):
-        per backbone, the average-pooled ``taps`` stages, then the pooled last stage."""
+        per backbone and in stage order, the average-pooled ``taps``, the grid-pooled
+        ``grid_taps`` (channel-major: ``C x grid x grid``), then the pooled last stage."""
         pooled = []
         for stages in self._stages:
             x = images
@@ -188,6 +203,8 @@ class EmbeddingNet(nn.Module):
                 x = stage(x)
                 if index in self.config.taps:
                     pooled.append(x.mean(dim=(2, 3)))
+                if index in self.config.grid_taps:
+                    pooled.append(grid_pool(x, self.config.grid))
             pooled.append(self.pool(x))
         return torch.cat(pooled, dim=1)
 
@@ -220,6 +237,23 @@ class EmbeddingNet(nn.Module):
         for stage in self._frozen:
             stage.eval()
         return self
+
+
+def grid_pool(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """``(B, C, H, W) -> (B, C * grid * grid)``: the mean of each cell of a grid x grid layout.
+
+    The same cells as ``adaptive_avg_pool2d`` (cell i spans ``floor(i*H/g)`` to
+    ``ceil((i+1)*H/g)``), written as slices and means so that it exports to ONNX for any map
+    size (ONNX has no adaptive pooling where the size is not a multiple of the grid).
+    """
+    height, width = int(x.shape[2]), int(x.shape[3])
+    cells = []
+    for i in range(grid):
+        top, bottom = (i * height) // grid, -(-((i + 1) * height) // grid)
+        for j in range(grid):
+            left, right = (j * width) // grid, -(-((j + 1) * width) // grid)
+            cells.append(x[:, :, top:bottom, left:right].mean(dim=(2, 3)))
+    return torch.stack(cells, dim=2).flatten(1)
 
 
 def _make_head(in_dim: int, widths: tuple[int, ...]) -> nn.Module:

@@ -96,10 +96,15 @@ class TrainConfig:
     foils: int = _opt(19, "Wrong candidates per validation set (19 = 20-candidate sets).")
     split_seed: int = _opt(0, "Seed of the validation split and candidate sets.")
 
-    backbones: list[str] = _opt(["efficientnet_lite0"], "Backbones; two or more are fused.")
+    backbones: list[str] = _opt(["efficientnet_lite0"], "Backbones, comma-separated; two or "
+                                "more are fused (features concatenated before the head).")
     pooling: str = _opt("avg", "Pooling of the last feature map: avg or gem.")
-    taps: list[int] = _opt([], "Middle trunk stages also average-pooled (lite: 1-7 blocks).")
-    head: list[int] = _opt([256], "Projection head widths; the last is the embedding size.")
+    taps: list[int] = _opt([], "Middle trunk stages also average-pooled, comma-separated "
+                           "(EfficientNet-Lite: 0 stem, 1-7 block groups; 'none').")
+    grid_taps: list[int] = _opt([], "Middle trunk stages pooled over a GRID x GRID layout.")
+    grid: int = _opt(3, "Cells per side of the grid pooling.")
+    head: list[int] = _opt([256], "Projection head widths, comma-separated; the last is the "
+                           "embedding size ('none': identity).")
     standardize: bool = _opt(True, "Standardise features (fitted on training data) before head.")
     dropout: float = _opt(0.0, "Dropout on the features before the head (training only).")
     trainable_stages: int = _opt(0, "Trunk stages fine-tuned, from the end; 0 = frozen, cached.")
@@ -127,6 +132,8 @@ class TrainConfig:
 
     out: Path = _opt(Path("runs/model"), "Model bundle directory to write.")
     work_dir: Path | None = _opt(None, "Checkpoints, cache and curves (default: OUT.work).")
+    feature_cache: Path | None = _opt(None, "Folder of cached features, shareable between runs "
+                                      "(default: WORK_DIR).")
     seed: int = _opt(0, "Seed of initialisation, batches and augmentation.")
     device: str = _opt("auto", "auto, cpu or cuda.")
     fp16: bool = _opt(True, "Store the bundle's weights as float16 (half the size).")
@@ -134,19 +141,23 @@ class TrainConfig:
     resume: bool = _opt(False, "Continue from WORK_DIR/checkpoint.pt.")
 
     # Settings that may change between a run and its resumption.
-    RESUMABLE = frozenset({"epochs", "patience", "max_steps", "progress", "resume"})
+    RESUMABLE = frozenset({"epochs", "patience", "max_steps", "progress", "resume",
+                           "feature_cache"})
 
     def __post_init__(self) -> None:
         for name in ("pairs", "left_dir", "right_dir", "labelled", "image_root", "classes",
-                     "out", "work_dir"):
+                     "out", "work_dir", "feature_cache"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 setattr(self, name, Path(value))
-        self.backbones, self.taps, self.head = (
-            list(self.backbones), [int(t) for t in self.taps], [int(w) for w in self.head]
-        )
+        self.backbones = _as_list(self.backbones, str, "backbones")
+        self.taps = _as_list(self.taps, int, "taps")
+        self.grid_taps = _as_list(self.grid_taps, int, "grid_taps")
+        self.head = _as_list(self.head, int, "head")
         if self.work_dir is None:
             self.work_dir = self.out.with_name(self.out.name + ".work")
+        if self.feature_cache is None:
+            self.feature_cache = self.work_dir
 
     @classmethod
     def fields_help(cls) -> dict[str, str]:
@@ -154,7 +165,7 @@ class TrainConfig:
         texts = {}
         for f in dataclasses.fields(cls):
             default = f.default_factory() if callable(f.default_factory) else f.default
-            shown = "derived" if default is None and f.name == "work_dir" else default
+            shown = "derived" if f.name in {"work_dir", "feature_cache"} else default
             texts[f.name] = f"{f.metadata.get('help', '')} [default: {shown}]"
         return texts
 
@@ -195,6 +206,8 @@ class TrainConfig:
             pooling=self.pooling,
             head=tuple(self.head),
             taps=tuple(self.taps),
+            grid_taps=tuple(self.grid_taps),
+            grid=self.grid,
             standardize=self.standardize,
             dropout=self.dropout,
             extra=extra or {},
@@ -241,6 +254,16 @@ class TrainConfig:
                 "nothing to train: the trunk is frozen and there is no head; set head or "
                 "trainable_stages, or epochs = 0 to only evaluate"
             )
+
+
+def _as_list(value: Any, kind: type, name: str) -> list[Any]:
+    """A list setting from a list, or from text such as ``"6,7"`` (``""``/``"none"``: empty)."""
+    if isinstance(value, str):
+        value = [] if value.strip().lower() in {"", "none"} else value.split(",")
+    try:
+        return [kind(item.strip() if isinstance(item, str) else item) for item in value]
+    except (TypeError, ValueError) as exc:
+        raise TrainConfigError(f"{name} must be a comma-separated list of {kind.__name__}") from exc
 
 
 @dataclass
@@ -300,30 +323,38 @@ class FeatureCache:
         self.preprocessor = Preprocessor(model.input_size, model.mean, model.std)
         self.augment = Augment(model.input_size, config.crop_scale, config.flip, config.jitter)
 
-    def _key(self, images: Sequence[Path], views: int) -> str:
+    def _key(self, images: Sequence[Path], view: int) -> str:
         model = self.net.config
+        config = self.config
         facts = {
             "backbones": model.backbones, "taps": model.taps, "pooling": model.pooling,
-            "size": model.input_size, "views": views, "seed": self.config.seed,
-            "augment": [self.config.crop_scale, self.config.flip, self.config.jitter],
+            "grid_taps": model.grid_taps, "grid": model.grid,
+            "size": model.input_size, "view": view,
+            "augment": [config.seed, config.crop_scale, config.flip, config.jitter] if view else [],
             "images": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in images],
         }
         return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
 
     def get(self, images: Sequence[Path], views: int, label: str) -> torch.Tensor:
-        """``(views, len(images), F)`` float16 features; view 0 is un-augmented."""
-        path = self.config.work_dir / f"features-{label}-{self._key(images, views)}.safetensors"
-        if path.is_file():
-            return load_file(str(path))["features"]
-        outs = [
-            self.compute(images, augment=view > 0, seed=self.config.seed * 1000 + view,
-                         desc=f"features {label} view {view + 1}/{views}")
-            for view in range(views)
-        ]
-        features = torch.stack(outs).half()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"features": features.contiguous()}, str(path))
-        return features
+        """``(views, len(images), F)`` float16 features; view 0 is un-augmented.
+
+        Each view is its own file, so a run with fewer views reuses a run's with more.
+        """
+        outs = []
+        for view in range(views):
+            name = f"features-{label}-{self._key(images, view)}.safetensors"
+            path = self.config.feature_cache / name
+            if path.is_file():
+                outs.append(load_file(str(path))["features"])
+                continue
+            features = self.compute(
+                images, augment=view > 0, seed=self.config.seed * 1000 + view,
+                desc=f"features {label} view {view + 1}/{views}",
+            ).half()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"features": features.contiguous()}, str(path))
+            outs.append(features)
+        return torch.stack(outs)
 
     def compute(self, images: Sequence[Path], augment: bool, seed: int, desc: str) -> torch.Tensor:
         torch.manual_seed(seed)
@@ -402,9 +433,11 @@ class Trainer:
     def _prepare(self) -> None:
         """Cache features (frozen trunk) and fit the standardisation on training images."""
         if self.frozen:
+            self.val_features = self.cache.get(self.val.images, 1, "val")[0]
+            if not self.config.epochs and self.net.standardize is None:
+                return  # only evaluating the untrained model: no training features needed
             images, views = self.train_pairs.images, self.config.views
             self.train_features = self.cache.get(images, views, "train")
-            self.val_features = self.cache.get(self.val.images, 1, "val")[0]
             plain = self.train_features[0].float()
         else:
             plain = self.cache.compute(self.train_pairs.images, augment=False, seed=0,

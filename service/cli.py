@@ -26,7 +26,7 @@ from ..index.store import IndexStore, StoreError
 from ..models.backbones import BackboneError, list_backbones
 from ..models.bundle import BundleError, resolve_model
 from ..models.embedder import Embedder
-from ..models.engines import ENGINES, EngineError
+from ..models.engines import DEFAULT_ENGINE, ENGINES, EngineError
 from ..models.network import ConfigError
 from ..models.preprocess import ImageDecodeError
 from ..models.train import TrainConfig
@@ -88,7 +88,11 @@ ModelOpt = Annotated[
 ]
 EngineOpt = Annotated[
     str,
-    typer.Option(help=f"Inference engine: {', '.join(sorted(ENGINES))}.", envvar="LOOKALIKE_ENGINE"),
+    typer.Option(
+        help=f"Inference engine: {', '.join(sorted(ENGINES))}; the default is the fastest that "
+        "keeps the reference accuracy.",
+        envvar="LOOKALIKE_ENGINE",
+    ),
 ]
 IndexOpt = Annotated[
     Path, typer.Option("--index", "-i", help="Index store directory.", envvar="LOOKALIKE_INDEX")
@@ -97,7 +101,8 @@ IndexOpt = Annotated[
 
 def _embedder(settings: Settings) -> Embedder:
     bundle = resolve_model(settings.model, settings.cache_dir)
-    return Embedder(bundle, engine=settings.engine, max_pixels=settings.max_pixels)
+    return Embedder(bundle, engine=settings.engine, max_pixels=settings.max_pixels,
+                    threads=settings.torch_threads, cache_dir=settings.cache_dir)
 
 
 @command(index_app, "build")
@@ -112,7 +117,7 @@ def index_build(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Index store directory to create or update.")],
     model: ModelOpt = None,
-    engine: EngineOpt = "torch",
+    engine: EngineOpt = DEFAULT_ENGINE,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 16,
     factory: Annotated[
         str, typer.Option(help="FAISS index factory string, e.g. Flat, HNSW32, IVF256,Flat.")
@@ -151,7 +156,7 @@ def search(
     index: IndexOpt = Path("data/demo-index"),
     k: Annotated[int, typer.Option("-k", min=1, help="Number of matches.")] = 5,
     model: ModelOpt = None,
-    engine: EngineOpt = "torch",
+    engine: EngineOpt = DEFAULT_ENGINE,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Find the indexed images that look most like IMAGE."""
@@ -184,7 +189,7 @@ PortOpt = Annotated[int, typer.Option(help="Port to bind.", envvar="LOOKALIKE_PO
 def serve(
     index: IndexOpt = Path("data/demo-index"),
     model: ModelOpt = None,
-    engine: EngineOpt = "torch",
+    engine: EngineOpt = DEFAULT_ENGINE,
     host: HostOpt = "127.0.0.1",
     port: PortOpt = 8000,
 ) -> None:
@@ -196,7 +201,7 @@ def serve(
 def demo(
     index: IndexOpt = Path("data/demo-index"),
     model: ModelOpt = None,
-    engine: EngineOpt = "torch",
+    engine: EngineOpt = DEFAULT_ENGINE,
     host: HostOpt = "127.0.0.1",
     port: PortOpt = 8000,
     serve_it: Annotated[
@@ -295,7 +300,7 @@ def rank(
         typer.Option("--out", "-o", help="Scores CSV: the same header, each key -> its score."),
     ],
     model: ModelOpt = None,
-    engine: EngineOpt = "torch",
+    engine: EngineOpt = DEFAULT_ENGINE,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     assign: Annotated[
         bool,
@@ -315,7 +320,7 @@ def rank(
     """Score every candidate of every query: cosine similarity (higher = more alike)."""
     from ..evaluation.challenge import answers_from_pairs, read_challenge, write_scores
     from ..evaluation.images import ImageFolder
-    from ..evaluation.ranking import score_challenge
+    from ..evaluation.scoring import score_challenge
 
     started = time.perf_counter()
     challenge = read_challenge(candidates)
@@ -346,7 +351,7 @@ def evaluate(
         Path | None, typer.Option(help="Folder of the right images [default: PAIRS folder/right].")
     ] = None,
     model: ModelOpt = None,
-    engine: EngineOpt = "torch",
+    engine: EngineOpt = DEFAULT_ENGINE,
     split: SplitOpt = Split.all,
     val_fraction: ValFractionOpt = 0.2,
     split_seed: SplitSeedOpt = 0,
@@ -419,10 +424,12 @@ def train(
     val_fraction: Annotated[float | None, _train_option("val_fraction")] = None,
     foils: Annotated[int | None, _train_option("foils")] = None,
     split_seed: Annotated[int | None, _train_option("split_seed")] = None,
-    backbones: Annotated[list[str] | None, _train_option("backbones", "--backbone")] = None,
+    backbones: Annotated[str | None, _train_option("backbones")] = None,
     pooling: Annotated[str | None, _train_option("pooling")] = None,
-    taps: Annotated[list[int] | None, _train_option("taps", "--tap")] = None,
-    head: Annotated[list[int] | None, _train_option("head")] = None,
+    taps: Annotated[str | None, _train_option("taps")] = None,
+    grid_taps: Annotated[str | None, _train_option("grid_taps")] = None,
+    grid: Annotated[int | None, _train_option("grid")] = None,
+    head: Annotated[str | None, _train_option("head")] = None,
     standardize: Annotated[
         bool | None, _train_option("standardize", "--standardize/--no-standardize")
     ] = None,
@@ -450,6 +457,7 @@ def train(
     views: Annotated[int | None, _train_option("views")] = None,
     out: Annotated[Path | None, _train_option("out", "--out", "-o")] = None,
     work_dir: Annotated[Path | None, _train_option("work_dir")] = None,
+    feature_cache: Annotated[Path | None, _train_option("feature_cache")] = None,
     seed: Annotated[int | None, _train_option("seed")] = None,
     device: Annotated[str | None, _train_option("device")] = None,
     fp16: Annotated[bool | None, _train_option("fp16", "--fp16/--fp32")] = None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -76,12 +76,15 @@ class ImageRef(BaseModel):
         return self
 
 
+Key = Annotated[str, Field(min_length=1, description="Key of an indexed image.")]
+
+
 class RankQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = Field(None, description="Echoed back, to match answers to queries.")
-    query: str | ImageRef
-    candidates: list[str | ImageRef] = Field(min_length=1)
+    query: Key | ImageRef
+    candidates: list[Key | ImageRef] = Field(min_length=1)
     k: int | None = Field(None, ge=1, description="Return only the k best candidates.")
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ..models.engines import DEFAULT_ENGINE
+
 __all__ = ["Settings", "default_cache_dir"]
 
 
@@ -23,16 +25,23 @@ class Settings(BaseSettings):
     model: str | None = Field(
         None, description="Model bundle directory or backbone name; default: the built-in model."
     )
-    engine: str = Field("torch", description="Inference engine (see `lookalike engines`).")
+    engine: str = Field(
+        DEFAULT_ENGINE,
+        description="Inference engine (see `lookalike backbones`); the default is the fastest "
+        "that keeps the reference accuracy (benchmarks/RESULTS.md).",
+    )
     cache_dir: Path = Field(
-        default_factory=default_cache_dir, description="Where built-in model bundles are cached."
+        default_factory=default_cache_dir,
+        description="Where built-in model bundles and engine conversions (ONNX) are cached.",
     )
     create_index: bool = Field(
         False, description="Create an empty index at `index` when there is none (containers)."
     )
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=1, le=65535, description="Port to bind.")
-    torch_threads: int = Field(2, ge=1, description="Threads for the model's forward pass.")
+    torch_threads: int = Field(
+        2, ge=1, description="Threads for the model's forward pass (every engine)."
+    )
     faiss_threads: int = Field(1, ge=1, description="OpenMP threads for FAISS searches.")
     default_k: int = Field(10, ge=1, description="Matches returned when a request gives no k.")
     max_k: int = Field(100, ge=1, description="Largest k a request may ask for.")
@@ -72,10 +81,11 @@ class Settings(BaseSettings):
         64, ge=1, description="Most uploaded images in one POST /rank (each is embedded)."
     )
     compare_threshold: float = Field(
-        0.6,
+        0.7,
         ge=-1.0,
         le=1.0,
         description="Cosine at or above which POST /compare says 'same' when the model has no "
-        "calibration.json; answers say calibrated=false. Calibrate with 'lookalike evaluate "
-        "--write-calibration'.",
+        "calibration.json; answers then say calibrated=false. 0.7 is about the untrained "
+        "default model's 1% false-match point on the TLL validation pairs (0.689); other "
+        "models score on other scales: calibrate with 'lookalike evaluate --write-calibration'.",
     )

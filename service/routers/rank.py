@@ -19,7 +19,13 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from ...evaluation.ranking import assign, cosine_scores, ranked_order
+from ...evaluation.errors import EvaluationError
+from ...evaluation.ranking import (
+    AssignmentUnavailableError,
+    assign,
+    cosine_scores,
+    ranked_order,
+)
 from ...models.preprocess import ImageDecodeError
 from ..deps import ServiceState, StateDep, read_upload
 from ..schemas import ErrorOut, ImageRef, RankedCandidate, RankRequest, RankResponse, RankResult
@@ -38,6 +44,7 @@ ERRORS = {
         415: "A body that is neither JSON nor multipart, or an upload that is not an image.",
         422: "A spec that does not validate, too many queries or candidates, uploads missing "
         "from or not used by the spec, or an undecodable image.",
+        501: "assign=true on an installation without scipy.",
     }.items()
 }
 
@@ -202,7 +209,12 @@ async def rank(request: Request, state: StateDep) -> RankResponse:
         for query, candidates in queries
     ]
     identities = [[(c.key, c.upload) for c in candidates] for _, candidates in queries]
-    chosen = assign(identities, scores) if spec.assign else [-1] * len(scores)
+    try:
+        chosen = assign(identities, scores) if spec.assign else [-1] * len(scores)
+    except AssignmentUnavailableError as exc:
+        raise HTTPException(501, str(exc)) from exc
+    except EvaluationError as exc:
+        raise HTTPException(422, str(exc)) from exc
     results = []
     for request_query, (query, candidates), row, pick in zip(
         spec.queries, queries, scores, chosen, strict=True

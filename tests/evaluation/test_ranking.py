@@ -18,8 +18,8 @@ from lookalike.evaluation.ranking import (
     boost_assigned,
     cosine_scores,
     ranked_order,
-    score_challenge,
 )
+from lookalike.evaluation.scoring import score_challenge
 from lookalike.index.store import IndexStore
 from lookalike.models.embedder import Embedder
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from lookalike.models.bundle import load_bundle
+from lookalike.models.bundle import DEFAULT_BUNDLE, load_bundle, resolve_model
 from lookalike.models.embedder import Embedder
 from lookalike.models.train import TrainConfig, TrainConfigError, Trainer, train
 from lookalike.service.cli import app
@@ -46,24 +45,16 @@ def make_config(pairs_file: Path, demo_dir: Path, tmp_path_factory: pytest.TempP
             patience=10, out=out, progress=False,
         )
         values.update(changes)
-        config = TrainConfig(**values)
-        # Every run here caches the same features: compute them once for the module.
-        config.work_dir.mkdir(parents=True, exist_ok=True)
-        for cached in shared.glob("features-*"):
-            shutil.copy(cached, config.work_dir)
-        return config
+        # Every run here caches the same features: computed once, shared by the module.
+        return TrainConfig(**values, feature_cache=shared)
 
-    make.shared = shared
     return make
 
 
 @pytest.fixture(scope="module")
 def trained(make_config, tmp_path_factory: pytest.TempPathFactory):
     config = make_config(tmp_path_factory.mktemp("run") / "model")
-    result = train(config)
-    for cached in config.work_dir.glob("features-*"):
-        shutil.copy(cached, make_config.shared)
-    return config, result
+    return config, train(config)
 
 
 def test_training_lowers_the_loss_and_writes_a_bundle_that_embeds(trained, demo_dir: Path) -> None:
@@ -139,6 +130,8 @@ def test_fine_tuning_trains_only_the_last_stages(make_config, tmp_path: Path) ->
         (["--pairs", "{tmp}/missing.csv"], "error: pairs CSV {tmp}/missing.csv does not exist"),
         (["--pairs", "{tmp}/empty.csv"], "has no pairs"),
         (["--batch-size", "1"], "error: batch_size must be >= 2"),
+        (["--head", "wide"], "error: head must be a comma-separated list of int"),
+        (["--taps", "42"], "error: backbone efficientnet_lite0 has stages 0-8"),
         (["--config", "{tmp}/bad.toml"], "error: {tmp}/bad.toml: unknown setting(s) lossy"),
         (["--labelled", "{tmp}/empty.csv"], "error: give exactly one data source"),
     ],
@@ -147,6 +140,8 @@ def test_bad_configs_fail_in_one_line_with_exit_code_2(
     args: list[str], message: str, pairs_file: Path, tmp_path: Path
 ) -> None:
     (tmp_path / "empty.csv").write_text("left,right\n")
+    (tmp_path / "left").mkdir()
+    (tmp_path / "right").mkdir()
     (tmp_path / "bad.toml").write_text(f'pairs = "{pairs_file}"\nlossy = "infonce"\n')
     args = [a.format(tmp=tmp_path) for a in args]
     if "--pairs" not in args and "--config" not in args:
@@ -156,3 +151,16 @@ def test_bad_configs_fail_in_one_line_with_exit_code_2(
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and message.format(tmp=tmp_path) in lines[0], result.output
+
+
+def test_the_default_model_is_the_shipped_trained_bundle(tmp_path: Path) -> None:
+    """``resolve_model(None)`` loads models/default/, trained by models/recipes/default.toml."""
+    bundle = resolve_model(None, tmp_path)
+    assert bundle.path == DEFAULT_BUNDLE
+    extra = bundle.config.extra
+    recipe = TrainConfig.from_file(DEFAULT_BUNDLE.parents[0] / "recipes" / "default.toml")
+    assert extra["recipe"] == recipe.to_dict(), "the shipped bundle is what the recipe makes"
+    assert extra["data"]["validation_sets"] == 300 and extra["data"]["candidates_per_set"] == 20
+    assert extra["validation"]["top1"] > 0.45, "trained: well above the untrained ~0.35"
+    size = sum(f.stat().st_size for f in DEFAULT_BUNDLE.iterdir())
+    assert size < 20_000_000

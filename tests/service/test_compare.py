@@ -18,11 +18,51 @@ from lookalike.service.deps import ServiceState
 from lookalike.service.settings import Settings
 
 
-def test_same_image_uploaded_twice(
-    client: TestClient, settings: Settings, query_jpeg: tuple[str, bytes]
+@pytest.fixture
+def uncalibrated(bundle: ModelBundle, tmp_path: Path) -> ModelBundle:
+    """A copy of the default model without calibration.json (even if the shipped one has one)."""
+    save_bundle(bundle.net, tmp_path / "model")
+    return load_bundle(tmp_path / "model")
+
+
+@pytest.fixture
+def calibrated(uncalibrated: ModelBundle) -> ModelBundle:
+    """The copy with a calibration.json written by the evaluation code, loaded back from disk."""
+    rng = np.random.default_rng(0)
+    calibration = calibrate(
+        rng.normal(0.7, 0.1, 100),
+        rng.normal(0.3, 0.1, 10_000),
+        0.01,
+        uncalibrated,
+        {"split": "val"},
+    )
+    write_calibration(uncalibrated, calibration)
+    return load_bundle(uncalibrated.path)
+
+
+def _client(settings: Settings, model: ModelBundle) -> Iterator[TestClient]:
+    store = IndexStore.open(settings.index)
+    state = ServiceState(settings, Embedder(model), store)
+    with TestClient(create_app(settings, state)) as test_client:
+        yield test_client
+    store.close()
+
+
+@pytest.fixture
+def uncalibrated_client(settings: Settings, uncalibrated: ModelBundle) -> Iterator[TestClient]:
+    yield from _client(settings, uncalibrated)
+
+
+@pytest.fixture
+def calibrated_client(settings: Settings, calibrated: ModelBundle) -> Iterator[TestClient]:
+    yield from _client(settings, calibrated)
+
+
+def test_an_uncalibrated_model_uses_the_flagged_default(
+    uncalibrated_client: TestClient, settings: Settings, query_jpeg: tuple[str, bytes]
 ) -> None:
     _, data = query_jpeg
-    response = client.post(
+    response = uncalibrated_client.post(
         "/compare",
         files={"image_a": ("a.jpg", data, "image/jpeg"), "image_b": ("b.jpg", data, "image/jpeg")},
     )
@@ -44,7 +84,7 @@ def test_keys_and_a_mix_of_key_and_upload(
     store.close()
     by_keys = client.post("/compare", data={"key_a": key, "key_b": other}).json()
     assert by_keys["score"] == pytest.approx(expected, abs=1e-5)
-    assert by_keys["same"] is (expected >= settings.compare_threshold)
+    assert by_keys["same"] is (by_keys["score"] >= by_keys["threshold"])
     mixed = client.post(
         "/compare", data={"key_b": other}, files={"image_a": ("a.jpg", data, "image/jpeg")}
     ).json()
@@ -74,28 +114,6 @@ def test_bad_uploads_name_the_field(client: TestClient, query_jpeg: tuple[str, b
         )
         assert response.status_code == status, response.text
         assert response.json()["detail"].startswith("upload 'image_b': ")
-
-
-@pytest.fixture
-def calibrated(bundle: ModelBundle, tmp_path: Path) -> ModelBundle:
-    """A copy of the default model with a calibration.json, loaded back from disk."""
-    save_bundle(bundle.net, tmp_path / "model")
-    copy = load_bundle(tmp_path / "model")
-    rng = np.random.default_rng(0)
-    calibration = calibrate(
-        rng.normal(0.7, 0.1, 100), rng.normal(0.3, 0.1, 10_000), 0.01, copy, {"split": "val"}
-    )
-    write_calibration(copy, calibration)
-    return load_bundle(tmp_path / "model")
-
-
-@pytest.fixture
-def calibrated_client(settings: Settings, calibrated: ModelBundle) -> Iterator[TestClient]:
-    store = IndexStore.open(settings.index)
-    state = ServiceState(settings, Embedder(calibrated), store)
-    with TestClient(create_app(settings, state)) as test_client:
-        yield test_client
-    store.close()
 
 
 def test_a_calibrated_model_uses_its_threshold(

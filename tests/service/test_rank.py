@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -127,6 +128,7 @@ def test_unknown_keys_are_all_listed(client: TestClient, keys) -> None:
     [
         ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 422, "json"),
         ({"json": {"queries": []}}, 422, "at least 1"),
+        ({"json": {"queries": [{"query": "", "candidates": ["b"]}]}}, 422, "at least 1 character"),
         ({"json": {"queries": [{"query": "a", "candidates": []}]}}, 422, "at least 1"),
         (
             {"json": {"queries": [{"query": {"key": "a", "upload": "b"}, "candidates": ["c"]}]}},
@@ -189,3 +191,15 @@ def test_openapi_documents_both_body_shapes(client: TestClient) -> None:
     assert set(body["content"]) == {"application/json", "multipart/form-data"}
     schema = body["content"]["application/json"]["schema"]
     assert "queries" in schema["properties"] and "$defs" not in json.dumps(schema)
+
+
+def test_assign_without_scipy_is_a_clear_501(
+    client: TestClient, keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slim serving image has no scipy: plain ranking works, assignment says why not."""
+    lefts, rights = keys
+    monkeypatch.setitem(sys.modules, "scipy.optimize", None)
+    queries = [{"query": left, "candidates": rights[:3]} for left in lefts[:2]]
+    assert client.post("/rank", json={"queries": queries}).status_code == 200
+    response = client.post("/rank", json={"queries": queries, "assign": True})
+    assert response.status_code == 501 and "needs scipy" in response.json()["detail"]
