@@ -60,6 +60,11 @@ class ErrorOut(BaseModel):
     detail: str | list[Any]
 
 
+def error_responses(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the 4xx a route answers, each with a JSON ``detail`` body."""
+    return {code: {"model": ErrorOut, "description": text} for code, text in descriptions.items()}
+
+
 class ImageRef(BaseModel):
     """An image in a /rank request: an indexed item's ``key``, or the multipart field name
     of an ``upload`` sent with the request. A bare string in a request means a key."""

@@ -15,21 +15,20 @@ from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 
 from ...evaluation.ranking import cosine_scores
 from ..deps import ServiceState, StateDep, read_upload
-from ..schemas import CompareResponse, ErrorOut
+from ..schemas import CompareResponse, error_responses
 from .rank import embed_uploads
 
 router = APIRouter(tags=["search"])
 
-ERRORS = {
-    code: {"model": ErrorOut, "description": text}
-    for code, text in {
+ERRORS = error_responses(
+    {
         400: "Empty upload.",
         404: "Unknown key.",
         413: "Upload or image too large.",
         415: "Not an image in a supported format.",
         422: "Not exactly one image or key per side, or an undecodable image.",
-    }.items()
-}
+    }
+)
 
 ImageOpt = Annotated[UploadFile | None, File(description="An image (JPEG, PNG, WebP, BMP, GIF).")]
 KeyOpt = Annotated[str | None, Form(description="Or the key of an indexed image.")]

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from ...index.store import DuplicateKeyError, Item, UnknownKeyError
 from ...models.preprocess import make_thumbnail
 from ..deps import StateDep, read_upload
-from ..schemas import ErrorOut, ItemList, ItemOut, Removed
+from ..schemas import ItemList, ItemOut, Removed, error_responses
 from ..security import WriteAccess
 
 router = APIRouter(prefix="/items", tags=["items"])
@@ -40,7 +40,7 @@ def list_items(
 @router.get(
     "/{key:path}/thumbnail",
     response_class=Response,
-    responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": ErrorOut}},
+    responses={200: {"content": {"image/jpeg": {}}}, **error_responses({404: "Unknown key."})},
     summary="A small JPEG of an indexed image.",
 )
 def thumbnail(key: str, state: StateDep) -> Response:
@@ -56,7 +56,7 @@ def thumbnail(key: str, state: StateDep) -> Response:
 @router.get(
     "/{key:path}",
     response_model=ItemOut,
-    responses={404: {"model": ErrorOut}},
+    responses=error_responses({404: "Unknown key."}),
     summary="One indexed image's metadata.",
 )
 def get_item(key: str, state: StateDep) -> ItemOut:
@@ -66,17 +66,16 @@ def get_item(key: str, state: StateDep) -> ItemOut:
         raise HTTPException(404, str(exc)) from exc
 
 
-WRITE_ERRORS = {
-    code: {"model": ErrorOut, "description": text}
-    for code, text in {
+WRITE_ERRORS = error_responses(
+    {
         400: "Empty upload.",
         401: "Missing or wrong X-API-Key (when keys are configured).",
         409: "The key is already indexed (send replace=true).",
         413: "Upload or image too large.",
         415: "Not an image in a supported format.",
         422: "Bad key, metadata or image.",
-    }.items()
-}
+    }
+)
 
 
 @router.post(
@@ -124,7 +123,7 @@ async def add_item(
 @router.delete(
     "/{key:path}",
     response_model=Removed,
-    responses={401: {"model": ErrorOut}, 404: {"model": ErrorOut}},
+    responses=error_responses({401: "Missing or wrong X-API-Key.", 404: "Unknown key."}),
     dependencies=[WriteAccess],
     summary="Remove an image from the index.",
 )

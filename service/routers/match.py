@@ -10,21 +10,20 @@ from starlette.concurrency import run_in_threadpool
 
 from ...index.store import IndexStore, Match, UnknownKeyError
 from ..deps import StateDep, read_upload
-from ..schemas import ErrorOut, MatchOut, MatchResponse
+from ..schemas import MatchOut, MatchResponse, error_responses
 from .items import thumbnail_url
 
 router = APIRouter(tags=["search"])
 
-ERRORS = {
-    code: {"model": ErrorOut, "description": text}
-    for code, text in {
+ERRORS = error_responses(
+    {
         400: "Empty upload.",
         404: "Unknown query_key.",
         413: "Upload or image too large.",
         415: "Not an image in a supported format.",
         422: "Bad parameters, unknown candidate keys or an undecodable image.",
-    }.items()
-}
+    }
+)
 
 
 def match_payload(store: IndexStore, matches: list[Match]) -> list[MatchOut]:

@@ -28,16 +28,22 @@ from ...evaluation.ranking import (
 )
 from ...models.preprocess import ImageDecodeError
 from ..deps import ServiceState, StateDep, read_upload
-from ..schemas import ErrorOut, ImageRef, RankedCandidate, RankRequest, RankResponse, RankResult
+from ..schemas import (
+    ImageRef,
+    RankedCandidate,
+    RankRequest,
+    RankResponse,
+    RankResult,
+    error_responses,
+)
 from ..settings import Settings
 
 __all__ = ["router", "embed_uploads"]
 
 router = APIRouter(tags=["search"])
 
-ERRORS = {
-    code: {"model": ErrorOut, "description": text}
-    for code, text in {
+ERRORS = error_responses(
+    {
         400: "Empty upload, or a malformed multipart body.",
         404: "Unknown keys (all of them are listed).",
         413: "Upload or image too large.",
@@ -45,8 +51,8 @@ ERRORS = {
         422: "A spec that does not validate, too many queries or candidates, uploads missing "
         "from or not used by the spec, or an undecodable image.",
         501: "assign=true on an installation without scipy.",
-    }.items()
-}
+    }
+)
 
 
 def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
