@@ -6,7 +6,7 @@ import io
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,10 +15,12 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
+from typer.testing import CliRunner, Result
 
 from lookalike.index.store import IndexStore
 from lookalike.models.embedder import Embedder
 from lookalike.service.app import create_app
+from lookalike.service.cli import app as cli_app
 from lookalike.service.deps import ServiceState
 from lookalike.service.settings import Settings
 
@@ -80,3 +82,15 @@ def server(settings: Settings, embedder: Embedder) -> Iterator[str]:
     with serve_in_thread(create_app(settings, ServiceState(settings, embedder, store))) as url:
         yield url
     store.close()
+
+
+@pytest.fixture
+def run(cache_dir: Path) -> Callable[..., Result]:
+    """Invoke the ``lookalike`` CLI in-process with the test's model cache."""
+    runner = CliRunner()
+
+    def invoke(*args: object) -> Result:
+        env = {"LOOKALIKE_CACHE_DIR": str(cache_dir), "COLUMNS": "250"}
+        return runner.invoke(cli_app, [str(a) for a in args], env=env)
+
+    return invoke

@@ -6,24 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from lookalike.index.store import IndexStore
-from lookalike.service.cli import app
-
-
-@pytest.fixture
-def run(cache_dir: Path):
-    runner = CliRunner()
-
-    def invoke(*args: str):
-        return runner.invoke(
-            app,
-            [str(a) for a in args],
-            env={"LOOKALIKE_CACHE_DIR": str(cache_dir), "COLUMNS": "250"},
-        )
-
-    return invoke
 
 
 def test_build_search_info(run, small_image_dir: Path, tmp_path: Path) -> None:

@@ -9,27 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from lookalike.evaluation.candidates import read_pairs, split_pairs
 from lookalike.evaluation.challenge import read_challenge
 from lookalike.models.bundle import ModelBundle, load_bundle, save_bundle
 from lookalike.models.embedder import Embedder
-from lookalike.service.cli import app
-
-
-@pytest.fixture
-def run(cache_dir: Path):
-    runner = CliRunner()
-
-    def invoke(*args: object):
-        return runner.invoke(
-            app,
-            [str(a) for a in args],
-            env={"LOOKALIKE_CACHE_DIR": str(cache_dir), "COLUMNS": "250"},
-        )
-
-    return invoke
 
 
 @pytest.fixture(scope="module")
