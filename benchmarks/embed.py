@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> None:
           f"data: {data}, {len(sets)} candidate sets, {len(accuracy_paths)} images; "
           f"speed: {len(speed_paths)} files per pass, best of {args.repeats}, "
           f"{args.threads} forward threads, {args.decode_workers} decode workers")
+    for name in args.engines:
+        if name in ENGINES:
+            print(f"  {name}: {ENGINES[name].summary}")
     print(f"load average before: {load()}")
     results = []
     for name in args.engines:

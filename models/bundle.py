@@ -124,7 +124,9 @@ def load_bundle(path: str | Path) -> ModelBundle:
     except (json.JSONDecodeError, TypeError, ConfigError, BackboneError) as exc:
         raise BundleError(f"model bundle {path} has an invalid config.json: {exc}") from exc
     except (SafetensorError, RuntimeError) as exc:
-        raise BundleError(f"model bundle {path} has weights that do not fit its config: {exc}") from exc
+        raise BundleError(
+            f"model bundle {path} has weights that do not fit its config: {exc}"
+        ) from exc
     return ModelBundle(net=net.eval(), fingerprint=fingerprint, path=path, name=path.name,
                        calibration=load_calibration(path, fingerprint))
 

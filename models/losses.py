@@ -26,7 +26,14 @@ from torch import nn
 
 from .network import ConfigError
 
-__all__ = ["LOSSES", "LossSpec", "PairClassifierLoss", "build_loss", "pair_labels"]
+__all__ = [
+    "LOSSES",
+    "LossSpec",
+    "PairClassifierLoss",
+    "SymmetricInfoNCE",
+    "build_loss",
+    "pair_labels",
+]
 
 Indices = tuple[torch.Tensor, ...]
 
@@ -67,6 +74,45 @@ class PairClassifierLoss(nn.Module):
         )
 
 
+class SymmetricInfoNCE(nn.Module):
+    """InfoNCE both ways between the two sides of a batch of pairs (as CLIP trains).
+
+    Row ``i`` of the first half should pick its own pair's second image out of all second
+    images of the batch, and each second image its first image: cross-entropy over
+    ``first @ second.T / temperature``. Other rows with the same label are masked out (they
+    are not negatives); pairs whose two images differ in label (labelled negatives) are no
+    anchors, only negatives. pytorch-metric-learning's NTXentLoss (``ntxent``) differs in
+    also using same-side negatives, and costs ~60x more time per step here (its per-pair
+    bookkeeping: 1.36 s vs 0.02 s for 128 pairs of 256-d on one CPU core).
+    """
+
+    def __init__(self, temperature: float) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: Indices | None = None,
+    ) -> torch.Tensor:
+        if indices_tuple is not None:
+            raise ConfigError("the infonce loss uses every in-batch negative; use miner 'none'")
+        first, second = embeddings.chunk(2)
+        first_labels, second_labels = labels.chunk(2)
+        logits = first @ second.T / self.temperature
+        same = first_labels[:, None] == second_labels[None, :]
+        eye = torch.eye(len(first), dtype=torch.bool, device=logits.device)
+        logits = logits.masked_fill(same & ~eye, float("-inf"))
+        anchors = same.diagonal()
+        if not anchors.any():
+            return embeddings.sum() * 0.0
+        target = torch.arange(len(first), device=logits.device)[anchors]
+        return 0.5 * (
+            F.cross_entropy(logits[anchors], target) + F.cross_entropy(logits.T[anchors], target)
+        )
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """How to build one loss: ``build(margin, temperature, embedding_dim) -> module``."""
@@ -101,8 +147,12 @@ LOSSES: dict[str, LossSpec] = {
         "anchor-positive L2 distance must beat anchor-negative distance by MARGIN",
     ),
     "infonce": LossSpec(
+        lambda margin, temperature, dim: SymmetricInfoNCE(temperature),
+        "symmetric InfoNCE: each image picks its pair among the other side's images",
+    ),
+    "ntxent": LossSpec(
         lambda margin, temperature, dim: losses.NTXentLoss(temperature=temperature),
-        "NT-Xent / symmetric InfoNCE over in-batch negatives at TEMPERATURE",
+        "NT-Xent (pytorch-metric-learning): positives vs every other image of the batch",
     ),
     "pair-bce": LossSpec(
         lambda margin, temperature, dim: PairClassifierLoss(dim),

@@ -227,6 +227,11 @@ class TrainConfig:
             raise TrainConfigError(
                 f"unknown miner {self.miner!r}; choose one of {', '.join(MINERS)}"
             )
+        if self.loss == "infonce" and self.miner != "none":
+            raise TrainConfigError(
+                "the infonce loss uses every in-batch negative; use miner 'none' (or loss "
+                "'ntxent' with a miner; hard negatives come from --hard-negatives)"
+            )
         checks = [
             (self.epochs >= 0, "epochs must be >= 0"),
             (self.batch_size >= 2, "batch_size must be >= 2 (in-batch negatives)"),
@@ -247,6 +252,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise TrainConfigError(message)
+        self.model_config()  # unknown backbone, bad taps: fail before any data is read
         if self.device == "cuda" and not torch.cuda.is_available():
             raise TrainConfigError("device cuda was asked for but no GPU is available")
         if self.trainable_stages == 0 and not (self.head or self.standardize) and self.epochs:

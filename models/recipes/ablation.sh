@@ -27,13 +27,14 @@ declare -A ROWS=(
 )
 ORDER=(untrained-lite0 untrained-stages infonce contrastive-cosine contrastive-euclidean
        triplet-cosine triplet-euclidean triplet-cosine-batch-hard triplet-euclidean-semi-hard
-       pair-bce infonce-faiss-hard infonce-no-grid infonce-last-stage-only infonce-3-views
-       fusion-lite0-lite2)
+       pair-bce infonce-faiss-hard fusion-lite0-lite2 infonce-3-views infonce-no-grid
+       infonce-last-stage-only)
 
 for row in "${@:-${ORDER[@]}}"; do
   echo "== $row" >&2
   # shellcheck disable=SC2086
   $LOOKALIKE train --config "$RECIPE" --out "$OUT/$row" --no-progress ${ROWS[$row]}
+  uptime >&2
 done
 
 .venv/bin/python - "$OUT" "${@:-${ORDER[@]}}" <<'PY'

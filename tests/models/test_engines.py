@@ -162,8 +162,8 @@ def test_cli_honours_the_engine_option_and_default(
 
 def test_batched_files_match_single_uploads(embedder: Embedder, photos: list[Path]) -> None:
     """Files decode in a thread pool straight into a shared batch array; uploads one by one."""
-    singles = np.stack([embedder.embed_bytes(path.read_bytes()) for path in photos])
-    np.testing.assert_allclose(embed(embedder, photos, batch_size=4), singles, atol=1e-5)
+    singles = np.stack([embedder.embed_bytes(path.read_bytes()) for path in photos[:6]])
+    np.testing.assert_allclose(embed(embedder, photos[:6], batch_size=4), singles, atol=1e-5)
 
 
 def test_a_bad_file_leaves_the_rest_of_its_batch_right(

@@ -23,6 +23,10 @@ def _pair_batch(n_pairs: int = 8, dim: int = 16, seed: int = 0):
 @pytest.mark.parametrize("miner_name", sorted(MINERS))
 @pytest.mark.parametrize("loss_name", sorted(LOSSES))
 def test_each_loss_and_miner_runs_one_step(loss_name: str, miner_name: str) -> None:
+    if loss_name == "infonce" and miner_name != "none":
+        with pytest.raises(ConfigError, match="uses every in-batch negative"):
+            build_loss(loss_name, 0.2, 0.1, 8)(*_pair_batch(), (torch.tensor([0]),) * 3)
+        return
     inputs, labels = _pair_batch()
     torch.manual_seed(0)
     head = torch.nn.Linear(inputs.shape[1], 8)
@@ -46,11 +50,29 @@ def test_each_loss_and_miner_runs_one_step(loss_name: str, miner_name: str) -> N
 
 
 def test_infonce_matches_a_plain_loop() -> None:
+    """Each image against the other side's images; a second pair of the same group is masked."""
+    inputs, _ = _pair_batch(n_pairs=5)
+    embeddings = F.normalize(inputs, dim=1)
+    ids = torch.tensor([0, 1, 2, 3, 0])  # pairs 0 and 4 look alike: not each other's negatives
+    labels = pair_labels(ids, ids)
+    temperature = 0.1
+    got = build_loss("infonce", 0.2, temperature, 16)(embeddings, labels)
+    first, second = embeddings[:5], embeddings[5:]
+    terms = []
+    for queries, keys in ((first, second), (second, first)):
+        for i in range(5):
+            others = [j for j in range(5) if ids[j] != ids[i]]
+            logits = torch.stack([queries[i] @ keys[i]] + [queries[i] @ keys[j] for j in others])
+            terms.append(-torch.log_softmax(logits / temperature, dim=0)[0])
+    assert torch.allclose(got, torch.stack(terms).mean(), atol=1e-5)
+
+
+def test_ntxent_matches_a_plain_loop() -> None:
     """NT-Xent over 2B rows: each row's positive against every other row of the batch."""
     inputs, labels = _pair_batch(n_pairs=5)
     embeddings = F.normalize(inputs, dim=1)
     temperature = 0.1
-    got = build_loss("infonce", 0.2, temperature, embeddings.shape[1])(embeddings, labels)
+    got = build_loss("ntxent", 0.2, temperature, embeddings.shape[1])(embeddings, labels)
     sims = embeddings @ embeddings.T / temperature
     terms = []
     for i in range(len(labels)):

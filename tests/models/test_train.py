@@ -137,7 +137,7 @@ def test_fine_tuning_trains_only_the_last_stages(make_config, tmp_path: Path) ->
     ],
 )
 def test_bad_configs_fail_in_one_line_with_exit_code_2(
-    args: list[str], message: str, pairs_file: Path, tmp_path: Path
+    args: list[str], message: str, pairs_file: Path, demo_dir: Path, tmp_path: Path
 ) -> None:
     (tmp_path / "empty.csv").write_text("left,right\n")
     (tmp_path / "left").mkdir()
@@ -145,7 +145,8 @@ def test_bad_configs_fail_in_one_line_with_exit_code_2(
     (tmp_path / "bad.toml").write_text(f'pairs = "{pairs_file}"\nlossy = "infonce"\n')
     args = [a.format(tmp=tmp_path) for a in args]
     if "--pairs" not in args and "--config" not in args:
-        args += ["--pairs", str(pairs_file)]
+        args += ["--pairs", str(pairs_file), "--left-dir", str(demo_dir / "left"),
+                 "--right-dir", str(demo_dir / "right")]
     args += ["--out", str(tmp_path / "model"), "--no-progress"]
     result = CliRunner().invoke(app, ["train", *args])
     assert result.exit_code == 2, result.output
