@@ -71,10 +71,11 @@ def test_engine_matches_the_reference_on_photos(
 
 @pytest.fixture(scope="session")
 def headed_bundle(tmp_path_factory: pytest.TempPathFactory, bundle: ModelBundle) -> ModelBundle:
-    """The default trunk with a two-layer projection head (seeded), saved and loaded as a
-    bundle: the shape of a trained model, so the export must carry the head."""
+    """The default model's trunks under a fresh two-layer projection head (seeded), saved and
+    loaded as a bundle: whatever the default model is, the export must carry a head."""
     torch.manual_seed(0)
-    net = EmbeddingNet(EmbeddingConfig(head=(256, 64)), pretrained=False)
+    config = EmbeddingConfig(backbones=bundle.config.backbones, head=(256, 64))
+    net = EmbeddingNet(config, pretrained=False)
     net.trunks.load_state_dict(bundle.net.trunks.state_dict())
     path = tmp_path_factory.mktemp("models") / "headed"
     save_bundle(net, path)
