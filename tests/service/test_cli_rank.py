@@ -61,6 +61,8 @@ def test_make_candidates_then_rank_round_trip(
         "--no-progress",
         "--answers",
         pairs_dir / "pairs.csv",
+        "--engine",
+        embedder.engine_name,  # the reference below is computed with the same engine
     )
     assert result.exit_code == 0, result.output
     assert "6 queries x 4 candidates" in result.output and "top-1 " in result.output
