@@ -101,7 +101,9 @@ def export_serving_model(bundle: ModelBundle, out: str | Path) -> ServingModel:
     return load_serving_model(out)
 
 
-def resolve_any_model(model: str | Path | None, cache_dir: str | Path) -> ModelBundle | ServingModel:
+def resolve_any_model(
+    model: str | Path | None, cache_dir: str | Path
+) -> ModelBundle | ServingModel:
     """A serving model directory loads without torch; anything else goes to ``resolve_model``."""
     if model is not None and is_serving_model(model):
         return load_serving_model(model)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +22,7 @@ from ..evaluation.candidates import PairsError, Split, make_candidate_sets, read
 from ..evaluation.errors import EvaluationError
 from ..evaluation.metrics import answer_ranks, candidate_metrics
 from ..index.build import SourceError, build_index
-from ..index.store import IndexStore, StoreError
+from ..index.store import IndexStore, ModelMismatchError, StoreError
 from ..models.backbones import BackboneError, list_backbones
 from ..models.bundle import BundleError, resolve_model
 from ..models.embedder import Embedder
@@ -115,7 +115,9 @@ def index_build(
             "metadata)."
         ),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Index store directory to create or update.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Index store directory to create or update.")
+    ],
     model: ModelOpt = None,
     engine: EngineOpt = DEFAULT_ENGINE,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 16,
@@ -214,7 +216,14 @@ def demo(
     from ..demo import DEMO_IMAGES
 
     settings = Settings(index=index, model=model, engine=engine, host=host, port=port)
-    report = build_index(DEMO_IMAGES, index, _embedder(settings))
+    embedder = _embedder(settings)
+    try:
+        report = build_index(DEMO_IMAGES, index, embedder)
+    except ModelMismatchError:
+        # The demo index is derived data: rebuild it for the model in use.
+        typer.echo(f"{index} was built with another model; rebuilding it", err=True)
+        shutil.rmtree(index)
+        report = build_index(DEMO_IMAGES, index, embedder)
     typer.echo(f"{index}: {report.summary()}")
     if serve_it:
         _serve(settings)
