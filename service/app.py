@@ -25,9 +25,9 @@ from ..models.preprocess import ImageDecodeError
 from ..models.serving import resolve_any_model
 from .batching import DirectEmbedder, MicroBatcher
 from .deps import ServiceState
-from .metrics import ServiceMetrics
+from .metrics import MetricsMiddleware, ServiceMetrics
 from .routers import compare, health, items, match, rank
-from .security import limits_middleware
+from .security import LimitsMiddleware
 from .settings import Settings
 
 __all__ = ["create_app", "load_state"]
@@ -97,8 +97,8 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
         lifespan=lifespan,
     )
     app.state.lookalike = None
-    app.middleware("http")(limits_middleware(settings))
-    app.middleware("http")(metrics.middleware)
+    app.add_middleware(LimitsMiddleware, settings=settings)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"]

@@ -1,18 +1,23 @@
 """Micro-batching: concurrent requests share one forward pass.
 
 Each request decodes its own image (in the thread pool), then hands the preprocessed array to
-the batcher and awaits its vector. One worker takes whatever is queued, waits at most
-``max_wait_ms`` for more to join (up to ``max_size``), and runs the engine once, on a single
-dedicated thread: forward passes never overlap and fight for the same cores, and a batch
-amortises the per-call overhead that dominates on a CPU.
+the batcher and awaits its vector. One worker takes whatever is queued and runs the engine once,
+on a single dedicated thread: forward passes never overlap and fight for the same cores, and a
+batch amortises the per-call overhead that dominates on a CPU.
+
+The worker waits (at most ``max_wait_ms``, up to ``max_size`` images) only for requests it knows
+are coming: callers announce themselves with :meth:`MicroBatcher.incoming` while they decode. A
+lone request therefore never waits for company that is not there, and under load a batch still
+gathers the requests that were a millisecond behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -34,6 +39,11 @@ class DirectEmbedder:
         loop = asyncio.get_running_loop()
         self._metrics.batch_size.observe(len(arrays))
         return await loop.run_in_executor(None, self._embed, arrays)
+
+    @contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Nothing to announce: every request runs alone."""
+        yield
 
     async def start(self) -> None:
         """Nothing to start."""
@@ -60,6 +70,7 @@ class MicroBatcher:
             None
         )
         self._worker: asyncio.Task[None] | None = None
+        self._incoming = 0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="forward")
 
     async def start(self) -> None:
@@ -74,6 +85,16 @@ class MicroBatcher:
             except asyncio.CancelledError:
                 pass
         self._executor.shutdown(wait=True)
+
+    @contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Announce a request that is preparing its arrays and will call :meth:`embed` next,
+        so that the batch being gathered waits for it."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
 
     async def embed(self, arrays: np.ndarray) -> np.ndarray:
         """Embed ``arrays`` ``(n, 3, S, S)`` together with whatever else is waiting."""
@@ -95,7 +116,7 @@ class MicroBatcher:
                     item = self._queue.get_nowait()
                 except asyncio.QueueEmpty:
                     remaining = deadline - loop.time()
-                    if remaining <= 0:
+                    if remaining <= 0 or not self._incoming:
                         break
                     try:
                         item = await asyncio.wait_for(self._queue.get(), remaining)

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..index.store import IndexStore
 from ..models.embedder import Embedder
+from ..models.preprocess import ImageDecodeError
 from .batching import DirectEmbedder, MicroBatcher
 from .schemas import ModelInfo
 from .settings import Settings
@@ -34,14 +35,42 @@ class ServiceState:
 
     async def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Preprocess (thread pool) and embed through the batcher -> ``(n, D)``."""
+        with self._batcher.incoming():
+            arrays = await run_in_threadpool(self.embedder.preprocessor.batch, images)
+        return await self._batcher.embed(arrays)
+
+    async def embed_uploads(
+        self, uploads: Sequence[bytes], names: Sequence[str] | None = None
+    ) -> np.ndarray:
+        """Decode and embed uploaded images -> ``(n, D)``.
+
+        Decoding and preprocessing take one trip to the thread pool for all uploads: each trip
+        costs the event loop a context switch, which is a real share of a small request's time.
+        A decoding error names the upload's field when ``names`` are given.
+        """
+        with self._batcher.incoming():
+            arrays = await run_in_threadpool(self._prepare_uploads, uploads, names)
+        return await self._batcher.embed(arrays)
+
+    def _prepare_uploads(
+        self, uploads: Sequence[bytes], names: Sequence[str] | None
+    ) -> np.ndarray:
+        preprocessor = self.embedder.preprocessor
+        batch = np.empty((len(uploads), 3, preprocessor.size, preprocessor.size), np.float32)
+        for position, (data, row) in enumerate(zip(uploads, batch, strict=True)):
+            try:
+                preprocessor(preprocessor.decode(data), out=row)
+            except ImageDecodeError as exc:
+                if names is None:
+                    raise
+                raise type(exc)(f"upload {names[position]!r}: {exc}") from exc
+        return batch
+
+    @property
+    def _batcher(self) -> MicroBatcher | DirectEmbedder:
         if self.batcher is None:
             raise RuntimeError("the app's lifespan has not started the embedder")
-        arrays = await run_in_threadpool(self.embedder.preprocessor.batch, images)
-        return await self.batcher.embed(arrays)
-
-    async def embed_uploads(self, uploads: Sequence[bytes]) -> np.ndarray:
-        """Decode and embed uploaded images -> ``(n, D)``."""
-        return await self.embed_images([await self.decode(data) for data in uploads])
+        return self.batcher
 
     @property
     def model_info(self) -> ModelInfo:

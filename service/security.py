@@ -11,16 +11,17 @@ import asyncio
 import hmac
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader
+from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .settings import Settings
 
-__all__ = ["RateLimiter", "limits_middleware", "require_api_key", "WriteAccess"]
+__all__ = ["RateLimiter", "LimitsMiddleware", "require_api_key", "WriteAccess"]
 
 MULTIPART_OVERHEAD = 64 * 1024
 """Room for form fields and multipart boundaries on top of the file bytes."""
@@ -45,22 +46,55 @@ class RateLimiter:
         return wait
 
 
-def limits_middleware(
-    settings: Settings,
-) -> Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
-    limiter = (
-        RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
-        if settings.rate_limit_per_s > 0
-        else None
-    )
-    max_body = settings.max_upload_bytes * settings.max_files_per_request + MULTIPART_OVERHEAD
+class LimitsMiddleware:
+    """Pure ASGI middleware (no extra task or body stream per request, unlike
+    ``@app.middleware("http")``): rate limit, declared body size, request timeout."""
 
-    async def middleware(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        if limiter is not None:
-            client = request.client.host if request.client else "unknown"
-            wait = limiter.retry_after(client)
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.limiter = (
+            RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+            if settings.rate_limit_per_s > 0
+            else None
+        )
+        self.max_body = (
+            settings.max_upload_bytes * settings.max_files_per_request + MULTIPART_OVERHEAD
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self.refusal(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        started = False
+
+        async def send_started(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        deadline = asyncio.timeout(self.settings.request_timeout_s)
+        try:
+            async with deadline:
+                await self.app(scope, receive, send_started)
+        except TimeoutError:
+            if not deadline.expired() or started:
+                raise
+            await JSONResponse(
+                {"detail": f"the request took longer than {self.settings.request_timeout_s:g} s"},
+                status_code=503,
+            )(scope, receive, send)
+
+    def refusal(self, scope: Scope) -> Response | None:
+        """The response refusing this request before it runs, or None to let it through."""
+        settings = self.settings
+        if self.limiter is not None:
+            client = scope["client"][0] if scope.get("client") else "unknown"
+            wait = self.limiter.retry_after(client)
             if wait > 0:
                 return JSONResponse(
                     {
@@ -70,27 +104,20 @@ def limits_middleware(
                     status_code=429,
                     headers={"Retry-After": str(max(1, round(wait)))},
                 )
-        length = request.headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                return JSONResponse({"detail": "invalid Content-Length header"}, status_code=400)
-            if int(length) > max_body:
-                return JSONResponse(
-                    {
-                        "detail": f"request body of {int(length):,} bytes is over the limit of "
-                        f"{max_body:,} bytes"
-                    },
-                    status_code=413,
-                )
-        try:
-            return await asyncio.wait_for(call_next(request), settings.request_timeout_s)
-        except TimeoutError:
+        length = Headers(scope=scope).get("content-length")
+        if length is None:
+            return None
+        if not length.isdigit():
+            return JSONResponse({"detail": "invalid Content-Length header"}, status_code=400)
+        if int(length) > self.max_body:
             return JSONResponse(
-                {"detail": f"the request took longer than {settings.request_timeout_s:g} s"},
-                status_code=503,
+                {
+                    "detail": f"request body of {int(length):,} bytes is over the limit of "
+                    f"{self.max_body:,} bytes"
+                },
+                status_code=413,
             )
-
-    return middleware
+        return None
 
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)

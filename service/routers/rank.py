@@ -26,7 +26,6 @@ from ...evaluation.ranking import (
     cosine_scores,
     ranked_order,
 )
-from ...models.preprocess import ImageDecodeError
 from ..deps import ServiceState, StateDep, read_upload
 from ..schemas import (
     ImageRef,
@@ -96,17 +95,10 @@ REQUEST_BODY = {
 
 
 async def embed_uploads(state: ServiceState, uploads: dict[str, bytes]) -> dict[str, np.ndarray]:
-    """Decode (in the thread pool) and embed (through the service's batcher) named uploads.
-
-    A decoding error names the field it came from and keeps its HTTP status.
-    """
-    images = []
-    for name, data in uploads.items():
-        try:
-            images.append(await state.decode(data))
-        except ImageDecodeError as exc:
-            raise type(exc)(f"upload {name!r}: {exc}") from exc
-    vectors = await state.embed_images(images) if images else []
+    """Embed named uploads; a decoding error names the field it came from."""
+    if not uploads:
+        return {}
+    vectors = await state.embed_uploads(list(uploads.values()), names=list(uploads))
     return dict(zip(uploads, vectors, strict=True))
 
 

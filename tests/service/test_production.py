@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -60,9 +61,56 @@ def test_micro_batcher_joins_concurrent_requests(embedder: Embedder, small_image
 
     results = asyncio.run(run())
     np.testing.assert_allclose(np.concatenate(results), expected, atol=1e-4)
-    batches = metrics.batch_size.collect()[0].samples
-    count = next(s.value for s in batches if s.name.endswith("_count"))
-    assert count < 8  # fewer forward passes than requests
+    assert _batch_sizes(metrics)[0] < 8  # fewer forward passes than requests
+
+
+def _batch_sizes(metrics: ServiceMetrics) -> tuple[float, float]:
+    """(forward passes, images) the batcher has run."""
+    samples = {s.name: s.value for s in metrics.batch_size.collect()[0].samples}
+    return samples["lookalike_embed_batch_size_count"], samples["lookalike_embed_batch_size_sum"]
+
+
+def test_a_lone_request_does_not_wait_for_company() -> None:
+    """With nobody announced, the batch runs at once, however long ``max_wait_ms`` is."""
+
+    async def run() -> float:
+        batcher = MicroBatcher(lambda b: b[:, :2, 0, 0], ServiceMetrics(), max_wait_ms=60_000)
+        await batcher.start()
+        try:
+            started = time.perf_counter()
+            await batcher.embed(np.zeros((1, 3, 8, 8), np.float32))
+            return time.perf_counter() - started
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(run()) < 30
+
+
+def test_announced_requests_join_the_batch() -> None:
+    """A request still decoding (inside ``incoming()``) is waited for; it joins the batch."""
+    metrics = ServiceMetrics()
+
+    async def run() -> None:
+        batcher = MicroBatcher(lambda b: b[:, :2, 0, 0], metrics, max_wait_ms=60_000)
+        await batcher.start()
+
+        async def late() -> np.ndarray:
+            with batcher.incoming():
+                await asyncio.sleep(0.05)  # decoding
+            return await batcher.embed(np.ones((2, 3, 8, 8), np.float32))
+
+        try:
+            late_task = asyncio.create_task(late())
+            await asyncio.sleep(0)  # ``late`` has announced itself
+            first, second = await asyncio.gather(
+                batcher.embed(np.zeros((1, 3, 8, 8), np.float32)), late_task
+            )
+        finally:
+            await batcher.stop()
+        assert first.tolist() == [[0, 0]] and second.tolist() == [[1, 1], [1, 1]]
+
+    asyncio.run(run())
+    assert _batch_sizes(metrics) == (1, 3)
 
 
 def test_engine_errors_reach_every_caller(small_image_dir: Path) -> None:
