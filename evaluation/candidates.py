@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import random
+import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -50,8 +51,9 @@ def read_pairs(path: str | Path) -> list[Pair]:
             reader = csv.DictReader(handle)
             fields = reader.fieldnames or []
             if not {"left", "right"} <= set(fields):
-                found = ", ".join(fields) or "none"
-                raise PairsError(f"{path} needs 'left' and 'right' columns (found: {found})")
+                raise PairsError(
+                    f"{path} needs 'left' and 'right' columns (found: {reprlib.repr(fields)})"
+                )
             pairs = []
             for line, row in enumerate(reader, start=2):
                 left, right = (row.get("left") or "").strip(), (row.get("right") or "").strip()
@@ -60,6 +62,8 @@ def read_pairs(path: str | Path) -> list[Pair]:
                 pairs.append((left, right))
     except FileNotFoundError as exc:
         raise PairsError(f"no pairs file at {path}") from exc
+    except OSError as exc:  # a folder, no permission
+        raise PairsError(f"cannot read the pairs file {path}: {exc.strerror or exc}") from exc
     except (UnicodeDecodeError, csv.Error) as exc:
         raise PairsError(f"{path} is not a readable UTF-8 CSV: {exc}") from exc
     if not pairs:

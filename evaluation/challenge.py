@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,10 @@ def read_challenge(path: str | Path) -> Challenge:
             rows = list(csv.reader(handle))
     except FileNotFoundError as exc:
         raise ChallengeFormatError(f"no candidates file at {path}") from exc
+    except OSError as exc:  # a folder, no permission
+        raise ChallengeFormatError(
+            f"cannot read the candidates file {path}: {exc.strerror or exc}"
+        ) from exc
     except (UnicodeDecodeError, csv.Error) as exc:
         raise ChallengeFormatError(f"{path} is not a readable UTF-8 CSV: {exc}") from exc
     if not rows:
@@ -66,7 +71,7 @@ def read_challenge(path: str | Path) -> Challenge:
     if len(header) < 2 or header != _expected_header(len(header) - 1):
         raise ChallengeFormatError(
             f"{path} needs the header {','.join(_expected_header(2))},...; found "
-            f"{','.join(header[:4]) or 'nothing'}{',...' if len(header) > 4 else ''}"
+            f"{reprlib.repr(header)}"
         )
     queries, candidates = [], []
     for line, row in enumerate(rows[1:], start=2):

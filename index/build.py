@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,8 @@ def discover_images(source: str | Path) -> list[ImageSource]:
     for image in images:
         if image.key in seen:
             raise SourceError(
-                f"two images have the key {image.key!r}: {seen[image.key]} and {image.path}"
+                f"two images have the key {image.key!r}: {str(seen[image.key])!r} and "
+                f"{str(image.path)!r}"
             )
         seen[image.key] = image.path
     return images
@@ -96,9 +98,11 @@ def _read_csv(path: Path) -> list[ImageSource]:
             reader = csv.DictReader(handle)
             if reader.fieldnames is None or "path" not in reader.fieldnames:
                 raise SourceError(
-                    f"{path} needs a 'path' column (found: {', '.join(reader.fieldnames or [])})"
+                    f"{path} needs a 'path' column (found: {reprlib.repr(reader.fieldnames or [])})"
                 )
             rows = list(reader)
+    except OSError as exc:  # e.g. no permission
+        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise SourceError(f"{path} is not a UTF-8 CSV file: {exc}") from exc
     except csv.Error as exc:
@@ -107,7 +111,10 @@ def _read_csv(path: Path) -> list[ImageSource]:
     for line, row in enumerate(rows, start=2):
         if None in row or not row.get("path"):
             raise SourceError(f"{path} line {line}: wrong number of fields or an empty path")
-        image_path = (path.parent / row.pop("path")).resolve()
+        try:
+            image_path = (path.parent / row.pop("path")).resolve()
+        except ValueError as exc:  # a NUL byte: no file can have that name
+            raise SourceError(f"{path} line {line}: the path is not a file name: {exc}") from exc
         key = row.pop("key", None) or image_path.stem
         images.append(ImageSource(key, image_path, row))
     return images

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import random
+import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,18 +113,25 @@ class ValidationSets:
 
 def _check_file(path: Path, what: str) -> Path:
     if not path.is_file():
-        raise DataError(f"{what} {path} does not exist")
+        raise DataError(f"{what} {path} {'is not a file' if path.exists() else 'does not exist'}")
     return path
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a key too long to be a file name: no such image either
+        return False
 
 
 def _image_file(folder: Path, key: str) -> Path:
     """``folder/key`` as given, else with the first image suffix that exists."""
     direct = folder / key
-    if direct.suffix.lower() in IMAGE_SUFFIXES and direct.is_file():
+    if direct.suffix.lower() in IMAGE_SUFFIXES and _is_file(direct):
         return direct
     for suffix in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"):
         candidate = folder / f"{key}{suffix}"
-        if candidate.is_file():
+        if _is_file(candidate):
             return candidate
     raise DataError(f"no image for key {key!r} in {folder}")
 
@@ -157,18 +165,28 @@ def load_labelled_pairs(csv_path: Path, image_root: Path | None = None) -> PairD
     csv_path = _check_file(Path(csv_path), "labelled pairs CSV")
     root = Path(image_root) if image_root else csv_path.parent
     pairs, targets, paths = [], [], {}
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        if not {"a", "b", "label"} <= set(reader.fieldnames or []):
-            raise DataError(f"{csv_path} needs columns a,b,label")
-        for line, row in enumerate(reader, start=2):
-            a, b, label = (row["a"] or "").strip(), (row["b"] or "").strip(), row["label"].strip()
-            if not a or not b or label not in {"0", "1"}:
-                raise DataError(f"{csv_path} line {line}: need two paths and a label of 0 or 1")
-            for key in (a, b):
-                paths.setdefault(key, _image_file(root, key))
-            pairs.append((a, b))
-            targets.append(int(label))
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            fields = reader.fieldnames or []
+            if not {"a", "b", "label"} <= set(fields):
+                raise DataError(
+                    f"{csv_path} needs columns a,b,label (found: {reprlib.repr(fields)})"
+                )
+            for line, row in enumerate(reader, start=2):
+                a, b, label = ((row[name] or "").strip() for name in ("a", "b", "label"))
+                if not a or not b or label not in {"0", "1"}:
+                    raise DataError(
+                        f"{csv_path} line {line}: need two paths and a label of 0 or 1"
+                    )
+                for key in (a, b):
+                    paths.setdefault(key, _image_file(root, key))
+                pairs.append((a, b))
+                targets.append(int(label))
+    except OSError as exc:  # e.g. no permission
+        raise DataError(f"cannot read {csv_path}: {exc.strerror or exc}") from exc
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{csv_path} is not a readable UTF-8 CSV: {exc}") from exc
     if not any(targets):
         raise DataError(f"{csv_path} has no positive (label 1) pairs")
     return PairData(pairs, targets, paths, paths, source=f"labelled {csv_path}")

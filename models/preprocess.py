@@ -12,12 +12,21 @@ image service gets hurt, so every step is checked in order, cheapest first:
 4. JPEGs larger than needed decode at a reduced scale (``draft``), which is both faster and
    smaller in memory;
 5. full decode; truncated data raises instead of returning a half-grey image;
-6. EXIF orientation is applied and the image converted to RGB (first frame of a GIF).
+6. EXIF orientation is applied (unreadable EXIF is ignored: broken metadata must not make
+   good pixels unusable) and the image converted to RGB (first frame of a GIF);
+7. only pixels leave: the file's metadata (comments, text chunks, EXIF, ICC) is dropped, since
+   Pillow would otherwise copy e.g. a ``<script>`` comment into every JPEG re-encoded from it
+   (a thumbnail served back to browsers).
+
+The format comes from the magic bytes alone, never from a file name or content type; bytes
+after the image's end (an appended ZIP or HTML: a polyglot) are ignored, so such a file
+decodes to exactly the pixels of the clean image.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -102,12 +111,21 @@ def decode_image(
         image.draft("RGB", (draft_size, draft_size))
     try:
         image.load()
-        image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
+        image = _upright(image).convert("RGB")
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"image is too large to decode: {exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise CorruptImageError(f"the image data is truncated or corrupt: {exc}") from exc
+    image.info = {}
+    return image
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """``image`` turned by its EXIF orientation; as stored when the EXIF cannot be parsed."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error):  # "not a TIFF file"
+        return image
 
 
 def make_thumbnail(image: Image.Image, size: int = 192, quality: int = 82) -> bytes:

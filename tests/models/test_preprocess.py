@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import io
+import random
+import struct
+import zipfile
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from lookalike.models.preprocess import (
     CorruptImageError,
@@ -19,6 +24,7 @@ from lookalike.models.preprocess import (
     Preprocessor,
     UnsupportedImageError,
     decode_image,
+    make_thumbnail,
 )
 
 
@@ -111,3 +117,133 @@ def test_damaged_pngs_fail_cleanly(photo: Image.Image, cut: int, flip: int) -> N
         decode_image(bytes(data))
     except ImageDecodeError:
         pass
+
+
+# Polyglots: files that are two things at once. The policy, in this order:
+# - the format comes from the magic bytes at offset 0, never from a name or content type, so a
+#   file that starts as anything else (PDF, HTML, SVG, ZIP) is refused even if an image follows;
+# - bytes after the image's end, or in chunks and segments the decoder skips, are ignored: the
+#   file decodes to exactly the pixels of the clean image (hence the same embedding);
+# - only pixels leave the decoder, so nothing a client hid in the file (a comment, a text
+#   chunk, an ICC or EXIF segment) reaches a re-encoded thumbnail that browsers are served.
+
+PAYLOAD = b"<html><script>alert('polyglot')</script></html>"
+
+
+def zip_archive() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("index.html", PAYLOAD)
+    return buffer.getvalue()
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(decode_image(data))
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF"])
+@pytest.mark.parametrize("tail", ["zip", "html"])
+def test_bytes_after_the_image_are_ignored(photo: Image.Image, fmt: str, tail: str) -> None:
+    clean = encode(photo.resize((64, 80)), fmt)
+    polyglot = clean + (zip_archive() if tail == "zip" else PAYLOAD)
+    assert zipfile.is_zipfile(io.BytesIO(polyglot)) == (tail == "zip")  # a real archive too
+    assert np.array_equal(pixels(polyglot), pixels(clean))
+
+
+def test_a_gif_whose_header_is_javascript_decodes_as_the_gif() -> None:
+    """GIFAR-style: width 0x2a2f makes the header ``GIF8?a/*``, a JavaScript comment that the
+    appended ``*/=...`` closes, so the file runs as a script and still shows as an image."""
+    clean = encode(Image.new("RGB", (0x2A2F, 2), (200, 30, 30)), "GIF")
+    polyglot = clean + b"*/=1;alert('polyglot');"
+    assert polyglot[6:8] == b"/*" and polyglot.find(b"*/") == len(clean)
+    assert np.array_equal(pixels(polyglot), pixels(clean))
+
+
+def test_png_chunks_carrying_html_are_ignored(photo: Image.Image) -> None:
+    clean = encode(photo.resize((64, 80)), "PNG")
+    ihdr_end = 8 + 25  # signature, then IHDR (4 length + 4 type + 13 data + 4 CRC)
+    iend = clean.rindex(b"IEND") - 4
+    polyglot = (
+        clean[:ihdr_end]
+        + png_chunk(b"htMl", PAYLOAD)  # private ancillary chunk: decoders must skip it
+        + png_chunk(b"tEXt", b"comment\x00" + PAYLOAD)
+        + clean[ihdr_end:iend]
+        + png_chunk(b"zTXt", b"html\x00\x00" + zlib.compress(PAYLOAD))
+        + clean[iend:]
+    )
+    assert np.array_equal(pixels(polyglot), pixels(clean))
+
+
+@pytest.mark.parametrize(
+    "wrapper",
+    [
+        lambda jpeg: b"%PDF-1.7\n1 0 obj\n<< /Length 9 >>\nstream\n" + jpeg,
+        lambda jpeg: PAYLOAD + jpeg,
+        lambda jpeg: b'<svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)"/>' + jpeg,
+        lambda jpeg: zip_archive() + jpeg,
+        lambda jpeg: b"\x00" + jpeg,
+    ],
+    ids=["pdf", "html", "svg", "zip", "one-byte-shift"],
+)
+def test_an_image_inside_another_format_is_refused(
+    photo: Image.Image, wrapper: Callable[[bytes], bytes]
+) -> None:
+    with pytest.raises(UnsupportedImageError, match="supported format"):
+        decode_image(wrapper(encode(photo, "JPEG")))
+
+
+def test_huge_icc_and_exif_segments_decode_to_the_same_pixels(photo: Image.Image) -> None:
+    small = photo.resize((64, 80))
+    clean = encode(small, "JPEG", quality=90)
+    icc = random.Random(0).randbytes(1_000_000)  # split over 16 APP2 segments
+    exif = b"Exif\x00\x00" + PAYLOAD * 1300  # ~63 kB, near the 64 kB APP1 limit; not TIFF
+    bloated = encode(small, "JPEG", quality=90, icc_profile=icc, exif=exif)
+    assert len(bloated) > len(clean) + 1_000_000
+    assert np.array_equal(pixels(bloated), pixels(clean))
+
+
+def png_text(key: str, value: bytes) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_text(key, value.decode())
+    return info
+
+
+@pytest.mark.parametrize(
+    ("fmt", "options"),
+    [
+        ("JPEG", {"comment": PAYLOAD, "icc_profile": PAYLOAD}),
+        ("GIF", {"comment": PAYLOAD}),
+        ("PNG", {"pnginfo": png_text("comment", PAYLOAD)}),
+        ("WEBP", {"exif": b"Exif\x00\x00" + PAYLOAD, "icc_profile": PAYLOAD}),
+    ],
+    ids=["jpeg", "gif", "png", "webp"],
+)
+def test_metadata_never_leaves_the_decoder(photo: Image.Image, fmt: str, options: dict) -> None:
+    """Pillow copies a decoded image's ``comment`` into every JPEG saved from it: without the
+    decoder dropping metadata, the thumbnail served for an upload carried its ``<script>``."""
+    data = encode(photo.resize((64, 80)), fmt, **options)
+    assert PAYLOAD in data
+    image = decode_image(data)
+    assert image.info == {}
+    thumbnail = make_thumbnail(image)
+    assert b"script" not in thumbnail and thumbnail.startswith(b"\xff\xd8")
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")
+@settings(max_examples=90, deadline=None)
+@given(
+    fmt=st.sampled_from(["JPEG", "PNG", "WEBP"]),
+    exif=st.tuples(
+        st.sampled_from([b"", b"Exif\x00\x00", b"MM\x00*\x00\x00\x00\x08", b"II*\x00"]),
+        st.binary(max_size=300),
+    ).map(b"".join),
+)
+def test_junk_exif_does_not_cost_the_pixels(fmt: str, exif: bytes) -> None:
+    """EXIF only turns the image; when it cannot be parsed the image decodes as stored (a
+    solid colour: every orientation gives the same pixels)."""
+    square = Image.new("RGB", (8, 8), (10, 200, 30))
+    assert np.array_equal(pixels(encode(square, fmt, exif=exif)), pixels(encode(square, fmt)))
