@@ -5,9 +5,11 @@
 
 For each mode it starts a real server (``lookalike serve``) on 127.0.0.1 in a subprocess,
 sends a bounded number of requests (and for a bounded time) per level with an async client,
-and prints requests/s, latency percentiles and error counts. The offline batch embedding
-rate of the same model and engine, measured in the same run, is the baseline: the ratio says
-how much of the model's speed survives HTTP, decoding and concurrency.
+and prints requests/s, latency percentiles, error counts, the server's CPU time per request
+and its mean forward batch. The offline batch embedding rate of the same model and engine,
+measured in the same run, is the baseline: the ratio says how much of the model's speed
+survives HTTP, decoding and concurrency. The client runs on the same machine and takes its
+share of the cores (reported in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -54,12 +56,55 @@ class LevelResult:
         return float(np.percentile(self.latencies, q) * 1000) if self.latencies else float("nan")
 
 
-def offline_rate(embedder: Embedder, images: list[Path], batch_size: int) -> float:
-    """Images/s for decode + preprocess + forward in batches, no HTTP."""
+    server_cpu_ms: float = float("nan")
+    """Server process CPU time (all threads) per request."""
+    mean_batch: float = float("nan")
+    """Images per forward pass during this level (from the server's /metrics)."""
+
+
+def offline_rate(embedder: Embedder, images: list[Path], batch_size: int, runs: int) -> float:
+    """Images/s for decode + preprocess + forward in batches, no HTTP: the best of ``runs``
+    passes, so that a noisy pass cannot make the service look better than it is."""
     list(embedder.embed_files(images[:batch_size], batch_size))  # warm-up
-    started = time.perf_counter()
-    count = sum(len(b.indices) for b in embedder.embed_files(images, batch_size))
-    return count / (time.perf_counter() - started)
+    rates = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        count = sum(len(b.indices) for b in embedder.embed_files(images, batch_size))
+        rates.append(count / (time.perf_counter() - started))
+    return max(rates)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and all its threads (Linux; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def batch_totals(port: int) -> tuple[float, float]:
+    """(forward passes, images embedded) so far, from the server's Prometheus metrics."""
+    totals = {}
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("lookalike_embed_batch_size_count", "lookalike_embed_batch_size_sum"):
+            totals[name] = float(value)
+    return totals["lookalike_embed_batch_size_count"], totals["lookalike_embed_batch_size_sum"]
+
+
+def measure_level(
+    server: subprocess.Popen, port: int, requests: list[bytes], concurrency: int,
+    max_requests: int, max_seconds: float, mode: str,
+) -> LevelResult:
+    """One level, with the server's CPU time and mean batch size over it."""
+    passes, images = batch_totals(port)
+    cpu = process_cpu_seconds(server.pid)
+    result = run(run_level(port, requests, concurrency, max_requests, max_seconds, mode))
+    result.server_cpu_ms = (process_cpu_seconds(server.pid) - cpu) / result.requests * 1000
+    passes_after, images_after = batch_totals(port)
+    result.mean_batch = (images_after - images) / max(passes_after - passes, 1)
+    return result
 
 
 def free_port() -> int:
@@ -186,16 +231,23 @@ def main() -> None:
     parser.add_argument("--index", type=Path, default=Path("data/demo-index"))
     parser.add_argument("--engine", default=Settings().engine)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--requests", type=int, default=200, help="Most requests per level.")
+    parser.add_argument("--requests", type=int, default=1000, help="Most requests per level.")
     parser.add_argument("--seconds", type=float, default=30, help="Most seconds per level.")
-    parser.add_argument("--batch-size", type=int, default=16, help="Offline baseline batch.")
+    parser.add_argument(
+        "--batch-size", type=int, nargs="+", default=[8, 16],
+        help="Offline baseline batch sizes; the fastest counts.",
+    )
+    parser.add_argument("--baseline-runs", type=int, default=3, help="Offline passes per size.")
     args = parser.parse_args()
 
     settings = Settings(engine=args.engine)
     embedder = Embedder(resolve_model(settings.model, settings.cache_dir), engine=args.engine)
     build_index(DEMO_IMAGES, args.index, embedder, progress=False)
     images = sorted(DEMO_IMAGES.rglob("*.jpg"))
-    baseline = offline_rate(embedder, images, args.batch_size)
+    offline = {size: offline_rate(embedder, images, size, args.baseline_runs)
+               for size in args.batch_size}
+    best_size = max(offline, key=offline.__getitem__)
+    baseline = offline[best_size]
     del embedder
 
     results: list[LevelResult] = []
@@ -207,26 +259,29 @@ def main() -> None:
         try:
             run(run_level(port, requests, 2, 20, 30, mode))  # warm-up
             for concurrency in args.concurrency:
-                results.append(
-                    run(run_level(port, requests, concurrency, args.requests, args.seconds, mode))
-                )
+                results.append(measure_level(
+                    server, port, requests, concurrency, args.requests, args.seconds, mode
+                ))
         finally:
             server.terminate()
             server.wait(30)
 
+    rates = ", ".join(f"batch {size}: {rate:.1f}" for size, rate in offline.items())
     print(
-        f"engine {args.engine}; offline batch-{args.batch_size} embedding rate "
-        f"{baseline:.1f} images/s (decode + preprocess + forward, same run)"
+        f"engine {args.engine}; offline embedding rate (decode + preprocess + forward, best of "
+        f"{args.baseline_runs} passes, same run): {rates} images/s; baseline = batch {best_size}"
     )
     print(
         f"{'mode':<15} {'clients':>7} {'requests':>8} {'req/s':>7} {'x offline':>9} "
-        f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'errors':>6}"
+        f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'errors':>6} {'cpu ms/req':>10} "
+        f"{'batch':>5}"
     )
     for r in results:
         print(
             f"{r.mode:<15} {r.concurrency:>7} {r.requests:>8} {r.rate:>7.1f} "
             f"{r.rate / baseline:>9.2f} {r.percentile(50):>7.1f} {r.percentile(95):>7.1f} "
-            f"{r.percentile(99):>7.1f} {r.errors:>6}"
+            f"{r.percentile(99):>7.1f} {r.errors:>6} {r.server_cpu_ms:>10.2f} "
+            f"{r.mean_batch:>5.1f}"
         )
 
 

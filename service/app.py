@@ -72,11 +72,13 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
         loaded = state or await run_in_threadpool(load_state, settings)
         if settings.micro_batching:
             loaded.batcher = MicroBatcher(
-                loaded.embedder.embed_arrays, metrics, settings.batch_max_size,
-                settings.batch_max_wait_ms,
+                loaded.embedder.embed_arrays, metrics, loaded.embedder.preprocessor,
+                settings.batch_max_size, settings.batch_max_wait_ms,
             )
         else:
-            loaded.batcher = DirectEmbedder(loaded.embedder.embed_arrays, metrics)
+            loaded.batcher = DirectEmbedder(
+                loaded.embedder.embed_arrays, metrics, loaded.embedder.preprocessor
+            )
         await loaded.batcher.start()
         metrics.index_items.set_function(lambda: len(loaded.store))
         app.state.lookalike = loaded

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import Depends, HTTPException, Request, UploadFile
@@ -13,8 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..index.store import IndexStore
 from ..models.embedder import Embedder
-from ..models.preprocess import ImageDecodeError
-from .batching import DirectEmbedder, MicroBatcher
+from .batching import DirectEmbedder, MicroBatcher, Then
 from .schemas import ModelInfo
 from .settings import Settings
 
@@ -34,37 +33,23 @@ class ServiceState:
         return await run_in_threadpool(self.embedder.preprocessor.decode, data)
 
     async def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Preprocess (thread pool) and embed through the batcher -> ``(n, D)``."""
-        with self._batcher.incoming():
-            arrays = await run_in_threadpool(self.embedder.preprocessor.batch, images)
+        """Preprocess decoded images (thread pool) and embed them -> ``(n, D)``."""
+        arrays = await run_in_threadpool(self.embedder.preprocessor.batch, images)
         return await self._batcher.embed(arrays)
 
     async def embed_uploads(
-        self, uploads: Sequence[bytes], names: Sequence[str] | None = None
-    ) -> np.ndarray:
-        """Decode and embed uploaded images -> ``(n, D)``.
+        self,
+        uploads: Sequence[bytes],
+        names: Sequence[str] | None = None,
+        then: Then | None = None,
+    ) -> Any:
+        """Decode and embed uploaded images -> ``(n, D)``, or ``then(vectors)`` when given.
 
-        Decoding and preprocessing take one trip to the thread pool for all uploads: each trip
-        costs the event loop a context switch, which is a real share of a small request's time.
-        A decoding error names the upload's field when ``names`` are given.
+        Decoding, the forward pass and ``then`` (say, the index search) all run on the
+        batcher's threads, never on the event loop. A decoding error names the upload's field
+        when ``names`` are given.
         """
-        with self._batcher.incoming():
-            arrays = await run_in_threadpool(self._prepare_uploads, uploads, names)
-        return await self._batcher.embed(arrays)
-
-    def _prepare_uploads(
-        self, uploads: Sequence[bytes], names: Sequence[str] | None
-    ) -> np.ndarray:
-        preprocessor = self.embedder.preprocessor
-        batch = np.empty((len(uploads), 3, preprocessor.size, preprocessor.size), np.float32)
-        for position, (data, row) in enumerate(zip(uploads, batch, strict=True)):
-            try:
-                preprocessor(preprocessor.decode(data), out=row)
-            except ImageDecodeError as exc:
-                if names is None:
-                    raise
-                raise type(exc)(f"upload {names[position]!r}: {exc}") from exc
-        return batch
+        return await self._batcher.embed(list(uploads), names, then)
 
     @property
     def _batcher(self) -> MicroBatcher | DirectEmbedder:
@@ -83,7 +68,7 @@ class ServiceState:
         )
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     state = getattr(request.app.state, "lookalike", None)
     if state is None:
         raise HTTPException(503, "the model and index are still loading")

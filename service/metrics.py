@@ -36,7 +36,7 @@ class ServiceMetrics:
         )
         self.queue_wait = Histogram(
             "lookalike_embed_queue_seconds",
-            "Time a request waited for its micro-batch.",
+            "From a request reaching the batcher to its forward pass (decoding included).",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )

@@ -74,7 +74,10 @@ class Settings(BaseSettings):
     )
     batch_max_size: int = Field(16, ge=1, description="Most images in one micro-batch.")
     batch_max_wait_ms: float = Field(
-        3.0, ge=0, description="How long a micro-batch waits for more requests to join."
+        0.0,
+        ge=0,
+        description="How long a micro-batch waits for more requests to join after its first; "
+        "0 = it takes what arrived while the previous batch ran (batches grow with the load).",
     )
     max_rank_queries: int = Field(100, ge=1, description="Most queries in one POST /rank.")
     max_rank_uploads: int = Field(

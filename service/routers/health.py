@@ -11,7 +11,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health", response_model=Health, summary="Liveness: the process answers.")
-def health() -> Health:
+async def health() -> Health:
     return Health(status="ok")
 
 

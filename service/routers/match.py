@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
+import numpy as np
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from starlette.concurrency import run_in_threadpool
 
@@ -79,26 +80,32 @@ async def match(
             422, f"{len(candidates)} candidates; the limit is {settings.max_candidates}"
         )
     exclude = list(exclude or [])
+
+    def find(vectors: np.ndarray) -> list[MatchOut]:
+        """The matches of one query vector ``(1, D)``; runs off the event loop."""
+        if not candidates:
+            return match_payload(store, store.search(vectors, k, exclude)[0])
+        try:
+            ranked = store.rank(vectors[0], candidates)
+        except UnknownKeyError as exc:
+            raise HTTPException(422, f"candidates: {exc}") from exc
+        kept = [m for m in ranked if m.key not in exclude][:k]
+        matches = [Match(m.key, m.score, rank) for rank, m in enumerate(kept, start=1)]
+        return match_payload(store, matches)
+
     if image is not None:
         data = await read_upload(image, settings)
-        (vector,) = await state.embed_uploads([data])
+        # Decoding, the forward pass and the search all run on the batcher's threads.
+        matches = await state.embed_uploads([data], then=find)
     else:
         try:
-            vector = store.vectors([query_key])[0]
+            vectors = store.vectors([query_key])
         except UnknownKeyError as exc:
             raise HTTPException(404, str(exc)) from exc
         exclude.append(query_key)
-    if candidates:
-        try:
-            ranked = await run_in_threadpool(store.rank, vector, candidates)
-        except UnknownKeyError as exc:
-            raise HTTPException(422, f"candidates: {exc}") from exc
-        matches = [m for m in ranked if m.key not in exclude][:k]
-        matches = [Match(m.key, m.score, rank) for rank, m in enumerate(matches, start=1)]
-    else:
-        (matches,) = await run_in_threadpool(store.search, vector[None], k, exclude)
+        matches = await run_in_threadpool(find, vectors)
     return MatchResponse(
-        matches=match_payload(store, matches),
+        matches=matches,
         took_ms=round((time.perf_counter() - started) * 1000, 2),
         model=state.model_info,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from PIL import Image
 
 from lookalike.index.store import IndexStore
 from lookalike.models.embedder import Embedder
+from lookalike.models.preprocess import ImageDecodeError
 from lookalike.service.app import create_app
 from lookalike.service.batching import MicroBatcher
 from lookalike.service.deps import ServiceState
@@ -70,47 +71,35 @@ def _batch_sizes(metrics: ServiceMetrics) -> tuple[float, float]:
     return samples["lookalike_embed_batch_size_count"], samples["lookalike_embed_batch_size_sum"]
 
 
-def test_a_lone_request_does_not_wait_for_company() -> None:
-    """With nobody announced, the batch runs at once, however long ``max_wait_ms`` is."""
-
-    async def run() -> float:
-        batcher = MicroBatcher(lambda b: b[:, :2, 0, 0], ServiceMetrics(), max_wait_ms=60_000)
-        await batcher.start()
-        try:
-            started = time.perf_counter()
-            await batcher.embed(np.zeros((1, 3, 8, 8), np.float32))
-            return time.perf_counter() - started
-        finally:
-            await batcher.stop()
-
-    assert asyncio.run(run()) < 30
-
-
-def test_announced_requests_join_the_batch() -> None:
-    """A request still decoding (inside ``incoming()``) is waited for; it joins the batch."""
+def test_batcher_decodes_uploads_and_runs_then(
+    embedder: Embedder, small_image_dir: Path
+) -> None:
+    """Concurrent uploads share forward passes; a bad upload fails only its own request, with
+    its field's name; ``then`` gets the request's own vectors, on the finish thread."""
+    paths = sorted(small_image_dir.rglob("*.jpg"))[:6]
+    uploads = [path.read_bytes() for path in paths]
+    expected = np.stack([embedder.embed_bytes(data) for data in uploads])
     metrics = ServiceMetrics()
 
-    async def run() -> None:
-        batcher = MicroBatcher(lambda b: b[:, :2, 0, 0], metrics, max_wait_ms=60_000)
+    async def run() -> list[object]:
+        batcher = MicroBatcher(embedder.embed_arrays, metrics, embedder.preprocessor)
         await batcher.start()
-
-        async def late() -> np.ndarray:
-            with batcher.incoming():
-                await asyncio.sleep(0.05)  # decoding
-            return await batcher.embed(np.ones((2, 3, 8, 8), np.float32))
-
         try:
-            late_task = asyncio.create_task(late())
-            await asyncio.sleep(0)  # ``late`` has announced itself
-            first, second = await asyncio.gather(
-                batcher.embed(np.zeros((1, 3, 8, 8), np.float32)), late_task
+            return await asyncio.gather(
+                batcher.embed(uploads[:2]),
+                batcher.embed([b"not an image"], names=["photo"]),
+                batcher.embed(uploads[2:], then=lambda v: (threading.current_thread().name, v)),
+                return_exceptions=True,
             )
         finally:
             await batcher.stop()
-        assert first.tolist() == [[0, 0]] and second.tolist() == [[1, 1], [1, 1]]
 
-    asyncio.run(run())
-    assert _batch_sizes(metrics) == (1, 3)
+    pair, bad, (thread, rest) = asyncio.run(run())
+    np.testing.assert_allclose(np.concatenate([pair, rest]), expected, atol=1e-4)
+    assert isinstance(bad, ImageDecodeError) and "upload 'photo'" in str(bad)
+    assert thread == "finish"
+    passes, images = _batch_sizes(metrics)
+    assert images == 6 and passes < 3
 
 
 def test_engine_errors_reach_every_caller(small_image_dir: Path) -> None:
