@@ -12,6 +12,7 @@ import csv
 import hashlib
 import logging
 import reprlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,7 @@ def _sha256(path: Path) -> str | None:
 
 
 def build_index(
-    source: str | Path,
+    source: str | Path | Sequence[ImageSource],
     store_path: str | Path,
     embedder: Embedder,
     *,
@@ -139,8 +140,9 @@ def build_index(
     prune: bool = False,
     progress: bool = True,
 ) -> BuildReport:
-    """Create or update the store at ``store_path`` from the images of ``source``."""
-    images = discover_images(source)
+    """Create or update the store at ``store_path`` from the images of ``source`` (a folder,
+    a CSV, or what :func:`discover_images` found in one)."""
+    images = discover_images(source) if isinstance(source, str | Path) else list(source)
     store_path = Path(store_path)
     if (store_path / "manifest.json").exists():
         store = IndexStore.open(store_path, model_fingerprint=embedder.fingerprint)

@@ -21,7 +21,7 @@ from rich.table import Table
 from ..evaluation.candidates import PairsError, Split, make_candidate_sets, read_pairs, select_split
 from ..evaluation.errors import EvaluationError
 from ..evaluation.metrics import answer_ranks, candidate_metrics
-from ..index.build import SourceError, build_index
+from ..index.build import SourceError, build_index, discover_images
 from ..index.store import IndexStore, ModelMismatchError, StoreError
 from ..models.backbones import BackboneError, list_backbones
 from ..models.bundle import BundleError, resolve_model
@@ -135,8 +135,9 @@ def index_build(
     """Embed images into an index store. Re-running skips unchanged images, so an
     interrupted build resumes where it stopped."""
     settings = Settings(model=model, engine=engine)
+    images = discover_images(source)  # a bad source fails before the model loads
     report = build_index(
-        source, out, _embedder(settings), batch_size=batch_size, factory=factory,
+        images, out, _embedder(settings), batch_size=batch_size, factory=factory,
         pca_dim=pca, thumbnails=thumbnails, prune=prune,
     )
     for key, reason in list(report.failed.items())[:20]:

@@ -46,9 +46,15 @@ class RateLimiter:
         return wait
 
 
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff")]
+"""On every answer: a browser must not guess a type other than the one declared (say, run an
+upload's bytes as a script)."""
+
+
 class LimitsMiddleware:
     """Pure ASGI middleware (no extra task or body stream per request, unlike
-    ``@app.middleware("http")``): rate limit, declared body size, request timeout."""
+    ``@app.middleware("http")``): rate limit, declared body size, request timeout, and
+    :data:`SECURITY_HEADERS` on every answer."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
@@ -66,28 +72,30 @@ class LimitsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        refusal = self.refusal(scope)
-        if refusal is not None:
-            await refusal(scope, receive, send)
-            return
         started = False
 
-        async def send_started(message: Message) -> None:
+        async def send_secured(message: Message) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
             await send(message)
 
+        refusal = self.refusal(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send_secured)
+            return
         deadline = asyncio.timeout(self.settings.request_timeout_s)
         try:
             async with deadline:
-                await self.app(scope, receive, send_started)
+                await self.app(scope, receive, send_secured)
         except TimeoutError:
             if not deadline.expired() or started:
                 raise
             await JSONResponse(
                 {"detail": f"the request took longer than {self.settings.request_timeout_s:g} s"},
                 status_code=503,
-            )(scope, receive, send)
+            )(scope, receive, send_secured)
 
     def refusal(self, scope: Scope) -> Response | None:
         """The response refusing this request before it runs, or None to let it through."""

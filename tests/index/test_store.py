@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -135,6 +137,26 @@ def test_damaged_snapshot_is_rebuilt_not_trusted(tmp_path: Path) -> None:
     assert matches[0].key == keys[3]
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["count"] == 20
+
+
+def test_swapped_snapshot_files_are_never_loaded(tmp_path: Path) -> None:
+    """Valid FAISS and numpy files that are not the ones the manifest hashed (a swapped or
+    planted file) are not deserialised: the store rebuilds both from its database."""
+    store, keys, vectors = new_store(tmp_path / "s", n=20)
+    store.save()
+    store.close()
+    planted = random_vectors(20, seed=99)
+    index = faiss.IndexFlatIP(DIM)
+    index.add(planted)
+    faiss.write_index(index, str(tmp_path / "s" / "index.faiss"))
+    np.save(tmp_path / "s" / "vectors.npy", planted)
+    reopened = IndexStore.open(tmp_path / "s")
+    np.testing.assert_allclose(reopened.vectors(keys), vectors, atol=1e-6)
+    assert [m[0].key for m in reopened.search(vectors, k=1)] == keys
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["files"]["index.faiss"] != hashlib.sha256(
+        faiss.serialize_index(index).tobytes()
+    ).hexdigest()
 
 
 def test_create_and_open_errors(tmp_path: Path) -> None:

@@ -143,6 +143,7 @@ def test_rate_limit_answers_429(settings: Settings, embedder: Embedder) -> None:
     store.close()
     assert codes == [200, 200, 200, 429, 429]
     assert int(blocked.headers["retry-after"]) >= 1 and "rate limit" in blocked.json()["detail"]
+    assert blocked.headers["x-content-type-options"] == "nosniff"  # refusals carry it too
 
 
 def test_token_bucket_refills() -> None:

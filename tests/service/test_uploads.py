@@ -67,6 +67,7 @@ def test_items_keep_a_reencoded_thumbnail_never_the_upload(
     thumbnail = client.get(response.json()["thumbnail_url"])
     assert thumbnail.status_code == 200
     assert thumbnail.headers["content-type"] == "image/jpeg"
+    assert thumbnail.headers["x-content-type-options"] == "nosniff"
     served = thumbnail.content
     assert served.startswith(b"\xff\xd8") and served != polyglot
     assert b"script" not in served and b"PK\x03\x04" not in served
