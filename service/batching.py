@@ -42,7 +42,7 @@ __all__ = ["MicroBatcher", "DirectEmbedder", "EmbedBatch", "Then", "prepare_inpu
 EmbedBatch = Callable[[np.ndarray], np.ndarray]
 """The engine: ``(B, 3, S, S)`` float32 -> ``(B, D)`` unit vectors."""
 Then = Callable[[np.ndarray], Any]
-"""A request's step after its vectors exist, run on the worker thread (e.g. a search)."""
+"""A request's step once its vectors exist (e.g. its search), run off the event loop."""
 Inputs = Sequence[bytes] | np.ndarray
 """Encoded images, or preprocessed arrays ``(n, 3, S, S)``."""
 
@@ -50,15 +50,16 @@ Inputs = Sequence[bytes] | np.ndarray
 def prepare_inputs(
     preprocessor: Preprocessor | None,
     inputs: Inputs,
-    names: Sequence[str] | None,
-    out: np.ndarray,
-) -> None:
-    """Decode and preprocess ``inputs`` into ``out``; a decoding error names its upload."""
+    names: Sequence[str] | None = None,
+) -> np.ndarray:
+    """``(n, 3, S, S)`` float32 from arrays as they are, or from encoded images decoded and
+    preprocessed; a decoding error names its upload when ``names`` are given."""
     if isinstance(inputs, np.ndarray):
-        out[...] = inputs
-        return
+        return np.ascontiguousarray(inputs, np.float32)
     if preprocessor is None:
-        raise TypeError("this batcher takes preprocessed arrays only")
+        raise TypeError("this embedder has no preprocessor: give it preprocessed arrays")
+    size = preprocessor.size
+    out = np.empty((len(inputs), 3, size, size), np.float32)
     for position, (data, row) in enumerate(zip(inputs, out, strict=True)):
         try:
             preprocessor(preprocessor.decode(data), out=row)
@@ -66,6 +67,7 @@ def prepare_inputs(
             if names is None:
                 raise
             raise type(exc)(f"upload {names[position]!r}: {exc}") from exc
+    return out
 
 
 @dataclass(eq=False)
@@ -90,7 +92,6 @@ class _Job:
             self.future.set_exception(self.error)
         else:
             self.future.set_result(self.outcome)
-
 
 
 class MicroBatcher:
@@ -141,8 +142,6 @@ class MicroBatcher:
         only."""
         if not self._threads:
             raise RuntimeError("the micro-batcher is not started")
-        if self._preprocessor is None and not isinstance(inputs, np.ndarray):
-            raise TypeError("this batcher has no preprocessor: give it preprocessed arrays")
         loop = asyncio.get_running_loop()
         job = _Job(inputs, names, then, loop.create_future(), loop)
         self._inbox.put(job)
@@ -150,18 +149,12 @@ class MicroBatcher:
 
     def _decode_loop(self) -> None:
         while (job := self._inbox.get()) is not None:
-            if isinstance(job.inputs, np.ndarray):
-                arrays = np.ascontiguousarray(job.inputs, np.float32)
-            else:
-                assert self._preprocessor is not None  # checked in embed()
-                size = self._preprocessor.size
-                arrays = np.empty((len(job), 3, size, size), np.float32)
-                try:
-                    prepare_inputs(self._preprocessor, job.inputs, job.names, arrays)
-                except Exception as exc:  # this request's bad input fails this request only
-                    job.error = exc
-                    _settle_soon([job])
-                    continue
+            try:
+                arrays = prepare_inputs(self._preprocessor, job.inputs, job.names)
+            except Exception as exc:  # this request's bad input fails this request only
+                job.error = exc
+                _settle_soon([job])
+                continue
             with self._ready_changed:
                 self._ready.append((job, arrays))
                 self._ready_changed.notify()
@@ -263,12 +256,7 @@ class DirectEmbedder:
         return await run_in_threadpool(self._embed_now, inputs, names, then)
 
     def _embed_now(self, inputs: Inputs, names: Sequence[str] | None, then: Then | None) -> Any:
-        if isinstance(inputs, np.ndarray):
-            batch = np.ascontiguousarray(inputs, np.float32)
-        else:
-            size = self._preprocessor.size if self._preprocessor is not None else 0
-            batch = np.empty((len(inputs), 3, size, size), np.float32)
-            prepare_inputs(self._preprocessor, inputs, names, batch)
+        batch = prepare_inputs(self._preprocessor, inputs, names)
         self._metrics.batch_size.observe(len(batch))
         vectors = self._embed(batch)
         return then(vectors) if then is not None else vectors
