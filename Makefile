@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-slow demo-index bench lint clean
+.PHONY: serve test test-slow demo-index bench bench-load lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ test-slow: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/embed.py
+
+bench-load: $(VENV)/.installed
+	$(BIN)/python benchmarks/load.py
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

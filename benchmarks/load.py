@@ -26,6 +26,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from lookalike.demo import DEMO_IMAGES
 from lookalike.index.build import build_index
@@ -238,6 +240,10 @@ def main() -> None:
         help="Offline baseline batch sizes; the fastest counts.",
     )
     parser.add_argument("--baseline-runs", type=int, default=3, help="Offline passes per size.")
+    parser.add_argument(
+        "--plot", type=Path, default=Path("benchmarks/figures/load.png"),
+        help="Where to draw requests/s and p99 latency against clients.",
+    )
     args = parser.parse_args()
 
     settings = Settings(engine=args.engine)
@@ -283,6 +289,33 @@ def main() -> None:
             f"{r.percentile(99):>7.1f} {r.errors:>6} {r.server_cpu_ms:>10.2f} "
             f"{r.mean_batch:>5.1f}"
         )
+    print(f"plot: {plot(results, baseline, args.engine, args.plot)}")
+
+
+def plot(results: list[LevelResult], baseline: float, engine: str, path: Path) -> Path:
+    """Requests/s (against the offline rate and the 0.9x target) and p99 latency, per mode."""
+    figure = Figure(figsize=(9, 3.8), dpi=110)
+    FigureCanvasAgg(figure)
+    rate_axes, latency_axes = figure.subplots(1, 2)
+    for mode in dict.fromkeys(r.mode for r in results):
+        levels = [r for r in results if r.mode == mode]
+        clients = [r.concurrency for r in levels]
+        rate_axes.plot(clients, [r.rate for r in levels], marker="o", label=mode)
+        latency_axes.plot(clients, [r.percentile(99) for r in levels], marker="o", label=mode)
+    rate_axes.axhline(baseline, color="black", linestyle="--", label="offline rate")
+    rate_axes.axhline(0.9 * baseline, color="grey", linestyle=":", label="0.9x offline")
+    rate_axes.set(xscale="log", xlabel="concurrent clients", ylabel="requests/s",
+                  title=f"POST /match throughput ({engine})")
+    latency_axes.set(xscale="log", yscale="log", xlabel="concurrent clients",
+                     ylabel="p99 latency (ms)", title="tail latency")
+    for axes in (rate_axes, latency_axes):
+        axes.set_xticks([r.concurrency for r in results], [str(r.concurrency) for r in results])
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
 
 
 if __name__ == "__main__":
