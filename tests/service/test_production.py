@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -121,6 +122,27 @@ def test_engine_errors_reach_every_caller(small_image_dir: Path) -> None:
             await batcher.stop()
 
     asyncio.run(run())
+
+
+def test_a_caller_that_gives_up_does_not_break_the_batcher() -> None:
+    """A request that times out cancels its future while its batch still runs; the batch's
+    answer then has nobody to go to, and the next request is served as usual."""
+
+    def slow(batch: np.ndarray) -> np.ndarray:
+        time.sleep(0.2)
+        return batch[:, :2, 0, 0]
+
+    async def run() -> np.ndarray:
+        batcher = MicroBatcher(slow, ServiceMetrics())
+        await batcher.start()
+        try:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(batcher.embed(np.zeros((1, 3, 8, 8), np.float32)), 0.01)
+            return await batcher.embed(np.ones((1, 3, 8, 8), np.float32))
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(run()).tolist() == [[1, 1]]
 
 
 def test_oversized_body_is_refused_from_its_header(settings: Settings, embedder: Embedder) -> None:
