@@ -191,10 +191,8 @@ class MicroBatcher:
             started = time.perf_counter()
             for job, _ in ready:
                 self._metrics.queue_wait.observe(started - job.queued)
-            arrays = [array for _, array in ready]
-            batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-            self._metrics.batch_size.observe(len(batch))
-            self._run(batch, ready)
+            self._metrics.batch_size.observe(sum(len(job) for job, _ in ready))
+            self._run(ready)
             jobs = [job for job, _ in ready]
             if any(job.then is not None and job.error is None for job in jobs):
                 self._finished.put(jobs)
@@ -213,9 +211,10 @@ class MicroBatcher:
                     job.error = exc
             _settle_soon(jobs)
 
-    def _run(self, batch: np.ndarray, ready: list[tuple[_Job, np.ndarray]]) -> None:
+    def _run(self, ready: list[tuple[_Job, np.ndarray]]) -> None:
+        arrays = [array for _, array in ready]
         try:
-            vectors = self._embed(batch)
+            vectors = self._embed(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
         except Exception as exc:  # the engine's error reaches every caller; the thread lives on
             for job, _ in ready:
                 job.error = exc
