@@ -124,6 +124,27 @@ def test_engine_errors_reach_every_caller(small_image_dir: Path) -> None:
     asyncio.run(run())
 
 
+def test_max_wait_lets_a_batch_wait_for_company() -> None:
+    """With ``max_wait_ms`` set, a batch waits for more requests, but never past ``max_size``:
+    the second request joins the first; the full batch runs without waiting out the timer."""
+    metrics = ServiceMetrics()
+
+    async def run() -> float:
+        batcher = MicroBatcher(lambda b: b[:, :2, 0, 0], metrics, max_size=2, max_wait_ms=60_000)
+        await batcher.start()
+        try:
+            started = time.perf_counter()
+            first = asyncio.create_task(batcher.embed(np.zeros((1, 3, 8, 8), np.float32)))
+            await asyncio.sleep(0.05)
+            await asyncio.gather(first, batcher.embed(np.ones((1, 3, 8, 8), np.float32)))
+            return time.perf_counter() - started
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(run()) < 30
+    assert _batch_sizes(metrics) == (1, 2)
+
+
 def test_a_caller_that_gives_up_does_not_break_the_batcher() -> None:
     """A request that times out cancels its future while its batch still runs; the batch's
     answer then has nobody to go to, and the next request is served as usual."""
