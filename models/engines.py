@@ -48,6 +48,7 @@ __all__ = [
     "EngineSpec",
     "create_engine",
     "export_onnx",
+    "onnx_conversions",
     "reference_images",
     "register_engine",
 ]
@@ -204,10 +205,26 @@ def onnx_engine(model: Model, options: EngineOptions) -> Engine:
 def onnx_int8_engine(model: Model, options: EngineOptions) -> Engine:
     """ONNX Runtime int8: static per-channel QDQ calibrated on real photos (cached per model)."""
     with _model_dir(options) as directory:
-        fp32 = _fp32_onnx(model, directory, "onnx-int8")
-        int8 = _cached(directory / f"{model.fingerprint}.int8.onnx",
-                       lambda target: _quantize(model, fp32, target))
-        return _ort_runner(int8, options.threads)
+        return _ort_runner(_int8_onnx(model, directory), options.threads)
+
+
+@contextlib.contextmanager
+def onnx_conversions(
+    model: Model, cache_dir: Path | None, int8: bool = True
+) -> Iterator[tuple[Path, Path | None]]:
+    """The model's verified fp32 ONNX file and, when ``int8``, its int8 one: converted once
+    per ``cache_dir`` (or into a temporary directory), valid inside the ``with`` block."""
+    with _model_dir(EngineOptions(cache_dir=cache_dir)) as directory:
+        yield _fp32_onnx(model, directory, "onnx"), _int8_onnx(model, directory) if int8 else None
+
+
+def _int8_onnx(model: Model, directory: Path) -> Path:
+    """A serving model's own int8 file, or the quantised model cached in ``directory``."""
+    if _is_serving(model) and model.int8_path is not None:
+        return model.int8_path
+    fp32 = _fp32_onnx(model, directory, "onnx-int8")
+    return _cached(directory / f"{model.fingerprint}.int8.onnx",
+                   lambda target: _quantize(model, fp32, target))
 
 
 def _fp32_onnx(model: Model, directory: Path, engine: str) -> Path:

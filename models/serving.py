@@ -2,7 +2,9 @@
 
 A serving model is a directory with ``serving.json`` (the facts inference needs: input size,
 normalisation, embedding dimension, and the fingerprint of the bundle it came from),
-``model.onnx``, and the bundle's ``calibration.json`` when it has one. It carries the source
+``model.onnx``, usually ``model.int8.onnx`` (what the default ``onnx-int8`` engine runs, so
+that a server never quantises at start-up), and the bundle's ``calibration.json`` when it has
+one. It carries the source
 bundle's fingerprint because it computes the same vectors (the export is checked against the
 PyTorch reference), so an index built with the bundle is served by its export unchanged.
 
@@ -27,6 +29,7 @@ __all__ = ["SERVING_FILE", "ServingModel", "load_serving_model", "export_serving
 
 SERVING_FILE = "serving.json"
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
 CALIBRATION_FILE = "calibration.json"
 
 
@@ -54,6 +57,12 @@ class ServingModel:
     def onnx_path(self) -> Path:
         return self.path / ONNX_FILE
 
+    @property
+    def int8_path(self) -> Path | None:
+        """The exported int8 model, if the export made one."""
+        path = self.path / INT8_FILE
+        return path if path.is_file() else None
+
 
 def is_serving_model(path: str | Path) -> bool:
     return (Path(path) / SERVING_FILE).is_file()
@@ -78,13 +87,22 @@ def load_serving_model(path: str | Path) -> ServingModel:
     return ServingModel(path, facts["name"], facts["fingerprint"], config, calibration)
 
 
-def export_serving_model(bundle: ModelBundle, out: str | Path) -> ServingModel:
-    """Export ``bundle`` to ONNX (verified against PyTorch) as a serving model at ``out``."""
-    from .engines import export_onnx
+def export_serving_model(
+    bundle: ModelBundle, out: str | Path, cache_dir: str | Path | None = None, int8: bool = True
+) -> ServingModel:
+    """Export ``bundle`` to ONNX, and to int8 ONNX when ``int8``, each verified against
+    PyTorch on real photos, as a serving model at ``out``. Conversions already made for the
+    engines in ``cache_dir`` are reused."""
+    from .engines import onnx_conversions
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    export_onnx(bundle, out / ONNX_FILE)
+    with onnx_conversions(bundle, Path(cache_dir) if cache_dir else None, int8) as (fp32, q8):
+        shutil.copyfile(fp32, out / ONNX_FILE)
+        if q8 is not None:
+            shutil.copyfile(q8, out / INT8_FILE)
+    if not int8:
+        (out / INT8_FILE).unlink(missing_ok=True)
     config = bundle.config
     facts = {
         "name": bundle.name,

@@ -237,16 +237,22 @@ def export(
     cache_dir: Annotated[
         Path | None, typer.Option(help="Cache for built-in models.", envvar="LOOKALIKE_CACHE_DIR")
     ] = None,
+    int8: Annotated[
+        bool,
+        typer.Option(help="Also write model.int8.onnx for the onnx-int8 engine (the default), "
+                     "so that a server never quantises at start-up."),
+    ] = True,
 ) -> None:
-    """Export a model to ONNX as a serving model (model.onnx + serving.json) that serves
-    without PyTorch: `LOOKALIKE_MODEL=DIR LOOKALIKE_ENGINE=onnx`. The export is checked
-    against the PyTorch model on real images and keeps its fingerprint, so indexes built
-    with the model stay valid."""
+    """Export a model to ONNX as a serving model (model.onnx, model.int8.onnx, serving.json)
+    that serves without PyTorch: `LOOKALIKE_MODEL=DIR`. Each file is checked against the
+    PyTorch model on real images and the export keeps its fingerprint, so indexes built with
+    the model stay valid."""
     from ..models.serving import export_serving_model
 
     settings = Settings(model=model) if cache_dir is None else Settings(model=model,
                                                                          cache_dir=cache_dir)
-    serving = export_serving_model(resolve_model(settings.model, settings.cache_dir), out)
+    serving = export_serving_model(resolve_model(settings.model, settings.cache_dir), out,
+                                   settings.cache_dir, int8)
     typer.echo(f"{out}: {serving.name} ({serving.fingerprint[:12]}), "
                f"{serving.config.embedding_dim}-d, {serving.onnx_path.stat().st_size:,} bytes")
 
