@@ -74,7 +74,7 @@ def deployment() -> Iterator[tuple[list[str], str, dict[str, str]]]:
 def test_compose_deployment_serves_and_survives_a_restart(deployment) -> None:
     base, url, env = deployment
     ready = wait_ready(url)
-    assert ready["model"]["engine"] == "onnx" and ready["items"] == 0
+    assert ready["model"]["engine"] == "onnx-int8" and ready["items"] == 0
 
     images = sorted((REPO / "demo" / "tll" / "right").glob("*.jpg"))[:30]
     headers = {"X-API-Key": "test-key"}
