@@ -2,6 +2,7 @@
 
     python benchmarks/load.py                       # demo index, concurrency 1/4/16/64
     python benchmarks/load.py --requests 100 --seconds 20 --concurrency 1 16
+    python benchmarks/load.py --port 8000 --api-key KEY   # a running deployment (compose)
 
 For each mode it starts a real server (``lookalike serve``) on 127.0.0.1 in a subprocess,
 sends a bounded number of requests (and for a bounded time) per level with an async client,
@@ -96,14 +97,16 @@ def batch_totals(port: int) -> tuple[float, float]:
 
 
 def measure_level(
-    server: subprocess.Popen, port: int, requests: list[bytes], concurrency: int,
+    pid: int | None, port: int, requests: list[bytes], concurrency: int,
     max_requests: int, max_seconds: float, mode: str,
 ) -> LevelResult:
-    """One level, with the server's CPU time and mean batch size over it."""
+    """One level, with the server's CPU time (when its process is ours to see) and mean
+    batch size over it."""
     passes, images = batch_totals(port)
-    cpu = process_cpu_seconds(server.pid)
+    cpu = process_cpu_seconds(pid) if pid else float("nan")
     result = run(run_level(port, requests, concurrency, max_requests, max_seconds, mode))
-    result.server_cpu_ms = (process_cpu_seconds(server.pid) - cpu) / result.requests * 1000
+    if pid:
+        result.server_cpu_ms = (process_cpu_seconds(pid) - cpu) / result.requests * 1000
     passes_after, images_after = batch_totals(port)
     result.mean_batch = (images_after - images) / max(passes_after - passes, 1)
     return result
@@ -244,6 +247,15 @@ def main() -> None:
         "--plot", type=Path, default=Path("benchmarks/figures/load.png"),
         help="Where to draw requests/s and p99 latency against clients.",
     )
+    parser.add_argument(
+        "--port", type=int,
+        help="Measure the server already running on 127.0.0.1:PORT (say, the compose "
+        "deployment) instead of starting one per mode.",
+    )
+    parser.add_argument(
+        "--api-key", help="With --port: index the demo images through POST /items first, "
+        "when the served index does not hold them yet.",
+    )
     args = parser.parse_args()
 
     settings = Settings(engine=args.engine)
@@ -257,20 +269,20 @@ def main() -> None:
     del embedder
 
     results: list[LevelResult] = []
-    for micro_batching in (True, False):
-        mode = "micro-batching" if micro_batching else "per-request"
-        port = free_port()
-        server = start_server(args.index, port, micro_batching, args.engine)
-        requests = [match_request(port, path.read_bytes()) for path in images]
-        try:
-            run(run_level(port, requests, 2, 20, 30, mode))  # warm-up
-            for concurrency in args.concurrency:
-                results.append(measure_level(
-                    server, port, requests, concurrency, args.requests, args.seconds, mode
-                ))
-        finally:
-            server.terminate()
-            server.wait(30)
+    if args.port is not None:
+        if args.api_key:
+            index_through_api(args.port, images, args.api_key)
+        results += measure_levels(None, args.port, images, args, "as deployed")
+    else:
+        for micro_batching in (True, False):
+            mode = "micro-batching" if micro_batching else "per-request"
+            port = free_port()
+            server = start_server(args.index, port, micro_batching, args.engine)
+            try:
+                results += measure_levels(server.pid, port, images, args, mode)
+            finally:
+                server.terminate()
+                server.wait(30)
 
     rates = ", ".join(f"batch {size}: {rate:.1f}" for size, rate in offline.items())
     print(
@@ -290,6 +302,32 @@ def main() -> None:
             f"{r.mean_batch:>5.1f}"
         )
     print(f"plot: {plot(results, baseline, args.engine, args.plot)}")
+
+
+def measure_levels(
+    pid: int | None, port: int, images: list[Path], args: argparse.Namespace, mode: str
+) -> list[LevelResult]:
+    requests = [match_request(port, path.read_bytes()) for path in images]
+    run(run_level(port, requests, 2, 20, 30, mode))  # warm-up
+    return [
+        measure_level(pid, port, requests, concurrency, args.requests, args.seconds, mode)
+        for concurrency in args.concurrency
+    ]
+
+
+def index_through_api(port: int, images: list[Path], api_key: str) -> None:
+    """Add the demo images a running server lacks through ``POST /items`` (keys as in the
+    demo index)."""
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=url, headers={"X-API-Key": api_key}, timeout=60) as client:
+        for path in images:
+            key = path.relative_to(DEMO_IMAGES).with_suffix("").as_posix()
+            response = client.post(
+                "/items", files={"image": (path.name, path.read_bytes(), "image/jpeg")},
+                data={"key": key},
+            )
+            if response.status_code not in (201, 409):  # 409: already there
+                raise RuntimeError(f"POST /items {key}: {response.status_code} {response.text}")
 
 
 def plot(results: list[LevelResult], baseline: float, engine: str, path: Path) -> Path:
