@@ -50,6 +50,10 @@ class LevelResult:
     seconds: float
     latencies: list[float]
     errors: int
+    server_cpu_ms: float = float("nan")
+    """Server process CPU time (all threads) per request."""
+    mean_batch: float = float("nan")
+    """Images per forward pass during this level (from the server's /metrics)."""
 
     @property
     def rate(self) -> float:
@@ -57,12 +61,6 @@ class LevelResult:
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies, q) * 1000) if self.latencies else float("nan")
-
-
-    server_cpu_ms: float = float("nan")
-    """Server process CPU time (all threads) per request."""
-    mean_batch: float = float("nan")
-    """Images per forward pass during this level (from the server's /metrics)."""
 
 
 def offline_rate(embedder: Embedder, images: list[Path], batch_size: int, runs: int) -> float:

@@ -1,7 +1,7 @@
-"""Micro-batching: concurrent requests share one forward pass, as a two-stage pipeline.
+"""Micro-batching: concurrent requests share one forward pass, in a three-thread pipeline.
 
 A request hands its encoded uploads (or preprocessed arrays) to :meth:`MicroBatcher.embed` and
-awaits the result; none of the work runs on the event loop. Two long-lived threads do it:
+awaits the result; none of the work runs on the event loop. Three long-lived threads do it:
 
 - the *decode* thread decodes and preprocesses each request as soon as it arrives, and adds it
   to the ready list;

@@ -45,7 +45,6 @@ class ServiceMetrics:
         )
 
 
-
 class MetricsMiddleware:
     """Counts and times every request under its route template (not its raw path); pure ASGI,
     so it adds no task or body stream to a request."""

@@ -3,8 +3,8 @@
 Queries and candidates are keys of indexed images or images uploaded with the request. A
 keys-only batch can be a JSON body; with uploads the request is multipart: a ``spec`` field
 holding the same JSON, and one file field per upload, referenced from the spec by field name
-(``{"upload": "q1"}``). Each upload is decoded once (in the thread pool) and embedded once
-(through the service's batcher), however often the spec names it.
+(``{"upload": "q1"}``). Each upload is decoded and embedded once, by the service's batcher,
+however often the spec names it.
 """
 
 from __future__ import annotations
