@@ -33,6 +33,14 @@ def pairs_dir(
     return root
 
 
+def _rank(pairs_dir: Path, candidates: Path, out: Path) -> list[object]:
+    """`lookalike rank` arguments: ``candidates`` over the pairs' left/right folders."""
+    return [
+        "rank", "--candidates", candidates, "--query-dir", pairs_dir / "left",
+        "--candidate-dir", pairs_dir / "right", "--out", out,
+    ]
+
+
 def _rows(path: Path) -> list[list[str]]:
     with open(path, newline="") as handle:
         return list(csv.reader(handle))
@@ -49,15 +57,7 @@ def test_make_candidates_then_rank_round_trip(
     assert "6 queries x 4 candidates" in made.output
     challenge = read_challenge(candidates)
     result = run(
-        "rank",
-        "--candidates",
-        candidates,
-        "--query-dir",
-        pairs_dir / "left",
-        "--candidate-dir",
-        pairs_dir / "right",
-        "--out",
-        scores,
+        *_rank(pairs_dir, candidates, scores),
         "--no-progress",
         "--answers",
         pairs_dir / "pairs.csv",
@@ -84,17 +84,8 @@ def test_rank_with_assign_marks_one_candidate_per_query(
 ) -> None:
     candidates, plain, assigned = tmp_path / "c.csv", tmp_path / "p.csv", tmp_path / "a.csv"
     run("make-candidates", pairs_dir / "pairs.csv", "--foils", 5, "--out", candidates)
-    common = (
-        "--candidates",
-        candidates,
-        "--query-dir",
-        pairs_dir / "left",
-        "--candidate-dir",
-        pairs_dir / "right",
-        "--no-progress",
-    )
-    assert run("rank", *common, "--out", plain).exit_code == 0
-    result = run("rank", *common, "--out", assigned, "--assign")
+    assert run(*_rank(pairs_dir, candidates, plain), "--no-progress").exit_code == 0
+    result = run(*_rank(pairs_dir, candidates, assigned), "--no-progress", "--assign")
     assert result.exit_code == 0, result.output
     before = np.array([[float(x) for x in row[1:]] for row in _rows(plain)[1:]])
     after = np.array([[float(x) for x in row[1:]] for row in _rows(assigned)[1:]])
@@ -113,17 +104,7 @@ def test_missing_images_are_named_before_any_embedding(
 ) -> None:
     candidates = tmp_path / "c.csv"
     candidates.write_text("left,c0,c1\nnot_there,zzz1,zzz2\n")
-    result = run(
-        "rank",
-        "-c",
-        candidates,
-        "--query-dir",
-        pairs_dir / "left",
-        "--candidate-dir",
-        pairs_dir / "right",
-        "--out",
-        tmp_path / "s.csv",
-    )
+    result = run(*_rank(pairs_dir, candidates, tmp_path / "s.csv"))
     assert result.exit_code == 2
     assert result.output.strip().startswith("error: 1 image(s) not found in")
     assert "'not_there'" in result.output and not (tmp_path / "s.csv").exists()
@@ -141,17 +122,7 @@ def test_malformed_candidates_exit_2(
 ) -> None:
     candidates = tmp_path / "c.csv"
     candidates.write_text(content)
-    result = run(
-        "rank",
-        "-c",
-        candidates,
-        "--query-dir",
-        pairs_dir / "left",
-        "--candidate-dir",
-        pairs_dir / "right",
-        "--out",
-        tmp_path / "s.csv",
-    )
+    result = run(*_rank(pairs_dir, candidates, tmp_path / "s.csv"))
     assert result.exit_code == 2 and text in result.output
     assert result.output.strip().splitlines()[-1].startswith("error: ")
 
