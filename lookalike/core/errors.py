@@ -1,0 +1,50 @@
+"""The one root of every error a user can act on.
+
+Each subclass names its *kind*; the service maps kinds to HTTP status codes in one table and
+the CLI maps every ``LookalikeError`` to one ``error: ...`` line and exit code 2. Code that
+raises picks the subclass that says what went wrong; it never chooses a status code itself.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LookalikeError",
+    "InvalidInputError",
+    "NotFoundError",
+    "ConflictError",
+    "TooLargeError",
+    "UnsupportedMediaError",
+    "UnavailableError",
+]
+
+
+class LookalikeError(ValueError):
+    """Root of the errors users can act on; the message says what to fix.
+
+    It subclasses ``ValueError`` so that code written against the older per-module errors
+    (all ``ValueError``) keeps catching them.
+    """
+
+
+class InvalidInputError(LookalikeError):
+    """Input that is well-formed enough to read but cannot be used (HTTP 422)."""
+
+
+class NotFoundError(LookalikeError):
+    """Something named by the caller does not exist (HTTP 404)."""
+
+
+class ConflictError(LookalikeError):
+    """The request conflicts with the current state, e.g. a duplicate key (HTTP 409)."""
+
+
+class TooLargeError(LookalikeError):
+    """Input over a configured size limit (HTTP 413)."""
+
+
+class UnsupportedMediaError(LookalikeError):
+    """Input of a kind that is not accepted, e.g. not an allowed image format (HTTP 415)."""
+
+
+class UnavailableError(LookalikeError):
+    """The service cannot answer now (not ready, over budget, timed out) (HTTP 503)."""
