@@ -1,17 +1,28 @@
-"""IndexStore: FAISS index + raw vectors + SQLite item table + manifest, in one directory.
+"""IndexStore: item table + append-only vectors + a FAISS index generation, in one directory.
 
-Layout of a store directory::
+Layout of a store directory (format 2)::
 
-    manifest.json   model fingerprint, dim, metric, factory string, count, generation, file hashes
-    items.sqlite    the item table (key, path, sha256, metadata, thumbnail, vector): source of truth
-    vectors.npy     raw L2-normalised vectors in item order (fast load, exact re-scoring)
-    index.faiss     the FAISS index over those vectors (inner product = cosine)
+    manifest.json        model fingerprint, dim, factory asked for, the serving index's
+                         choice, knobs and measured recall, count, file hashes
+    items.sqlite         items (int64 id, key, path, sha256, metadata, thumbnail) and the
+                         tombstones of removed ids: the source of truth
+    vectors.f32 (.f16)   row ``id`` = the L2-normalised vector of item ``id``, append-only,
+                         memory-mapped (see :mod:`.vectors`)
+    index-G-S.faiss      the saved FAISS index of generation ``G`` (labels are item ids)
 
-Durability: every ``add``/``remove`` is one SQLite transaction, so an acknowledged write
-survives a crash. ``vectors.npy`` and ``index.faiss`` are snapshots derived from SQLite,
-written to temporary files and moved into place with ``os.replace``, the manifest last. On
-open, a snapshot whose generation or hashes do not match the database is rebuilt from it,
-so a crash at any point leaves a store that opens with every committed item.
+Writes cost O(batch): an ``add`` appends its rows to the vector file (fsynced) and commits
+their SQLite rows in one transaction; a ``remove`` deletes rows and clears the ids' live
+bits. Neither touches the FAISS index. Searches use the serving generation for ids it covers
+and an exact scan of the vector file for the rows added since, skipping ids that are not
+live, then re-rank the shortlist exactly. A background thread merges new rows into the
+index in small chunks, applies removals (IVF) or rebuilds when tombstones pile up (HNSW),
+and builds a new generation beside the serving one when ``auto`` would choose another
+index; ``save`` does all of that now and writes the index file and manifest by atomic
+rename. Readers take no lock that a writer holds longer than one merge chunk.
+
+An acknowledged write survives ``kill -9``: its vectors are on disk before its SQLite
+commit, and the index is derived data: on open, a missing or mismatched index file is not
+loaded (it is rebuilt in the background) and rows past its coverage are scanned exactly.
 
 One metric everywhere: vectors are L2-normalised, FAISS uses inner product, and ``score`` is
 the cosine in [-1, 1]. With PCA the factory becomes ``PCA{d},L2norm,{factory}`` and results
@@ -20,13 +31,12 @@ are re-scored exactly on the raw vectors.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +44,33 @@ from typing import Any
 
 import faiss
 import numpy as np
+
+from lookalike.core.errors import ConflictError, InvalidInputError, LookalikeError, NotFoundError
+from lookalike.core.files import atomic_write, file_sha256
+from lookalike.core.metadata import check_metadata
+
+from .database import connect, has_vector_column, migrate_vectors_out
+from .exact import exact_search, merge_top, rescore
+from .generations import (
+    MERGE_CHUNK,
+    Generation,
+    NotTrainableError,
+    build_generation,
+    new_faiss_index,
+)
+from .liveness import AliveBitmap
+from .tuning import (
+    AUTO,
+    DEFAULT_MEMORY_BUDGET,
+    DEFAULT_TARGET_RECALL,
+    FLAT_MAX_WORK,
+    RERANK_FACTOR,
+    TuneReport,
+    choose_factory,
+    knob_grid,
+    tune,
+)
+from .vectors import VECTOR_DTYPES, VectorFile, vector_file_name
 
 __all__ = [
     "IndexStore",
@@ -43,40 +80,36 @@ __all__ = [
     "ModelMismatchError",
     "UnknownKeyError",
     "DuplicateKeyError",
+    "normalize_rows",
 ]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 DATABASE = "items.sqlite"
-VECTORS = "vectors.npy"
-INDEX = "index.faiss"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS items (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    key TEXT NOT NULL UNIQUE,
-    path TEXT,
-    sha256 TEXT,
-    metadata TEXT NOT NULL DEFAULT '{}',
-    thumbnail BLOB,
-    vector BLOB NOT NULL,
-    added REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
+#: Rows waiting outside the index before the background thread merges them.
+MERGE_MIN_ROWS = 1024
+#: Share of an HNSW index that may be tombstones before it is rebuilt without them.
+REBUILD_DEAD_FRACTION = 0.2
+#: Queries used to measure recall when a generation is tuned.
+TUNE_SAMPLE = 200
+MAINTENANCE_INTERVAL_S = 2.0
 
 
-class StoreError(ValueError):
-    """A store that cannot be opened or an operation it cannot do."""
+class StoreError(LookalikeError):
+    """A store that cannot be opened or an operation it cannot do (the root of store errors)."""
 
 
-class ModelMismatchError(StoreError):
+class StoreInputError(StoreError, InvalidInputError):
+    """Input the store cannot use: wrong shape, bad key, bad metadata, unknown factory."""
+
+
+class ModelMismatchError(StoreError, InvalidInputError):
     """The store's vectors were made by another model than the one asked to use it."""
 
 
-class UnknownKeyError(StoreError):
+class UnknownKeyError(NotFoundError, StoreError):
     """Keys that are not in the store; ``keys`` lists them."""
 
     def __init__(self, keys: Sequence[str]) -> None:
@@ -86,7 +119,7 @@ class UnknownKeyError(StoreError):
         super().__init__(f"unknown key(s): {shown}{more}")
 
 
-class DuplicateKeyError(StoreError):
+class DuplicateKeyError(ConflictError, StoreError):
     """Keys that are already in the store (pass ``replace=True`` to overwrite)."""
 
 
@@ -106,24 +139,14 @@ class Item:
     has_thumbnail: bool = False
 
 
-def _file_sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
+@dataclass(frozen=True)
+class _View:
+    """What a reader needs, swapped as one reference: ids below ``next_id`` are committed."""
 
-
-def _write_atomic(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then move the result over ``path`` in one rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    generation: Generation | None
+    next_id: int
+    alive: AliveBitmap
+    array: np.ndarray
 
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:
@@ -136,19 +159,41 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
 class IndexStore:
     """A persistent, searchable set of image vectors keyed by string.
 
-    Thread-safe: one lock guards the in-memory arrays and the SQLite connection, so the
-    service can search from worker threads while an add is in flight.
+    Thread-safe: writes are serialised by one lock; searches and reads never wait for it
+    (SQLite WAL readers, an immutable snapshot of the id arrays, the generation's
+    readers-writer lock held by writers for one chunk at a time).
     """
 
-    def __init__(self, path: Path, connection: sqlite3.Connection, manifest: dict[str, Any]):
+    def __init__(
+        self,
+        path: Path,
+        connection: sqlite3.Connection,
+        manifest: dict[str, Any],
+        vectors: VectorFile,
+        view: _View,
+        *,
+        background: bool = True,
+    ) -> None:
         self.path = path
         self._db = connection
         self._manifest = manifest
-        self._lock = threading.RLock()
-        self._keys: list[str] = []
-        self._rows: dict[str, int] = {}
-        self._vectors = np.zeros((0, self.dim), np.float32)
-        self._index: faiss.Index | None = None
+        self._vectors = vectors
+        self._view = view
+        self._write_lock = threading.RLock()
+        self._maintenance_lock = threading.Lock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(
+                target=_maintenance_loop, args=(weakref.ref(self), self._wake),
+                name=f"index-maintenance:{path.name}", daemon=True,
+            )
+            self._thread.start()
+            self._wake.set()
 
     # -- opening and creating -------------------------------------------------------------
 
@@ -160,20 +205,35 @@ class IndexStore:
         dim: int,
         model_fingerprint: str,
         model_name: str = "",
-        factory: str = "Flat",
+        factory: str = AUTO,
         pca_dim: int | None = None,
+        vector_dtype: str = "float32",
+        target_recall: float = DEFAULT_TARGET_RECALL,
+        search_params: dict[str, int] | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        background: bool = True,
     ) -> IndexStore:
-        """Create an empty store at ``path`` (which must not hold a store already)."""
+        """Create an empty store at ``path`` (which must not hold a store already).
+
+        ``factory`` is ``"auto"`` (choose and re-choose by size) or a FAISS factory string;
+        ``search_params`` (``nprobe``, ``efSearch``) fix the knobs instead of tuning them to
+        ``target_recall``.
+        """
         path = Path(path)
         if (path / MANIFEST).exists() or (path / DATABASE).exists():
             raise StoreError(f"{path} already holds an index store; open it or choose another path")
         if pca_dim is not None and not 0 < pca_dim < dim:
-            raise StoreError(f"PCA dimension must be between 1 and {dim - 1}, got {pca_dim}")
-        full_factory = f"PCA{pca_dim},L2norm,{factory}" if pca_dim else factory
-        try:
-            faiss.index_factory(dim, full_factory, faiss.METRIC_INNER_PRODUCT)
-        except RuntimeError as exc:
-            raise StoreError(f"FAISS cannot build index {full_factory!r}: {exc}") from exc
+            raise StoreInputError(f"PCA dimension must be between 1 and {dim - 1}, got {pca_dim}")
+        if vector_dtype not in VECTOR_DTYPES:
+            raise StoreInputError(f"vector_dtype must be one of {sorted(VECTOR_DTYPES)}")
+        if not 0 < target_recall <= 1:
+            raise StoreInputError(f"target recall must be in (0, 1], got {target_recall}")
+        if factory != AUTO:
+            full = f"PCA{pca_dim},L2norm,{factory}" if pca_dim else factory
+            try:
+                new_faiss_index(dim, full)
+            except RuntimeError as exc:
+                raise StoreInputError(f"FAISS cannot build index {full!r}: {exc}") from exc
         path.mkdir(parents=True, exist_ok=True)
         now = time.time()
         manifest = {
@@ -184,33 +244,42 @@ class IndexStore:
             "metric": "cosine",
             "factory": factory,
             "pca_dim": pca_dim,
+            "vector_dtype": vector_dtype,
+            "target_recall": target_recall,
+            "search_params": dict(search_params or {}),
+            "memory_budget": memory_budget,
             "count": 0,
             "generation": 0,
             "created": now,
             "updated": now,
+            "index": None,
             "files": {},
         }
-        store = cls(path, _connect(path / DATABASE), manifest)
-        with store._db:
-            store._db.execute("INSERT OR REPLACE INTO meta VALUES ('generation', '0')")
-            store._db.execute(
-                "INSERT OR REPLACE INTO meta VALUES ('model_fingerprint', ?)", (model_fingerprint,)
+        connection = connect(path / DATABASE)
+        with connection:
+            connection.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                [("generation", "0"), ("next_id", "0"), ("format_version", str(FORMAT_VERSION)),
+                 ("model_fingerprint", model_fingerprint)],
             )
+        vectors = VectorFile(path / vector_file_name(vector_dtype), dim, vector_dtype)
+        view = _View(None, 0, AliveBitmap(), vectors.array)
+        store = cls(path, connection, manifest, vectors, view, background=background)
         store.save()
         return store
 
     @classmethod
-    def open(cls, path: str | Path, *, model_fingerprint: str | None = None) -> IndexStore:
-        """Open the store at ``path``; with ``model_fingerprint``, refuse another model's store."""
+    def open(
+        cls, path: str | Path, *, model_fingerprint: str | None = None, background: bool = True
+    ) -> IndexStore:
+        """Open the store at ``path``; with ``model_fingerprint``, refuse another model's store.
+
+        A format-1 store (vectors as SQLite BLOBs) is migrated in place first, with a log line.
+        """
         path = Path(path)
-        try:
-            manifest = json.loads((path / MANIFEST).read_text())
-        except FileNotFoundError as exc:
-            raise StoreError(
-                f"no index store at {path}: build one with 'lookalike index build'"
-            ) from exc
-        except json.JSONDecodeError as exc:
-            raise StoreError(f"the manifest of {path} is damaged: {exc}") from exc
+        manifest = _read_manifest(path)
+        if manifest.get("format_version") == 1:
+            manifest = migrate(path)
         if manifest.get("format_version") != FORMAT_VERSION:
             raise StoreError(
                 f"{path} has store format {manifest.get('format_version')}, "
@@ -225,40 +294,15 @@ class IndexStore:
             )
         if not (path / DATABASE).is_file():
             raise StoreError(f"the index store at {path} has no {DATABASE}")
-        store = cls(path, _connect(path / DATABASE), manifest)
-        store._load()
-        return store
-
-    def _load(self) -> None:
-        generation = self._db_generation()
-        files = self._manifest.get("files", {})
-        snapshot_ok = (
-            self._manifest.get("generation") == generation
-            and set(files) == {VECTORS, INDEX}
-            and all(
-                (self.path / name).is_file() and _file_sha256(self.path / name) == digest
-                for name, digest in files.items()
-            )
-        )
-        rows = self._db.execute("SELECT key FROM items ORDER BY id").fetchall()
-        self._keys = [key for (key,) in rows]
-        self._rows = {key: row for row, key in enumerate(self._keys)}
-        if snapshot_ok:
-            self._vectors = np.load(self.path / VECTORS)
-            self._index = faiss.read_index(str(self.path / INDEX))
-        else:
-            log.warning(
-                "index snapshot of %s is stale or damaged; rebuilding from the database", self.path
-            )
-            blobs = self._db.execute("SELECT vector FROM items ORDER BY id").fetchall()
-            self._vectors = (
-                np.stack([np.frombuffer(blob, np.float32) for (blob,) in blobs])
-                if blobs
-                else np.zeros((0, self.dim), np.float32)
-            )
-            self._index = None
-            self._ensure_index()
-            self.save()
+        connection = connect(path / DATABASE)
+        next_id = int(_meta(connection, "next_id", "0"))
+        ids = np.array([i for (i,) in connection.execute("SELECT id FROM items")], np.int64)
+        alive = AliveBitmap.from_ids(ids, next_id)
+        dtype = manifest.get("vector_dtype", "float32")
+        vectors = VectorFile(path / vector_file_name(dtype), int(manifest["dim"]), dtype)
+        generation = _load_generation(path, manifest, connection, next_id)
+        view = _View(generation, next_id, alive, vectors.array)
+        return cls(path, connection, manifest, vectors, view, background=background)
 
     # -- facts ---------------------------------------------------------------------------
 
@@ -272,23 +316,27 @@ class IndexStore:
 
     @property
     def factory(self) -> str:
+        """The factory asked for (``auto`` or a FAISS string), with the PCA prefix."""
         pca = self._manifest.get("pca_dim")
         return f"PCA{pca},L2norm,{self._manifest['factory']}" if pca else self._manifest["factory"]
 
     @property
     def manifest(self) -> dict[str, Any]:
-        with self._lock:
-            return dict(self._manifest, count=len(self._keys))
+        """The saved manifest with the live count and the serving index as they are now."""
+        with self._write_lock:
+            return dict(self._manifest, count=len(self), index=self._index_info())
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return self._view.alive.count
 
     def __contains__(self, key: object) -> bool:
-        return key in self._rows
+        if not isinstance(key, str):
+            return False
+        return self._reader().execute("SELECT 1 FROM items WHERE key = ?", (key,)).fetchone() \
+            is not None
 
     def keys(self) -> list[str]:
-        with self._lock:
-            return list(self._keys)
+        return [key for (key,) in self._reader().execute("SELECT key FROM items ORDER BY id")]
 
     # -- writing -------------------------------------------------------------------------
 
@@ -303,112 +351,137 @@ class IndexStore:
         thumbnails: Sequence[bytes | None] | None = None,
         replace: bool = False,
     ) -> None:
-        """Add items in one transaction; with ``replace=True`` existing keys are overwritten."""
+        """Add items in one transaction; with ``replace=True`` existing keys are overwritten.
+
+        Everything is checked (shapes, keys, every metadata object) before anything is
+        written, so a failed add stores nothing.
+        """
+        keys = list(keys)
         vectors = normalize_rows(vectors)
         count = len(keys)
         if vectors.shape != (count, self.dim):
-            raise StoreError(
+            raise StoreInputError(
                 f"expected {count} vectors of dimension {self.dim}, got shape {vectors.shape}"
             )
+        if not np.isfinite(vectors).all():
+            raise StoreInputError("vectors must be finite (no NaN or infinity)")
         if len(set(keys)) != count:
             raise DuplicateKeyError("the same key appears twice in one add")
         if any(not isinstance(key, str) or not key for key in keys):
-            raise StoreError("keys must be non-empty strings")
-        paths = paths or [None] * count
-        sha256 = sha256 or [None] * count
-        metadata = metadata or [{} for _ in range(count)]
-        thumbnails = thumbnails or [None] * count
-        with self._lock:
-            existing = [key for key in keys if key in self._rows]
+            raise StoreInputError("keys must be non-empty strings")
+        paths = list(paths) if paths is not None else [None] * count
+        sha256 = list(sha256) if sha256 is not None else [None] * count
+        thumbnails = list(thumbnails) if thumbnails is not None else [None] * count
+        texts = [check_metadata(meta) for meta in metadata] if metadata is not None \
+            else ["{}"] * count
+        if not count:
+            return
+        with self._write_lock:
+            self._check_open()
+            existing = self._ids_of(keys, self._db)
             if existing and not replace:
                 raise DuplicateKeyError(
-                    f"{len(existing)} key(s) already in the store, e.g. {existing[0]!r}; "
+                    f"{len(existing)} key(s) already in the store, e.g. {next(iter(existing))!r}; "
                     "remove them first or add with replace"
                 )
-            if existing:
-                self.remove(existing)
-            combined = np.concatenate([self._vectors, vectors])
-            index = self._index
-            grow = index is not None and index.is_trained and index.ntotal == len(self._keys)
-            if not grow:
-                index = self._build_index(combined)  # trains first, so a failure writes nothing
+            view = self._view
+            start = view.next_id
+            ids = np.arange(start, start + count, dtype=np.int64)
+            self._vectors.write(start, vectors)
             now = time.time()
             with self._db:
+                if existing:
+                    self._delete_rows(existing)
                 self._db.executemany(
-                    "INSERT INTO items (key, path, sha256, metadata, thumbnail, vector, added) "
+                    "INSERT INTO items (id, key, path, sha256, metadata, thumbnail, added) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [
-                        (
-                            key,
-                            path,
-                            digest,
-                            json.dumps(meta, sort_keys=True),
-                            thumb,
-                            vector.tobytes(),
-                            now,
-                        )
-                        for key, path, digest, meta, thumb, vector in zip(
-                            keys, paths, sha256, metadata, thumbnails, vectors, strict=True
+                        (int(item_id), key, path, digest, text, thumb, now)
+                        for item_id, key, path, digest, text, thumb in zip(
+                            ids, keys, paths, sha256, texts, thumbnails, strict=True
                         )
                     ],
                 )
+                self._db.execute(
+                    "UPDATE meta SET value = ? WHERE name = 'next_id'", (str(start + count),)
+                )
                 self._bump_generation()
-            start = len(self._keys)
-            self._keys.extend(keys)
-            self._rows.update({key: start + offset for offset, key in enumerate(keys)})
-            self._vectors = combined
-            if grow:
-                index.add(vectors)
-            self._index = index
+            alive = view.alive.grown(start + count)
+            alive.set(ids)
+            self._forget(alive, view.generation, existing)
+            self._view = _View(view.generation, start + count, alive, self._vectors.array)
+        self._wake.set()
 
     def remove(self, keys: Iterable[str]) -> int:
         """Remove items by key in one transaction; unknown keys raise :class:`UnknownKeyError`."""
         keys = list(dict.fromkeys(keys))
-        with self._lock:
-            missing = [key for key in keys if key not in self._rows]
+        with self._write_lock:
+            self._check_open()
+            found = self._ids_of(keys, self._db)
+            missing = [key for key in keys if key not in found]
             if missing:
                 raise UnknownKeyError(missing)
             if not keys:
                 return 0
             with self._db:
-                self._db.executemany("DELETE FROM items WHERE key = ?", [(k,) for k in keys])
+                self._delete_rows(found)
                 self._bump_generation()
-            drop = np.array([self._rows[key] for key in keys])
-            keep = np.setdiff1d(np.arange(len(self._keys)), drop)
-            self._keys = [self._keys[row] for row in keep]
-            self._rows = {key: row for row, key in enumerate(self._keys)}
-            self._vectors = self._vectors[keep]
-            self._index = None
-            self._ensure_index()
-            return len(keys)
+            view = self._view
+            self._forget(view.alive, view.generation, found)
+        self._wake.set()
+        return len(keys)
+
+    def maintain(self) -> None:
+        """Bring the index up to date now: build or re-choose a generation if one is due,
+        merge every row added since, apply removals. The background thread does the same
+        in small steps; this is for ``save``, tests and tools that want it done."""
+        with self._maintenance_lock:
+            self._maintain(force=True)
+
+    def tune(self, target_recall: float | None = None, sample: int = TUNE_SAMPLE) -> TuneReport:
+        """Re-measure recall@10 of the serving index against exact search and re-pick its
+        knobs (``nprobe``/``efSearch``) for ``target_recall`` (default: the store's)."""
+        if target_recall is not None:
+            if not 0 < target_recall <= 1:
+                raise StoreInputError(f"target recall must be in (0, 1], got {target_recall}")
+            with self._write_lock:
+                self._manifest["target_recall"] = target_recall
+        self.maintain()
+        with self._maintenance_lock:
+            generation = self._view.generation
+            if generation is None:
+                return TuneReport("Flat", self._manifest["target_recall"], 0, {}, 1.0, True,
+                                  [{"params": {}, "recall": 1.0, "exact": True}])
+            return self._tune(generation, sample)
 
     def save(self) -> None:
-        """Write the vectors/index snapshot and the manifest, each by atomic rename."""
-        with self._lock:
-            self._ensure_index()
-            _write_atomic(self.path / VECTORS, lambda tmp: _save_npy(tmp, self._vectors))
-            index = self._index if self._index is not None else self._new_index()
-            _write_atomic(self.path / INDEX, lambda tmp: faiss.write_index(index, str(tmp)))
-            self._manifest.update(
-                count=len(self._keys),
-                generation=self._db_generation(),
-                updated=time.time(),
-                files={name: _file_sha256(self.path / name) for name in (VECTORS, INDEX)},
-            )
-            manifest = json.dumps(self._manifest, indent=2, sort_keys=True)
-            _write_atomic(self.path / MANIFEST, lambda tmp: tmp.write_text(manifest))
+        """Bring the index up to date, write its file and the manifest, each by atomic rename."""
+        with self._maintenance_lock:
+            self._check_open()
+            self._maintain(force=True)
+            with self._write_lock:
+                self._write_snapshot()
 
     def close(self) -> None:
-        with self._lock:
+        """Stop the background thread and close the files (unsaved index work is redone)."""
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)
+        with self._write_lock:
+            with self._readers_lock:
+                for reader in self._readers:
+                    reader.close()
+                self._readers.clear()
             self._db.close()
+            self._vectors.close()
 
     # -- reading -------------------------------------------------------------------------
 
     def get(self, key: str) -> Item:
-        with self._lock:
-            row = self._db.execute(
-                f"SELECT {ITEM_COLUMNS} FROM items WHERE key = ?", (key,)
-            ).fetchone()
+        row = self._reader().execute(
+            f"SELECT {ITEM_COLUMNS} FROM items WHERE key = ?", (key,)
+        ).fetchone()
         if row is None:
             raise UnknownKeyError([key])
         return _item(row)
@@ -416,64 +489,66 @@ class IndexStore:
     def get_many(self, keys: Sequence[str]) -> dict[str, Item]:
         """Items for the known ``keys`` in one query (unknown keys are left out)."""
         found: dict[str, Item] = {}
-        with self._lock:
-            for start in range(0, len(keys), 500):
-                chunk = list(keys[start : start + 500])
-                rows = self._db.execute(
-                    f"SELECT {ITEM_COLUMNS} FROM items WHERE key IN ({','.join('?' * len(chunk))})",
-                    chunk,
-                ).fetchall()
-                found.update((row[0], _item(row)) for row in rows)
+        reader = self._reader()
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start : start + 500])
+            rows = reader.execute(
+                f"SELECT {ITEM_COLUMNS} FROM items WHERE key IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ).fetchall()
+            found.update((row[0], _item(row)) for row in rows)
         return found
 
     def items(self, offset: int = 0, limit: int = 100) -> list[Item]:
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {ITEM_COLUMNS} FROM items ORDER BY id LIMIT ? OFFSET ?", (limit, offset)
-            ).fetchall()
+        rows = self._reader().execute(
+            f"SELECT {ITEM_COLUMNS} FROM items ORDER BY id LIMIT ? OFFSET ?", (limit, offset)
+        ).fetchall()
         return [_item(row) for row in rows]
 
     def thumbnail(self, key: str) -> bytes | None:
-        with self._lock:
-            row = self._db.execute("SELECT thumbnail FROM items WHERE key = ?", (key,)).fetchone()
+        row = self._reader().execute(
+            "SELECT thumbnail FROM items WHERE key = ?", (key,)
+        ).fetchone()
         if row is None:
             raise UnknownKeyError([key])
         return row[0]
 
     def digests(self) -> dict[str, str | None]:
         """``key -> sha256`` of the source file, to skip unchanged images on rebuild."""
-        with self._lock:
-            return dict(self._db.execute("SELECT key, sha256 FROM items").fetchall())
+        return dict(self._reader().execute("SELECT key, sha256 FROM items").fetchall())
 
     def vectors(self, keys: Sequence[str]) -> np.ndarray:
         """Raw vectors ``(len(keys), dim)`` for ``keys``; unknown keys raise."""
-        with self._lock:
-            missing = [key for key in keys if key not in self._rows]
-            if missing:
-                raise UnknownKeyError(missing)
-            return self._vectors[[self._rows[key] for key in keys]]
+        found = self._ids_of(keys, self._reader())
+        missing = [key for key in keys if key not in found]
+        if missing:
+            raise UnknownKeyError(missing)
+        view = self._view
+        ids = np.array([found[key] for key in keys], np.int64)
+        return np.asarray(view.array[ids], np.float32).reshape(len(keys), self.dim)
 
     def search(
         self, queries: np.ndarray, k: int = 10, exclude: Iterable[str] = ()
     ) -> list[list[Match]]:
-        """Top-``k`` items for each query ``(Q, dim)``, scored exactly by cosine."""
+        """Top-``k`` live items for each query ``(Q, dim)``, scored exactly by cosine."""
         queries = normalize_rows(queries)
         self._check_dim(queries)
-        exclude = set(exclude)
-        with self._lock:
-            count = len(self._keys)
-            if count == 0 or k <= 0:
-                return [[] for _ in queries]
-            self._ensure_index()
-            fetch = min(count, k + len(exclude))
-            _, ids = self._index.search(queries, fetch)
-            results = []
-            for query, row_ids in zip(queries, ids, strict=True):
-                rows = [int(r) for r in row_ids if r >= 0 and self._keys[r] not in exclude]
-                scores = self._vectors[rows] @ query
-                order = np.argsort(-scores, kind="stable")[:k]
-                results.append(_matches([self._keys[rows[i]] for i in order], scores[order]))
-            return results
+        view = self._view
+        if k <= 0 or view.alive.count == 0:
+            return [[] for _ in queries]
+        excluded = set(self._ids_of(list(exclude), self._reader()).values())
+        want = k + len(excluded) + 2  # +2: room for an id removed while this search runs
+        scores, ids = self._search_ids(queries, want, view)
+        names = self._keys_of(np.unique(ids[ids >= 0]))
+        results = []
+        for row_scores, row_ids in zip(scores, ids, strict=True):
+            chosen = [
+                (names[int(i)], s) for s, i in zip(row_scores, row_ids, strict=True)
+                if i >= 0 and int(i) in names and int(i) not in excluded
+            ][:k]
+            results.append(_matches([key for key, _ in chosen],
+                                    np.array([s for _, s in chosen], np.float32)))
+        return results
 
     def rank(self, query: np.ndarray, candidates: Sequence[str]) -> list[Match]:
         """All ``candidates`` sorted by exact cosine to ``query`` ``(dim,)``."""
@@ -484,7 +559,36 @@ class IndexStore:
         order = np.argsort(-scores, kind="stable")
         return _matches([candidates[i] for i in order], scores[order])
 
-    # -- internals -----------------------------------------------------------------------
+    # -- search internals ----------------------------------------------------------------
+
+    def _search_ids(
+        self, queries: np.ndarray, want: int, view: _View, knobs: dict[str, int] | None = None,
+        generation: Generation | None = None, end: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exactly scored top-``want`` live ids: the generation's re-ranked shortlist for the
+        ids it covers, an exact scan for the rows after them."""
+        generation = generation if generation is not None else view.generation
+        found_scores, found_ids = [], []
+        covered = 0
+        if generation is not None:
+            fixed = self._manifest.get("search_params") or {}
+            with generation.lock.read():
+                covered = generation.covered
+                shortlist = generation.search(
+                    queries, want * RERANK_FACTOR, view.alive, {**(knobs or {}), **fixed}
+                )
+            view = self._view  # at least as new as the rows the generation covered
+            shortlist = np.where(view.alive.contains(shortlist), shortlist, -1)
+            found_scores.append(rescore(self._vectors, queries, shortlist, view.array))
+            found_ids.append(shortlist)
+        end = view.next_id if end is None else end
+        if covered < end:
+            scores, ids = exact_search(
+                self._vectors, view.alive, queries, want, covered, end, view.array
+            )
+            found_scores.append(scores)
+            found_ids.append(ids)
+        return merge_top(found_scores, found_ids, want)
 
     def _check_dim(self, queries: np.ndarray) -> None:
         if queries.shape[1] != self.dim:
@@ -492,36 +596,269 @@ class IndexStore:
                 f"query vectors have dimension {queries.shape[1]}, the index holds {self.dim}"
             )
 
-    def _new_index(self) -> faiss.Index:
-        return faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
+    # -- maintenance internals -----------------------------------------------------------
 
-    def _ensure_index(self) -> None:
-        if self._index is None or self._index.ntotal != len(self._keys):
-            self._index = self._build_index(self._vectors)
+    def _planned_factory(self, count: int) -> str:
+        requested = self._manifest["factory"]
+        pca = self._manifest.get("pca_dim")
+        base = (
+            choose_factory(count, pca or self.dim, self._manifest.get("memory_budget",
+                                                                      DEFAULT_MEMORY_BUDGET))
+            if requested == AUTO else requested
+        )
+        return f"PCA{pca},L2norm,{base}" if pca else base
 
-    def _build_index(self, vectors: np.ndarray) -> faiss.Index:
-        """A FAISS index over ``vectors``, trained on them first where the type needs it."""
-        index = self._new_index()
-        if len(vectors) and not index.is_trained:
+    def _rebuild_due(self, generation: Generation | None, plan: str, count: int) -> bool:
+        if generation is None:
+            return plan != "Flat"
+        if not generation.removable and generation.dead_fraction > REBUILD_DEAD_FRACTION:
+            return True
+        if plan == generation.factory:
+            return False
+        if self._manifest["factory"] != AUTO:
+            return True
+        if plan == "Flat":  # hysteresis: back to exact only well below the threshold
+            return count * self.dim < FLAT_MAX_WORK // 2
+        return not generation.built_count / 2 <= count <= 2 * generation.built_count
+
+    def _maintain(self, force: bool) -> None:
+        """One maintenance pass; the caller holds the maintenance lock."""
+        if self._closed:
+            return
+        view = self._view
+        count = view.alive.count
+        plan = self._planned_factory(count)
+        generation = view.generation
+        if self._rebuild_due(generation, plan, count):
+            if plan == "Flat":
+                with self._write_lock:
+                    self._view = _View(None, self._view.next_id, self._view.alive,
+                                       self._view.array)
+                log.info("serving exact search over %d vectors", count)
+                return
             try:
-                index.train(vectors)
-            except RuntimeError as exc:
-                raise StoreError(
-                    f"cannot train FAISS index {self.factory!r} on {len(vectors)} vectors "
-                    f"(add more items or choose another factory): {exc}"
-                ) from exc
-        if index.is_trained and len(vectors):
-            index.add(vectors)
-        return index
+                self._rebuild(plan, generation)
+            except NotTrainableError as exc:
+                log.debug("not building %s yet: %s", plan, exc)
+            generation = self._view.generation
+        if generation is None:
+            return
+        while generation.dead and generation.removable and not self._closed:
+            with self._write_lock:
+                generation.apply_removals(limit=4096)
+        if force or self._view.next_id - generation.covered >= MERGE_MIN_ROWS:
+            self._merge(generation)
 
-    def _db_generation(self) -> int:
-        row = self._db.execute("SELECT value FROM meta WHERE name = 'generation'").fetchone()
-        return int(row[0]) if row else 0
+    def _merge(self, generation: Generation) -> None:
+        """Add the rows after ``generation.covered`` to its index, one chunk per lock hold."""
+        chunk = MERGE_CHUNK[generation.family]
+        while not self._closed:
+            with self._write_lock:
+                view = self._view
+                start = generation.covered
+                end = min(view.next_id, start + chunk)
+                if start >= end:
+                    return
+                ids = start + np.flatnonzero(view.alive.range(start, end)).astype(np.int64)
+                generation.add(ids, self._vectors.take(ids), covered=end)
+
+    def _rebuild(self, plan: str, previous: Generation | None) -> None:
+        """Build a generation for ``plan`` beside the serving one, catch it up, swap it in."""
+        view = self._view
+        number = (previous.number + 1) if previous else int(
+            (self._manifest.get("index") or {}).get("generation", 0)) + 1
+        generation, held = build_generation(
+            number, plan, self._vectors, view.alive, view.next_id, lambda: self._closed
+        )
+        self._merge(generation)
+        self._tune(generation, TUNE_SAMPLE)
+        with self._write_lock:
+            self._merge(generation)
+            alive = self._view.alive
+            merged = np.concatenate([held, np.arange(view.next_id, generation.covered)])
+            generation.dead = set(merged[~alive.contains(merged)].tolist())
+            self._view = _View(generation, self._view.next_id, alive, self._view.array)
+        log.info(
+            "serving index generation %d: %s over %d vectors, recall@10 %.3f with %s",
+            number, plan, generation.built_count, generation.recall or 0.0, generation.params,
+        )
+
+    def _tune(self, generation: Generation, sample: int) -> TuneReport:
+        """Measure and set ``generation``'s knobs for the store's target recall."""
+        view = self._view
+        covered = generation.covered
+        live = np.flatnonzero(view.alive.range(0, covered)).astype(np.int64)
+        rng = np.random.default_rng(0)
+        query_ids = np.sort(rng.choice(live, size=min(sample, len(live)), replace=False))
+        queries = self._vectors.take(query_ids)
+        _, truth = exact_search(self._vectors, view.alive, queries, 11, 0, covered, view.array)
+        fixed = self._manifest.get("search_params") or {}
+        family = generation.family
+        nlist = faiss.extract_index_ivf(generation.index).nlist if family == "ivf" else 0
+        grid = [fixed] if fixed else knob_grid(family, nlist)
+
+        def search(batch: np.ndarray, k: int, knobs: dict[str, int]) -> np.ndarray:
+            return self._search_ids(batch, k, view, knobs, generation, end=covered)[1]
+
+        report = tune(generation.factory, grid,
+                      search, truth, queries, query_ids,
+                      target_recall=float(self._manifest["target_recall"]))
+        generation.params = dict(report.chosen)
+        generation.recall = report.recall
+        generation.recall_sample = report.sample
+        generation.dirty = True
+        if not report.reached:
+            log.warning("index %s reached recall@10 %.3f, below the target %.3f",
+                        generation.factory, report.recall, report.target_recall)
+        return report
+
+    def _write_snapshot(self) -> None:
+        """Write the serving generation's index file (if changed) and the manifest."""
+        generation = self._view.generation
+        files = dict(self._manifest.get("files", {}))
+        db_generation = int(_meta(self._db, "generation", "0"))
+        if generation is None:
+            files = {}
+        elif generation.dirty or not files:
+            name = f"index-{generation.number:06d}-{db_generation:08d}.faiss"
+            with generation.lock.read():
+                atomic_write(self.path / name, lambda tmp: faiss.write_index(
+                    generation.index, str(tmp)))
+            generation.dirty = False
+            files = {name: file_sha256(self.path / name)}
+        self._manifest.update(
+            count=len(self),
+            next_id=self._view.next_id,
+            generation=db_generation,
+            updated=time.time(),
+            index=self._index_info(),
+            files=files,
+        )
+        atomic_write(self.path / MANIFEST, json.dumps(self._manifest, indent=2, sort_keys=True))
+        with self._db:  # the saved file holds exactly these removed ids
+            self._db.execute("DELETE FROM tombstones")
+            if generation is not None and generation.dead:
+                self._db.executemany("INSERT INTO tombstones VALUES (?)",
+                                     [(i,) for i in sorted(generation.dead)])
+        for old in self.path.glob("index-*.faiss"):
+            if old.name not in files:
+                old.unlink(missing_ok=True)
+
+    def _index_info(self) -> dict[str, Any]:
+        generation = self._view.generation
+        if generation is None:
+            return {"factory": "Flat", "family": "exact", "recall_at_10": 1.0,
+                    "pending": self._planned_factory(len(self))
+                    if self._planned_factory(len(self)) != "Flat" else None}
+        info = generation.info()
+        info["unmerged"] = self._view.next_id - generation.covered
+        return info
+
+    # -- database internals --------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read connection (WAL: it never waits for the writer)."""
+        reader = getattr(self._local, "db", None)
+        if reader is None:
+            self._check_open()
+            reader = connect(self.path / DATABASE, schema=False)
+            self._local.db = reader
+            with self._readers_lock:
+                self._readers.append(reader)
+        return reader
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"the index store at {self.path} is closed")
+
+    @staticmethod
+    def _ids_of(keys: Sequence[str], connection: sqlite3.Connection) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start : start + 500])
+            found.update(connection.execute(
+                f"SELECT key, id FROM items WHERE key IN ({','.join('?' * len(chunk))})", chunk
+            ).fetchall())
+        return found
+
+    def _keys_of(self, ids: np.ndarray) -> dict[int, str]:
+        found: dict[int, str] = {}
+        reader = self._reader()
+        values = [int(i) for i in ids]
+        for start in range(0, len(values), 500):
+            chunk = values[start : start + 500]
+            found.update(reader.execute(
+                f"SELECT id, key FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            ).fetchall())
+        return found
+
+    def _delete_rows(self, found: dict[str, int]) -> None:
+        """Delete items and tombstone their ids (inside the caller's transaction)."""
+        self._db.executemany("DELETE FROM items WHERE id = ?", [(i,) for i in found.values()])
+        generation = self._view.generation
+        if generation is not None:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO tombstones VALUES (?)",
+                [(i,) for i in found.values() if i < generation.covered],
+            )
+
+    def _forget(
+        self, alive: AliveBitmap, generation: Generation | None, found: dict[str, int]
+    ) -> None:
+        """Clear removed ids from the live set and mark those the index holds as dead."""
+        if not found:
+            return
+        ids = np.fromiter(found.values(), np.int64)
+        alive.clear(ids)
+        if generation is not None:
+            generation.dead.update(int(i) for i in ids if i < generation.covered)
 
     def _bump_generation(self) -> None:
         self._db.execute(
             "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE name = 'generation'"
         )
+
+
+def migrate(path: str | Path) -> dict[str, Any]:
+    """Migrate a format-1 store (vectors as SQLite BLOBs) to format 2 in place; returns the
+    new manifest. Safe to re-run after a crash: each step is atomic and idempotent."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    if manifest.get("format_version") == FORMAT_VERSION:
+        return manifest
+    started = time.perf_counter()
+    log.warning("index store %s has format %s: migrating it to format %d (vectors move out of "
+                "SQLite into %s)", path, manifest.get("format_version"), FORMAT_VERSION,
+                vector_file_name("float32"))
+    connection = connect(path / DATABASE, schema=False)
+    vectors = VectorFile(path / vector_file_name("float32"), int(manifest["dim"]))
+    try:
+        if has_vector_column(connection):
+            migrate_vectors_out(connection, vectors)
+        count = connection.execute("SELECT count(*) FROM items").fetchone()[0]
+        new = {
+            **{name: manifest.get(name) for name in
+               ("model_fingerprint", "model_name", "dim", "metric", "factory", "pca_dim",
+                "created")},
+            "format_version": FORMAT_VERSION,
+            "vector_dtype": "float32",
+            "target_recall": DEFAULT_TARGET_RECALL,
+            "search_params": {},
+            "memory_budget": DEFAULT_MEMORY_BUDGET,
+            "count": count,
+            "generation": int(_meta(connection, "generation", "0")),
+            "updated": time.time(),
+            "index": None,
+            "files": {},
+        }
+        atomic_write(path / MANIFEST, json.dumps(new, indent=2, sort_keys=True))
+    finally:
+        connection.close()
+        vectors.close()
+    for old in ("vectors.npy", "index.faiss"):
+        (path / old).unlink(missing_ok=True)
+    log.warning("migrated %s: %d items in %.1f s", path, count, time.perf_counter() - started)
+    return new
 
 
 ITEM_COLUMNS = "key, path, sha256, metadata, thumbnail IS NOT NULL"
@@ -539,15 +876,68 @@ def _matches(keys: Sequence[str], scores: np.ndarray) -> list[Match]:
     ]
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:
-        np.save(handle, array)
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError as exc:
+        raise StoreError(
+            f"no index store at {path}: build one with 'lookalike index build'"
+        ) from exc
+    except json.JSONDecodeError as exc:
+        raise StoreError(f"the manifest of {path} is damaged: {exc}") from exc
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    connection.execute("PRAGMA journal_mode=WAL")
-    connection.execute("PRAGMA synchronous=FULL")
-    connection.executescript(SCHEMA)
-    connection.isolation_level = "DEFERRED"
-    return connection
+def _meta(connection: sqlite3.Connection, name: str, default: str) -> str:
+    row = connection.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+    return row[0] if row else default
+
+
+def _load_generation(
+    path: Path, manifest: dict[str, Any], connection: sqlite3.Connection, next_id: int
+) -> Generation | None:
+    """The saved generation, if its file is there and is the one the manifest hashed."""
+    info = manifest.get("index") or {}
+    files = manifest.get("files") or {}
+    if "covered" not in info:
+        return None
+    if len(files) != 1:
+        log.warning("%s names no index file; serving exact search until one is rebuilt", path)
+        return None
+    ((name, digest),) = files.items()
+    file = path / name
+    if not file.is_file() or file_sha256(file) != digest or info["covered"] > next_id:
+        log.warning("the index file of %s is missing or not the one its manifest hashed; "
+                    "serving exact search until a new one is built", path)
+        return None
+    index = faiss.read_index(str(file))
+    dead = {i for (i,) in connection.execute(
+        "SELECT id FROM tombstones WHERE id < ?", (info["covered"],))}
+    return Generation(
+        number=int(info["generation"]), factory=info["factory"], index=index,
+        covered=int(info["covered"]), built_count=int(info["built_count"]),
+        params=dict(info.get("params") or {}), recall=info.get("recall_at_10"),
+        recall_sample=int(info.get("recall_sample", 0)), dead=dead, dirty=False,
+    )
+
+
+def _maintenance_loop(ref: weakref.ref[IndexStore], wake: threading.Event) -> None:
+    """The background thread: merge, compact and rebuild when woken or every few seconds.
+
+    It holds the store only weakly between passes, so a store that is dropped is collected.
+    """
+    while True:
+        wake.wait(MAINTENANCE_INTERVAL_S)
+        wake.clear()
+        store = ref()
+        if store is None or store._closed:
+            return
+        try:
+            if store._maintenance_lock.acquire(timeout=1):
+                try:
+                    store._maintain(force=False)
+                finally:
+                    store._maintenance_lock.release()
+        except Exception:  # noqa: BLE001 - the thread must survive to try again
+            if not store._closed:
+                log.exception("background index maintenance of %s failed", store.path)
+        del store

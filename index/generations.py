@@ -1,0 +1,247 @@
+"""Index generations: a FAISS index over the store's ids, built beside the serving one.
+
+A :class:`Generation` is derived data: a FAISS index whose labels are the store's int64 ids,
+covering ids ``0..covered`` (the live ones when they were merged), plus the search knobs
+tuned for it and the recall they measured. The store serves one generation; a new one
+(retrained as the store grew, re-chosen by ``auto``, compacted after many removals, or built
+from another model's vectors) is built from the vector file without any lock, caught up
+with the writes that happened meanwhile, and swapped in by replacing one reference. Readers
+that started on the old generation finish on it; nothing mutates it after the swap.
+
+Within a generation, index changes (merging newly added rows, applying removals) take the
+generation's write lock for one chunk at a time; searches take its read lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+
+from .liveness import AliveBitmap
+from .locks import ReadWriteLock
+from .vectors import VectorFile
+
+__all__ = [
+    "Generation",
+    "NotTrainableError",
+    "build_generation",
+    "describe_family",
+    "new_faiss_index",
+    "training_minimum",
+]
+
+log = logging.getLogger(__name__)
+
+#: Rows added to a FAISS index per write-lock hold while merging; HNSW inserts are slow
+#: (each walks the graph), so they go in smaller steps to keep reader waits short.
+MERGE_CHUNK = {"hnsw": 64, "ivf": 4096, "other": 4096}
+_BUILD_CHUNK = 1 << 15
+_TRAIN_SAMPLE_PER_LIST = 64
+
+
+class NotTrainableError(Exception):
+    """Too few live vectors to train this index type yet; the store stays exact until then."""
+
+
+def new_faiss_index(dim: int, factory: str) -> faiss.Index:
+    """``index_factory`` with inner product, wrapped in ``IndexIDMap2`` unless it takes ids."""
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    return index if _ivf(index) is not None else faiss.IndexIDMap2(index)
+
+
+def _ivf(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _hnsw(index: faiss.Index) -> Any:
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexIDMap2):
+        inner = faiss.downcast_index(inner.index)
+    return inner if isinstance(inner, faiss.IndexHNSW) else None
+
+
+def describe_family(index: faiss.Index) -> str:
+    """``ivf``, ``hnsw`` or ``other``: what decides how removals and knobs work."""
+    if _ivf(index) is not None:
+        return "ivf"
+    return "hnsw" if _hnsw(index) is not None else "other"
+
+
+def training_minimum(dim: int, factory: str) -> int:
+    """Live vectors needed before ``factory`` can be trained (FAISS's own rules of thumb)."""
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    need = 1
+    ivf = _ivf(index)
+    if ivf is not None:
+        need = max(need, 39 * ivf.nlist)
+    if "PQ" in factory:
+        need = max(need, 256)
+    if factory.startswith("PCA"):
+        need = max(need, dim)
+    return need
+
+
+@dataclass
+class Generation:
+    """One FAISS index over store ids ``0..covered``, with its tuned knobs and measured recall."""
+
+    number: int
+    factory: str
+    index: faiss.Index
+    covered: int
+    built_count: int
+    params: dict[str, int] = field(default_factory=dict)
+    recall: float | None = None
+    recall_sample: int = 0
+    dead: set[int] = field(default_factory=set)
+    """Ids in the index that are no longer live (tombstones not yet removed from it)."""
+    dirty: bool = True
+    lock: ReadWriteLock = field(default_factory=ReadWriteLock)
+
+    @property
+    def family(self) -> str:
+        return describe_family(self.index)
+
+    @property
+    def removable(self) -> bool:
+        """Whether removals can be applied in place (IVF) rather than by a rebuild (HNSW)."""
+        return self.family != "hnsw"
+
+    @property
+    def dead_fraction(self) -> float:
+        return len(self.dead) / max(1, self.index.ntotal)
+
+    def search(
+        self,
+        queries: np.ndarray,
+        fetch: int,
+        alive: AliveBitmap,
+        params: dict[str, int] | None = None,
+    ) -> np.ndarray:
+        """Candidate ids ``(Q, fetch)`` among live ids; the caller holds ``lock.read()``."""
+        knobs = {**self.params, **(params or {})}
+        search_params = self._search_parameters(alive, knobs)
+        over = 0 if search_params is not None else len(self.dead)
+        _, ids = self.index.search(queries, min(fetch + over, max(1, self.index.ntotal)),
+                                   params=search_params)
+        return ids
+
+    def _search_parameters(self, alive: AliveBitmap, knobs: dict[str, int]) -> Any:
+        """FAISS search parameters that skip removed ids; ``None`` where the type has none."""
+        family = self.family
+        if family == "ivf":
+            ivf_params = faiss.SearchParametersIVF(
+                sel=alive.selector, nprobe=knobs.get("nprobe", 1)
+            )
+            if isinstance(faiss.downcast_index(self.index), faiss.IndexPreTransform):
+                return faiss.SearchParametersPreTransform(index_params=ivf_params)
+            return ivf_params
+        if family == "hnsw":
+            return faiss.SearchParametersHNSW(
+                sel=alive.selector, efSearch=knobs.get("efSearch", 16)
+            )
+        inner = faiss.downcast_index(self.index)
+        if isinstance(inner, faiss.IndexIDMap2) and not isinstance(
+            faiss.downcast_index(inner.index), faiss.IndexPreTransform
+        ):
+            return faiss.SearchParameters(sel=alive.selector)
+        return None
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray, covered: int | None = None) -> None:
+        """Add rows (and move ``covered`` in the same lock hold, so a reader never sees a row
+        both in the index and in the unmerged tail); IVF list assignment runs before the lock."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        ivf = faiss.downcast_index(self.index)
+        assign = None
+        if isinstance(ivf, faiss.IndexIVF) and len(ids):
+            assign = np.ascontiguousarray(ivf.quantizer.assign(vectors, 1).ravel(), np.int64)
+        with self.lock.write():
+            if assign is not None:
+                ivf.add_core(
+                    len(ids), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(assign)
+                )
+            elif len(ids):
+                self.index.add_with_ids(vectors, ids)
+            if covered is not None:
+                self.covered = covered
+        self.dirty = True
+
+    def apply_removals(self, limit: int = 1 << 16) -> int:
+        """Remove up to ``limit`` dead ids from a removable index; returns how many."""
+        if not self.dead or not self.removable:
+            return 0
+        batch = np.fromiter(list(self.dead)[:limit], np.int64)
+        with self.lock.write():
+            self.index.remove_ids(faiss.IDSelectorBatch(batch))
+        self.dead.difference_update(batch.tolist())
+        self.dirty = True
+        return len(batch)
+
+    def info(self) -> dict[str, Any]:
+        """What the manifest records about this generation."""
+        return {
+            "generation": self.number,
+            "factory": self.factory,
+            "family": self.family,
+            "covered": self.covered,
+            "indexed": int(self.index.ntotal),
+            "built_count": self.built_count,
+            "params": dict(self.params),
+            "recall_at_10": self.recall,
+            "recall_sample": self.recall_sample,
+            "tombstones": len(self.dead),
+        }
+
+
+def build_generation(
+    number: int,
+    factory: str,
+    vectors: VectorFile,
+    alive: AliveBitmap,
+    end: int,
+    cancelled: Callable[[], bool] = lambda: False,
+    seed: int = 0,
+) -> tuple[Generation, np.ndarray]:
+    """Train and fill a new generation over the live ids in ``0..end`` (no lock needed).
+
+    Returns the generation and the ids it holds, so the caller can find which of them were
+    removed while it was being built. Raises :class:`NotTrainableError` when there are too
+    few live vectors to train ``factory``.
+    """
+    started = time.perf_counter()
+    live_ids = np.flatnonzero(alive.range(0, end)).astype(np.int64)
+    need = training_minimum(vectors.dim, factory)
+    if len(live_ids) < need:
+        raise NotTrainableError(f"{factory} needs {need} vectors to train, the store has "
+                                f"{len(live_ids)}")
+    index = new_faiss_index(vectors.dim, factory)
+    if not index.is_trained:
+        ivf = _ivf(index)
+        sample_size = len(live_ids)
+        if ivf is not None:
+            sample_size = min(sample_size, max(need, _TRAIN_SAMPLE_PER_LIST * ivf.nlist))
+            ivf.cp.max_points_per_centroid = max(1, sample_size // ivf.nlist + 1)
+        rng = np.random.default_rng(seed)
+        sample = np.sort(rng.choice(live_ids, size=min(sample_size, len(live_ids)), replace=False))
+        index.train(vectors.take(sample))
+    generation = Generation(number, factory, index, covered=end, built_count=len(live_ids))
+    for offset in range(0, len(live_ids), _BUILD_CHUNK):
+        if cancelled():
+            raise NotTrainableError("the store was closed during the build")
+        chunk = live_ids[offset : offset + _BUILD_CHUNK]
+        generation.add(chunk, vectors.take(chunk))
+    log.info(
+        "built index generation %d (%s) over %d vectors in %.1f s",
+        number, factory, len(live_ids), time.perf_counter() - started,
+    )
+    return generation, live_ids
