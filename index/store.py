@@ -278,19 +278,19 @@ class IndexStore:
         """
         path = Path(path)
         manifest = _read_manifest(path)
-        if manifest.get("format_version") == 1:
-            manifest = migrate(path)
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise StoreError(
-                f"{path} has store format {manifest.get('format_version')}, "
-                f"this lookalike reads format {FORMAT_VERSION}"
-            )
         if model_fingerprint is not None and manifest["model_fingerprint"] != model_fingerprint:
             raise ModelMismatchError(
                 f"the index at {path} was built with model {manifest.get('model_name') or '?'} "
                 f"({manifest['model_fingerprint'][:12]}), not the model in use "
                 f"({model_fingerprint[:12]}); rebuild the index with this model or serve it with "
                 "the model that built it"
+            )
+        if manifest.get("format_version") == 1:
+            manifest = migrate(path)
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise StoreError(
+                f"{path} has store format {manifest.get('format_version')}, "
+                f"this lookalike reads format {FORMAT_VERSION}"
             )
         if not (path / DATABASE).is_file():
             raise StoreError(f"the index store at {path} has no {DATABASE}")
@@ -538,6 +538,16 @@ class IndexStore:
             return [[] for _ in queries]
         excluded = set(self._ids_of(list(exclude), self._reader()).values())
         want = k + len(excluded) + 2  # +2: room for an id removed while this search runs
+        for _ in range(3):  # an HNSW walk through tombstones, or a race, can fall short
+            results = self._search_keys(queries, want, k, excluded, view)
+            if all(len(r) >= min(k, len(self) - len(excluded)) for r in results):
+                break
+            view, want = self._view, want * 4
+        return results
+
+    def _search_keys(
+        self, queries: np.ndarray, want: int, k: int, excluded: set[int], view: _View
+    ) -> list[list[Match]]:
         scores, ids = self._search_ids(queries, want, view)
         names = self._keys_of(np.unique(ids[ids >= 0]))
         results = []

@@ -10,6 +10,7 @@ import faiss
 import numpy as np
 import pytest
 
+from lookalike.core.errors import ConflictError, InvalidInputError, NotFoundError
 from lookalike.index.store import (
     DuplicateKeyError,
     IndexStore,
@@ -41,11 +42,15 @@ def brute_force(vectors: np.ndarray, keys: list[str], query: np.ndarray, k: int)
     return [keys[i] for i in np.argsort(-scores, kind="stable")[:k]]
 
 
-@pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF4,Flat"])
-def test_search_matches_brute_force(tmp_path: Path, factory: str) -> None:
-    store, keys, vectors = new_store(tmp_path / "s", factory=factory)
-    if factory.startswith("IVF"):
-        store._index.nprobe = 4  # exhaustive over 4 lists: exact
+@pytest.mark.parametrize(
+    ("factory", "params"),
+    [("Flat", {}), ("auto", {}), ("HNSW32", {"efSearch": 256}), ("IVF4,Flat", {"nprobe": 4})],
+)
+def test_search_matches_brute_force(tmp_path: Path, factory: str, params: dict) -> None:
+    store, keys, vectors = new_store(tmp_path / "s", factory=factory, search_params=params)
+    store.maintain()
+    serving = store.manifest["index"]["factory"]
+    assert serving == ("Flat" if factory == "auto" else factory)
     queries = random_vectors(10, seed=1)
     for query, matches in zip(queries, store.search(queries, k=5), strict=True):
         assert [m.key for m in matches] == brute_force(vectors, keys, query, 5)
@@ -55,7 +60,9 @@ def test_search_matches_brute_force(tmp_path: Path, factory: str) -> None:
 
 
 def test_pca_rescores_exactly_on_raw_vectors(tmp_path: Path) -> None:
-    store, keys, vectors = new_store(tmp_path / "s", pca_dim=16)
+    store, keys, vectors = new_store(tmp_path / "s", pca_dim=16, factory="Flat")
+    store.maintain()
+    assert store.manifest["index"]["factory"] == "PCA16,L2norm,Flat"
     query = random_vectors(1, seed=3)[0]
     (matches,) = store.search(query[None], k=10)
     for match in matches:
@@ -127,36 +134,40 @@ def test_unsaved_adds_survive_reopening(tmp_path: Path) -> None:
     assert matches[0].key == "late" and matches[0].score == pytest.approx(1.0, abs=1e-5)
 
 
-def test_damaged_snapshot_is_rebuilt_not_trusted(tmp_path: Path) -> None:
-    store, keys, vectors = new_store(tmp_path / "s", n=20)
+def test_damaged_index_file_is_rebuilt_not_trusted(tmp_path: Path) -> None:
+    store, keys, vectors = new_store(tmp_path / "s", n=200, factory="HNSW32")
     store.save()
     store.close()
-    (tmp_path / "s" / "index.faiss").write_bytes(b"garbage")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    (name,) = manifest["files"]
+    (tmp_path / "s" / name).write_bytes(b"garbage")
     reopened = IndexStore.open(tmp_path / "s")
     (matches,) = reopened.search(vectors[3:4], k=1)
     assert matches[0].key == keys[3]
-    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert manifest["count"] == 20
+    reopened.save()
+    assert reopened.manifest["index"]["factory"] == "HNSW32"
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["count"] == 200
 
 
-def test_swapped_snapshot_files_are_never_loaded(tmp_path: Path) -> None:
-    """Valid FAISS and numpy files that are not the ones the manifest hashed (a swapped or
-    planted file) are not deserialised: the store rebuilds both from its database."""
-    store, keys, vectors = new_store(tmp_path / "s", n=20)
+def test_swapped_index_file_is_never_loaded(tmp_path: Path) -> None:
+    """A valid FAISS file that is not the one the manifest hashed (swapped or planted) is not
+    deserialised: the store serves exact search and builds its own index again."""
+    store, keys, vectors = new_store(tmp_path / "s", n=200, factory="IVF4,Flat",
+                                     search_params={"nprobe": 4})
     store.save()
     store.close()
-    planted = random_vectors(20, seed=99)
-    index = faiss.IndexFlatIP(DIM)
-    index.add(planted)
-    faiss.write_index(index, str(tmp_path / "s" / "index.faiss"))
-    np.save(tmp_path / "s" / "vectors.npy", planted)
-    reopened = IndexStore.open(tmp_path / "s")
-    np.testing.assert_allclose(reopened.vectors(keys), vectors, atol=1e-6)
-    assert [m[0].key for m in reopened.search(vectors, k=1)] == keys
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert manifest["files"]["index.faiss"] != hashlib.sha256(
-        faiss.serialize_index(index).tobytes()
-    ).hexdigest()
+    ((name, digest),) = manifest["files"].items()
+    planted = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
+    planted.add_with_ids(random_vectors(200, seed=99), np.arange(200, dtype=np.int64))
+    faiss.write_index(planted, str(tmp_path / "s" / name))
+    assert hashlib.sha256((tmp_path / "s" / name).read_bytes()).hexdigest() != digest
+    reopened = IndexStore.open(tmp_path / "s", background=False)
+    assert reopened.manifest["index"]["family"] == "exact"  # the planted file was refused
+    assert [m[0].key for m in reopened.search(vectors, k=1)] == keys
+    reopened.save()
+    assert reopened.manifest["index"]["factory"] == "IVF4,Flat"
+    assert [m[0].key for m in reopened.search(vectors, k=1)] == keys
 
 
 def test_create_and_open_errors(tmp_path: Path) -> None:
@@ -172,8 +183,50 @@ def test_create_and_open_errors(tmp_path: Path) -> None:
         IndexStore.open(tmp_path / "s")
 
 
-def test_untrainable_index_writes_nothing(tmp_path: Path) -> None:
-    store = IndexStore.create(tmp_path / "s", dim=DIM, model_fingerprint="f", factory="IVF64,Flat")
-    with pytest.raises(StoreError, match="cannot train"):
-        store.add(["a", "b"], random_vectors(2))
-    assert len(store) == 0 and store.items() == []
+def test_untrainable_index_serves_exact_until_it_can_train(tmp_path: Path) -> None:
+    """IVF64 needs 39 x 64 vectors to train: below that the store answers exactly from its
+    vector file, and the index appears once there are enough."""
+    store = IndexStore.create(tmp_path / "s", dim=DIM, model_fingerprint="f",
+                              factory="IVF64,Flat", search_params={"nprobe": 64})
+    vectors = random_vectors(2600)
+    keys = [f"k{i}" for i in range(2600)]
+    store.add(keys[:2], vectors[:2])
+    store.save()
+    assert store.manifest["index"]["family"] == "exact"
+    assert store.search(vectors[1:2], k=1)[0][0].key == "k1"
+    store.add(keys[2:], vectors[2:])
+    store.save()
+    assert store.manifest["index"]["factory"] == "IVF64,Flat"
+    assert [m[0].key for m in store.search(vectors[:50], k=1)] == keys[:50]
+
+
+def test_failed_add_stores_nothing(tmp_path: Path) -> None:
+    """Every metadata object is checked before anything is written."""
+    store, keys, vectors = new_store(tmp_path / "s", n=5)
+    with pytest.raises(InvalidInputError, match="finite"):
+        store.add(["a", "b"], random_vectors(2), metadata=[{"ok": 1}, {"bad": float("nan")}])
+    with pytest.raises(InvalidInputError):
+        store.add(["a"], np.full((1, DIM), np.nan))
+    assert len(store) == 5 and "a" not in store
+    store.add(["a"], random_vectors(1, seed=4), metadata=[{"name": "ä"}])
+    assert store.get("a").metadata == {"name": "ä"}
+
+
+def test_errors_have_kinds() -> None:
+    assert issubclass(UnknownKeyError, NotFoundError)
+    assert issubclass(DuplicateKeyError, ConflictError)
+    assert issubclass(ModelMismatchError, InvalidInputError)
+    assert all(issubclass(e, StoreError) for e in (UnknownKeyError, DuplicateKeyError))
+
+
+def test_float16_vectors_and_tune_report(tmp_path: Path) -> None:
+    store, keys, vectors = new_store(tmp_path / "s", n=300, vector_dtype="float16",
+                                     factory="IVF4,Flat")
+    store.save()
+    assert (tmp_path / "s" / "vectors.f16").exists()
+    np.testing.assert_allclose(store.vectors(keys[:3]), vectors[:3], atol=2e-3)
+    report = store.tune(target_recall=0.99)
+    assert report.factory == "IVF4,Flat" and report.reached and report.recall >= 0.99
+    assert report.chosen == store.manifest["index"]["params"]
+    assert store.manifest["index"]["recall_at_10"] == report.recall
+    assert [t["params"]["nprobe"] for t in report.tried] == [1, 2, 4][: len(report.tried)]
