@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-slow demo-index bench bench-load lint clean
+.PHONY: serve test test-slow demo-index bench bench-load bench-index lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ bench: $(VENV)/.installed
 
 bench-load: $(VENV)/.installed
 	$(BIN)/python benchmarks/load.py
+
+# The 1M run takes many minutes on 2 cores; a quick one: make bench-index INDEX_SIZES=100000
+INDEX_SIZES ?= demo,100000,1000000
+bench-index: $(VENV)/.installed
+	$(BIN)/python benchmarks/index.py --sizes $(INDEX_SIZES)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
