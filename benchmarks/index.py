@@ -164,7 +164,7 @@ def serve_worker(args: argparse.Namespace) -> dict:
         t = time.perf_counter()
         store.remove([f"v{i * 997 % n}"])
         remove_ms.append(1e3 * (time.perf_counter() - t))
-    idle = timed_searches(store, queries[300:], args.budget, 300)
+    idle = timed_searches(store, queries[::-1], args.budget, 300)
     # p99 while a 10k-item add (100 x 100) and its background merge run
     big = rng.normal(size=(10_000, store.dim)).astype(np.float32)
     done = threading.Event()
@@ -183,7 +183,7 @@ def serve_worker(args: argparse.Namespace) -> dict:
         unmerged = store.manifest["index"].get("unmerged", 0)
         if done.is_set() and unmerged < MERGE_MIN_ROWS:  # the background merge caught up
             break
-        q = queries[600 + i % 400]
+        q = queries[(len(queries) // 2 + i) % len(queries)]
         t = time.perf_counter()
         store.search(q[None], k=10)
         during.append(time.perf_counter() - t)
