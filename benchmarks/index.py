@@ -35,7 +35,7 @@ import faiss
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TYPES = "exact,auto,HNSW32,IVF1024,PQ32"
+DEFAULT_TYPES = "exact,auto,HNSW32,IVF1024/PQ32"
 HNSW_MAX = 200_000  # HNSW builds at ~3k vectors/s here: 1M would take most of an hour
 CLUSTERS = 1000
 
@@ -262,9 +262,13 @@ def main() -> None:
                 continue
             store = work / f"store-{size}-{kind.replace(',', '_').replace('/', '_')}"
             shutil.rmtree(store, ignore_errors=True)
-            built = run_worker("build", args.threads, kind=kind, base=base_path, store=store)
-            served = run_worker("serve", args.threads, store=store, queries=query_path,
-                                truth=truth_path, budget=args.budget)
+            try:
+                built = run_worker("build", args.threads, kind=kind, base=base_path, store=store)
+                served = run_worker("serve", args.threads, store=store, queries=query_path,
+                                    truth=truth_path, budget=args.budget)
+            except RuntimeError as exc:
+                print(f"  {size} {kind}: FAILED {exc}", flush=True)
+                continue
             row = {"size": size, "kind": kind, **built, **served}
             rows.append(row)
             print(f"  {size} {kind}: {json.dumps(row)}  [{load()}]", flush=True)
