@@ -115,17 +115,23 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def timed_searches(store, queries: np.ndarray, budget_s: float, limit: int) -> list[float]:
-    """Single-query latencies (s), at most ``limit`` queries or ``budget_s`` seconds."""
-    latencies = []
-    deadline = time.perf_counter() + budget_s
-    for query in queries[:limit]:
-        t = time.perf_counter()
-        store.search(query[None], k=10)
-        latencies.append(time.perf_counter() - t)
-        if t > deadline:
-            break
-    return latencies
+def timed_searches(search, queries: np.ndarray, budget_s: float, limit: int,
+                   passes: int = 3) -> list[float]:
+    """Single-query latencies (s) of the least disturbed of ``passes`` passes over at most
+    ``limit`` queries, each pass cut at ``budget_s`` seconds (other work shares the cores)."""
+    best: list[float] = []
+    for _ in range(passes):
+        latencies = []
+        deadline = time.perf_counter() + budget_s
+        for query in queries[:limit]:
+            t = time.perf_counter()
+            search(query[None], 10)
+            latencies.append(time.perf_counter() - t)
+            if t > deadline:
+                break
+        if not best or np.mean(latencies) < np.mean(best):
+            best = latencies
+    return best
 
 
 def serve_worker(args: argparse.Namespace) -> dict:
@@ -139,7 +145,7 @@ def serve_worker(args: argparse.Namespace) -> dict:
     n = len(store)
     # warm up, then single-query latency and QPS
     store.search(queries[:5], k=10)
-    single = timed_searches(store, queries, args.budget, 300)
+    single = timed_searches(store.search, queries, args.budget, 300)
     t = time.perf_counter()
     batched_q = queries[: max(100, min(len(queries), 1000 if n <= 200_000 else 200))]
     results = []
@@ -164,7 +170,7 @@ def serve_worker(args: argparse.Namespace) -> dict:
         t = time.perf_counter()
         store.remove([f"v{i * 997 % n}"])
         remove_ms.append(1e3 * (time.perf_counter() - t))
-    idle = timed_searches(store, queries[::-1], args.budget, 300)
+    idle = timed_searches(store.search, queries[::-1], args.budget, 300)
     # p99 while a 10k-item add (100 x 100) and its background merge run
     big = rng.normal(size=(10_000, store.dim)).astype(np.float32)
     done = threading.Event()
@@ -247,6 +253,7 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-index-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
+    reference: dict[str, tuple[float, float]] = {}
     for size in args.sizes.split(","):
         base_path, query_path = dataset(size, args.dim, work)
         base = np.load(base_path, mmap_mode="r")
@@ -255,6 +262,10 @@ def main() -> None:
         exact.add(np.asarray(base))
         truth_path = work / f"truth-{size}.npy"
         np.save(truth_path, exact.search(queries, 10)[1])
+        single = timed_searches(exact.search, queries, args.budget, 100)
+        t = time.perf_counter()
+        exact.search(queries[:100], 10)
+        reference[size] = (1 / float(np.mean(single)), 100 / (time.perf_counter() - t))
         del exact
         for kind in args.types.split(","):
             if kind.startswith("HNSW") and len(base) > args.hnsw_max:
@@ -274,6 +285,9 @@ def main() -> None:
             print(f"  {size} {kind}: {json.dumps(row)}  [{load()}]", flush=True)
             shutil.rmtree(store, ignore_errors=True)
     print_table(rows)
+    for size, (single_qps, batch_qps) in reference.items():
+        print(f"reference, faiss IndexFlatIP in RAM at {size}: {single_qps:.1f} single-query QPS,"
+              f" {batch_qps:.1f} batched QPS (batches of 100)")
     print(load())
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -107,9 +107,8 @@ class Generation:
     dirty: bool = True
     lock: ReadWriteLock = field(default_factory=ReadWriteLock)
 
-    @property
-    def family(self) -> str:
-        return describe_family(self.index)
+    def __post_init__(self) -> None:
+        self.family = describe_family(self.index)  # asked on every search: computed once
 
     @property
     def removable(self) -> bool:
