@@ -95,6 +95,10 @@ REBUILD_DEAD_FRACTION = 0.2
 #: Queries used to measure recall when a generation is tuned.
 TUNE_SAMPLE = 200
 MAINTENANCE_INTERVAL_S = 2.0
+#: FAISS threads of the background thread: one, so merges and rebuilds leave the other core
+#: to searches (OpenMP thread counts are per calling thread; ``save`` and ``maintain`` run in
+#: the caller's thread with the caller's setting).
+MAINTENANCE_THREADS = 1
 
 
 class StoreError(LookalikeError):
@@ -935,6 +939,7 @@ def _maintenance_loop(ref: weakref.ref[IndexStore], wake: threading.Event) -> No
 
     It holds the store only weakly between passes, so a store that is dropped is collected.
     """
+    faiss.omp_set_num_threads(MAINTENANCE_THREADS)
     while True:
         wake.wait(MAINTENANCE_INTERVAL_S)
         wake.clear()
