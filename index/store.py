@@ -326,9 +326,9 @@ class IndexStore:
 
     @property
     def manifest(self) -> dict[str, Any]:
-        """The saved manifest with the live count and the serving index as they are now."""
-        with self._write_lock:
-            return dict(self._manifest, count=len(self), index=self._index_info())
+        """The saved manifest with the live count and the serving index as they are now
+        (lock-free: writers replace the manifest dict, never change it in place)."""
+        return dict(self._manifest, count=len(self), index=self._index_info())
 
     def __len__(self) -> int:
         return self._view.alive.count
@@ -449,7 +449,7 @@ class IndexStore:
             if not 0 < target_recall <= 1:
                 raise StoreInputError(f"target recall must be in (0, 1], got {target_recall}")
             with self._write_lock:
-                self._manifest["target_recall"] = target_recall
+                self._manifest = dict(self._manifest, target_recall=target_recall)
         self.maintain()
         with self._maintenance_lock:
             generation = self._view.generation
@@ -740,7 +740,8 @@ class IndexStore:
                     generation.index, str(tmp)))
             generation.dirty = False
             files = {name: file_sha256(self.path / name)}
-        self._manifest.update(
+        self._manifest = dict(
+            self._manifest,
             count=len(self),
             next_id=self._view.next_id,
             generation=db_generation,
