@@ -105,7 +105,10 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"]
         )
-    for router in (health.router, match.router, rank.router, compare.router, items.router):
+    for router in (
+        health.router, match.router, rank.router, compare.router, items.router,
+        items.thumbnails,
+    ):
         app.include_router(router)
     _add_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -137,12 +137,22 @@ def require_api_key(request: Request, key: Annotated[str | None, Depends(api_key
     keys = state.settings.api_keys if state is not None else []
     if not keys:
         return
-    if key is None or not any(hmac.compare_digest(key, k) for k in keys):
+    if key is None or not _known_key(key, keys):
         raise HTTPException(
             401,
             "this endpoint needs a valid X-API-Key header",
             headers={"WWW-Authenticate": "APIKey"},
         )
+
+
+def _known_key(key: str, keys: list[str]) -> bool:
+    """Compare as bytes: ``hmac.compare_digest`` raises on non-ASCII ``str``, and a header's
+    text is its raw bytes read as Latin-1 (Starlette's decoding), so encoding it back gives the
+    bytes the client sent. Every key is compared, so timing does not say which one nearly
+    matched."""
+    sent = key.encode("latin-1", "replace")
+    matches = [hmac.compare_digest(sent, known.encode("utf-8")) for known in keys]
+    return any(matches)
 
 
 WriteAccess = Depends(require_api_key)
