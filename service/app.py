@@ -97,6 +97,12 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
         description="Find images that look alike: upload a query, get ranked matches with "
         "cosine scores.",
         lifespan=lifespan,
+        # File parts are counted while the form is parsed (the 65th is refused, with a 400,
+        # before it is read); fields allow a /match's candidates and exclusions.
+        form_limits={
+            "max_files": settings.max_files_per_request,
+            "max_fields": 2 * settings.max_candidates + 16,
+        },
     )
     app.state.lookalike = None
     app.add_middleware(LimitsMiddleware, settings=settings)

@@ -63,7 +63,7 @@ def test_non_ascii_api_keys_are_a_401(
     store = IndexStore.open(guarded.index, model_fingerprint=embedder.fingerprint)
     app = create_app(guarded, ServiceState(guarded, embedder, store))
     upload = {"image": ("x.jpg", query_jpeg[1], "image/jpeg")}
-    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+    with serve_in_thread(app, guarded) as url, httpx.Client(base_url=url, timeout=30) as http:
         for sent in (b"\xc3\xa9", b"\xff\xfe", "clé".encode("latin-1")):
             headers = {"X-API-Key": sent}
             added = http.post("/items", files=upload, data={"key": "k"}, headers=headers)
