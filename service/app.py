@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
         if settings.micro_batching:
             loaded.batcher = MicroBatcher(
                 loaded.embedder.embed_arrays, metrics, loaded.embedder.preprocessor,
-                settings.batch_max_size, settings.batch_max_wait_ms,
+                settings.batch_max_size, settings.batch_max_wait_ms, settings.decode_workers,
             )
         else:
             loaded.batcher = DirectEmbedder(

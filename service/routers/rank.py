@@ -262,10 +262,23 @@ def _answer(
             for rank, i in enumerate(order[: request_query.k], start=1)
         ]
         results.append(RankResult(id=request_query.id, query=query, ranked=ranked))
-    answer = RankResponse(
-        results=results,
-        embedded=len(by_upload),
-        took_ms=round((time.perf_counter() - started) * 1000, 2),
-        model=state.model_info,
+    return _encoded(
+        results,
+        RankResponse(
+            results=[],
+            embedded=len(by_upload),
+            took_ms=round((time.perf_counter() - started) * 1000, 2),
+            model=state.model_info,
+        ),
     )
-    return Response(answer.model_dump_json(), media_type="application/json")
+
+
+def _encoded(results: list[RankResult], rest: RankResponse) -> Response:
+    """The answer's JSON, encoded one result at a time: the encoder holds the GIL while it
+    runs, so one call over 100,000 candidates would pause every other thread (and the event
+    loop) for its whole length."""
+    head = rest.model_dump_json()
+    assert head.startswith('{"results":[]')  # results is the first field
+    parts = [result.model_dump_json() for result in results]
+    body = '{"results":[' + ",".join(parts) + "]" + head[len('{"results":[]') :]
+    return Response(body, media_type="application/json")
