@@ -52,6 +52,7 @@ def list_items(
     response_class=Response,
     responses={200: {"content": {"image/jpeg": {}}}, **error_responses({404: "Unknown key."})},
     summary="A small JPEG of an indexed image.",
+    operation_id="thumbnail",
 )
 def thumbnail(key: str, state: StateDep) -> Response:
     try:
@@ -68,6 +69,7 @@ def thumbnail(key: str, state: StateDep) -> Response:
     response_model=ItemOut,
     responses=error_responses({404: "Unknown key."}),
     summary="One indexed image's metadata.",
+    operation_id="get_item",
 )
 def get_item(key: str, state: StateDep) -> ItemOut:
     try:
@@ -88,11 +90,22 @@ WRITE_ERRORS = error_responses(
 )
 
 
+ITEM_LINKS = {
+    "GetItem": {"operationId": "get_item", "parameters": {"key": "$response.body#/key"}},
+    "GetThumbnail": {"operationId": "thumbnail", "parameters": {"key": "$response.body#/key"}},
+    "MatchItem": {"operationId": "match", "requestBody": {"query_key": "$response.body#/key"}},
+    "RemoveItem": {"operationId": "remove_item", "parameters": {"key": "$response.body#/key"}},
+}
+"""OpenAPI links from an added item to the routes that take its key (clients and the stateful
+schema test follow them)."""
+
+
 @router.post(
     "",
     response_model=ItemOut,
     status_code=201,
-    responses=WRITE_ERRORS,
+    responses={**WRITE_ERRORS, 201: {"description": "The item as stored.", "links": ITEM_LINKS}},
+    operation_id="add_item",
     dependencies=[WriteAccess],
     summary="Add an image to the index (durable once answered).",
 )
@@ -134,6 +147,7 @@ async def add_item(
     responses=error_responses({401: "Missing or wrong X-API-Key.", 404: "Unknown key."}),
     dependencies=[WriteAccess],
     summary="Remove an image from the index.",
+    operation_id="remove_item",
 )
 async def remove_item(key: str, state: StateDep) -> Removed:
     try:
