@@ -9,9 +9,13 @@ image service gets hurt, so every step is checked in order, cheapest first:
 3. the header's pixel count is under the limit, *before* any pixel is decoded (a 50 kB PNG can
    expand to gigabytes: a decompression bomb). Pillow's own bomb check only warns below
    twice its limit; here the limit raises;
-4. JPEGs larger than needed decode at a reduced scale (``draft``), which is both faster and
-   smaller in memory;
-5. full decode; truncated data raises instead of returning a half-grey image;
+4. the decoding work is bounded before it starts: a progressive JPEG may hold at most
+   ``MAX_JPEG_SCANS`` scans (libjpeg walks every block of the image once per scan, so a 1 MB
+   file repeating a tiny scan thousands of times costs a minute of CPU); JPEGs larger than
+   needed decode at a reduced scale (``draft``), which is both faster and smaller in memory;
+5. full decode; truncated data raises instead of returning a half-grey image, including a PNG
+   whose compressed data ends cleanly before its last row (Pillow fills those rows with
+   zeros without a word, so the rows are counted here);
 6. EXIF orientation is applied (unreadable EXIF is ignored: broken metadata must not make
    good pixels unusable) and the image converted to RGB (first frame of a GIF);
 7. only pixels leave: the file's metadata (comments, text chunks, EXIF, ICC) is dropped, since
@@ -26,8 +30,10 @@ decodes to exactly the pixels of the clean image.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,6 +48,8 @@ __all__ = [
     "UnsupportedImageError",
     "ImageTooLargeError",
     "CorruptImageError",
+    "MAX_JPEG_SCANS",
+    "count_jpeg_scans",
     "decode_image",
     "Preprocessor",
     "make_thumbnail",
@@ -50,6 +58,9 @@ __all__ = [
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF"})
 DEFAULT_MAX_PIXELS = 40_000_000
 """About 40 megapixels: any real photo, never a bomb (decoded RGB is ~120 MB at the limit)."""
+MAX_JPEG_SCANS = 64
+"""Scans per JPEG. Encoders write 1 (baseline) or about 10 (progressive; mozjpeg's optimised
+scripts up to about 20)."""
 
 
 class ImageDecodeError(ValueError):
@@ -107,8 +118,17 @@ def decode_image(
         raise ImageTooLargeError(
             f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
         )
-    if draft_size and image.format == "JPEG":
-        image.draft("RGB", (draft_size, draft_size))
+    if image.format == "JPEG":
+        scans = count_jpeg_scans(data)
+        if scans > MAX_JPEG_SCANS:
+            raise CorruptImageError(
+                f"JPEG with {scans:,} scans; the limit is {MAX_JPEG_SCANS} (a progressive "
+                "JPEG from a camera or an encoder has about 10)"
+            )
+        if draft_size:
+            image.draft("RGB", (draft_size, draft_size))
+    if image.format == "PNG":
+        _check_png_rows(data, image)
     try:
         image.load()
         image = _upright(image).convert("RGB")
@@ -118,6 +138,80 @@ def decode_image(
         raise CorruptImageError(f"the image data is truncated or corrupt: {exc}") from exc
     image.info = {}
     return image
+
+
+_JPEG_MARKER = re.compile(rb"\xff+([^\x00\xd0-\xd7\xff])")
+"""A marker inside entropy-coded data: 0xFF (fill bytes allowed) not followed by a stuffed
+zero or a restart marker."""
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RSTn, SOI: no length field
+
+
+def count_jpeg_scans(data: bytes) -> int:
+    """The number of scans (SOS segments) before the JPEG's end, walking the segments by their
+    lengths, so bytes inside a segment (an EXIF thumbnail is a JPEG too) are not counted."""
+    scans, position = 0, 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return scans  # not a marker: let the decoder say what is wrong
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker == 0xD9:  # EOI
+            return scans
+        if marker in _STANDALONE:
+            position += 2
+            continue
+        (length,) = struct.unpack_from(">H", data, position + 2)
+        position += 2 + length
+        if marker == 0xDA:  # SOS: its entropy-coded data runs up to the next marker
+            scans += 1
+            found = _JPEG_MARKER.search(data, position)
+            if found is None:
+                return scans
+            position = found.start(1) - 1
+    return scans
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2))  # (x0, y0, dx, dy) of the seven interlace passes
+
+
+def _check_png_rows(data: bytes, image: Image.Image) -> None:
+    """Raise if the PNG's compressed data holds fewer bytes than its header's rows need."""
+    width, height = image.size
+    depth, colour, interlace = data[24], data[25], data[28]
+    bits = depth * _PNG_CHANNELS.get(colour, 4)
+
+    def row_bytes(columns: int) -> int:
+        return 1 + (columns * bits + 7) // 8  # a filter byte, then the packed samples
+
+    if interlace:
+        passes = [((width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy)
+                  for x0, y0, dx, dy in _ADAM7]
+        expected = sum(rows * row_bytes(cols) for cols, rows in passes if cols and rows)
+    else:
+        expected = height * row_bytes(width)
+    inflate, found, position = zlib.decompressobj(), 0, 8
+    while position + 8 <= len(data) and found < expected:
+        length, kind = struct.unpack_from(">I4s", data, position)
+        if kind == b"IDAT":
+            chunk = data[position + 8 : position + 8 + length]
+            while chunk and found < expected:
+                try:
+                    found += len(inflate.decompress(chunk, 1 << 20))
+                except zlib.error:
+                    return  # corrupt, not short: Pillow's decoder reports it
+                chunk = inflate.unconsumed_tail
+        elif kind == b"IEND":
+            break
+        position += 12 + length
+    if found < expected:
+        raise CorruptImageError(
+            f"the PNG's pixel data ends early: {found:,} of {expected:,} bytes "
+            f"({found * height // expected} of {height} rows)"
+        )
 
 
 def _upright(image: Image.Image) -> Image.Image:

@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
         if settings.micro_batching:
             loaded.batcher = MicroBatcher(
                 loaded.embedder.embed_arrays, metrics, loaded.embedder.preprocessor,
-                settings.batch_max_size, settings.batch_max_wait_ms,
+                settings.batch_max_size, settings.batch_max_wait_ms, settings.decode_workers,
             )
         else:
             loaded.batcher = DirectEmbedder(
@@ -97,6 +97,12 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
         description="Find images that look alike: upload a query, get ranked matches with "
         "cosine scores.",
         lifespan=lifespan,
+        # File parts are counted while the form is parsed (the 65th is refused, with a 400,
+        # before it is read); fields allow a /match's candidates and exclusions.
+        form_limits={
+            "max_files": settings.max_files_per_request,
+            "max_fields": 2 * settings.max_candidates + 16,
+        },
     )
     app.state.lookalike = None
     app.add_middleware(LimitsMiddleware, settings=settings)
@@ -105,7 +111,10 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"]
         )
-    for router in (health.router, match.router, rank.router, compare.router, items.router):
+    for router in (
+        health.router, match.router, rank.router, compare.router, items.router,
+        items.thumbnails,
+    ):
         app.include_router(router)
     _add_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -1,10 +1,12 @@
 """Micro-batching: concurrent requests share one forward pass, in a three-thread pipeline.
 
 A request hands its encoded uploads (or preprocessed arrays) to :meth:`MicroBatcher.embed` and
-awaits the result; none of the work runs on the event loop. Three long-lived threads do it:
+awaits the result; none of the work runs on the event loop. Long-lived threads do it:
 
-- the *decode* thread decodes and preprocesses each request as soon as it arrives, and adds it
-  to the ready list;
+- the *decode* threads (``decode_workers`` of them) decode and preprocess each request as soon
+  as it arrives, and add it to the ready list; with more than one, a slow image (a large PNG
+  takes a second) holds up only its own thread while other requests' images decode beside it
+  (Pillow releases the GIL while decoding);
 - the *forward* thread takes everything on the ready list (up to ``max_size`` images) and runs
   the engine once;
 - the *finish* thread runs each request's ``then`` step (e.g. its index search and the items'
@@ -104,8 +106,11 @@ class MicroBatcher:
         preprocessor: Preprocessor | None = None,
         max_size: int = 16,
         max_wait_ms: float = 0.0,
+        decode_workers: int = 2,
     ) -> None:
         self._embed = embed
+        self._decode_workers = decode_workers
+        self._decoding = 0  # decode threads still running
         self._metrics = metrics
         self._preprocessor = preprocessor
         self._max_size = max_size
@@ -119,8 +124,12 @@ class MicroBatcher:
 
     async def start(self) -> None:
         self._stopping = False
+        self._decoding = self._decode_workers
         self._threads = [
-            threading.Thread(target=self._decode_loop, name="decode", daemon=True),
+            *(
+                threading.Thread(target=self._decode_loop, name=f"decode-{n}", daemon=True)
+                for n in range(self._decode_workers)
+            ),
             threading.Thread(target=self._forward_loop, name="forward", daemon=True),
             threading.Thread(target=self._finish_loop, name="finish", daemon=True),
         ]
@@ -130,7 +139,8 @@ class MicroBatcher:
     async def stop(self) -> None:
         if not self._threads:
             return
-        self._inbox.put(None)
+        for _ in range(self._decode_workers):
+            self._inbox.put(None)
         await run_in_threadpool(lambda: [thread.join() for thread in self._threads])
         self._threads = []
 
@@ -149,6 +159,8 @@ class MicroBatcher:
 
     def _decode_loop(self) -> None:
         while (job := self._inbox.get()) is not None:
+            if job.future.done():  # its request timed out while it queued: skip the work
+                continue
             try:
                 arrays = prepare_inputs(self._preprocessor, job.inputs, job.names)
             except Exception as exc:  # this request's bad input fails this request only
@@ -159,8 +171,10 @@ class MicroBatcher:
                 self._ready.append((job, arrays))
                 self._ready_changed.notify()
         with self._ready_changed:
-            self._stopping = True
-            self._ready_changed.notify()
+            self._decoding -= 1
+            if self._decoding == 0:  # the last decode thread out: the forward thread may stop
+                self._stopping = True
+                self._ready_changed.notify()
 
     def _take(self) -> list[tuple[_Job, np.ndarray]] | None:
         """Everything decoded so far, up to ``max_size`` images (at least one request); None

@@ -1,8 +1,8 @@
 """Limits every request passes before any route runs: rate, size, time; and API keys.
 
-The size check reads only the ``Content-Length`` header, so an oversized upload is refused
-before its body is read, let alone decoded; uploads without that header are still capped while
-being read (see :func:`.deps.read_upload`).
+The body size is checked twice: from the ``Content-Length`` header, so a declared oversized
+upload is refused before its body is read, and while the body streams in, so a chunked body
+(or one whose header lies) is refused the moment it passes the limit, never spooled to disk.
 """
 
 from __future__ import annotations
@@ -22,10 +22,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .settings import Settings
 
 __all__ = ["RateLimiter", "LimitsMiddleware", "require_api_key", "WriteAccess"]
-
-MULTIPART_OVERHEAD = 64 * 1024
-"""Room for form fields and multipart boundaries on top of the file bytes."""
-
 
 class RateLimiter:
     """A token bucket per client address: ``rate`` per second sustained, ``burst`` at once."""
@@ -51,10 +47,22 @@ SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff")]
 upload's bytes as a script)."""
 
 
+class BodyTooLargeError(HTTPException):
+    """The body streamed past the limit: raised from ``receive`` into whatever reads it, which
+    lets it through as the HTTPException it is (a 413 with a JSON ``detail``)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            413,
+            f"request body is over the limit of {limit:,} bytes",
+            headers={"Connection": "close"},  # the rest of the body is not worth reading
+        )
+
+
 class LimitsMiddleware:
     """Pure ASGI middleware (no extra task or body stream per request, unlike
-    ``@app.middleware("http")``): rate limit, declared body size, request timeout, and
-    :data:`SECURITY_HEADERS` on every answer."""
+    ``@app.middleware("http")``): rate limit, body size (declared and streamed), request
+    timeout, and :data:`SECURITY_HEADERS` on every answer."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
@@ -64,9 +72,7 @@ class LimitsMiddleware:
             if settings.rate_limit_per_s > 0
             else None
         )
-        self.max_body = (
-            settings.max_upload_bytes * settings.max_files_per_request + MULTIPART_OVERHEAD
-        )
+        self.max_body = settings.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -85,10 +91,27 @@ class LimitsMiddleware:
         if refusal is not None:
             await refusal(scope, receive, send_secured)
             return
+        received = 0
+
+        async def receive_counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise BodyTooLargeError(self.max_body)
+            return message
+
         deadline = asyncio.timeout(self.settings.request_timeout_s)
         try:
             async with deadline:
-                await self.app(scope, receive, send_secured)
+                await self.app(scope, receive_counted, send_secured)
+        except BodyTooLargeError as exc:  # read outside a route (none today): answer it here
+            if started:
+                raise
+            await JSONResponse(
+                {"detail": exc.detail}, status_code=413, headers=exc.headers
+            )(scope, receive, send_secured)
         except TimeoutError:
             if not deadline.expired() or started:
                 raise
@@ -137,12 +160,22 @@ def require_api_key(request: Request, key: Annotated[str | None, Depends(api_key
     keys = state.settings.api_keys if state is not None else []
     if not keys:
         return
-    if key is None or not any(hmac.compare_digest(key, k) for k in keys):
+    if key is None or not _known_key(key, keys):
         raise HTTPException(
             401,
             "this endpoint needs a valid X-API-Key header",
             headers={"WWW-Authenticate": "APIKey"},
         )
+
+
+def _known_key(key: str, keys: list[str]) -> bool:
+    """Compare as bytes: ``hmac.compare_digest`` raises on non-ASCII ``str``, and a header's
+    text is its raw bytes read as Latin-1 (Starlette's decoding), so encoding it back gives the
+    bytes the client sent. Every key is compared, so timing does not say which one nearly
+    matched."""
+    sent = key.encode("latin-1", "replace")
+    matches = [hmac.compare_digest(sent, known.encode("utf-8")) for known in keys]
+    return any(matches)
 
 
 WriteAccess = Depends(require_api_key)

@@ -9,7 +9,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..models.engines import DEFAULT_ENGINE
 
-__all__ = ["Settings", "default_cache_dir"]
+__all__ = ["Settings", "default_cache_dir", "MULTIPART_OVERHEAD"]
+
+MULTIPART_OVERHEAD = 64 * 1024
+"""Room for form fields and multipart boundaries on top of the file bytes."""
 
 
 def default_cache_dir() -> Path:
@@ -60,7 +63,7 @@ class Settings(BaseSettings):
         description="Keys accepted in the X-API-Key header; when set, write endpoints need one.",
     )
     max_files_per_request: int = Field(
-        64, ge=1, description="Most uploaded files in one request (checked before decoding)."
+        64, ge=1, description="Most uploaded files in one request (counted while parsing)."
     )
     request_timeout_s: float = Field(
         60.0, gt=0, description="A request still running after this many seconds gets a 503."
@@ -69,6 +72,27 @@ class Settings(BaseSettings):
         0.0, ge=0, description="Sustained requests per second per client address; 0 = no limit."
     )
     rate_limit_burst: int = Field(20, ge=1, description="Requests a client may send at once.")
+    forwarded_allow_ips: list[str] = Field(
+        default_factory=list,
+        description="Proxy addresses whose X-Forwarded-For / X-Forwarded-Proto are believed "
+        "(JSON list; '*' = any). Empty: nobody's, so the rate limit keys on the socket's peer.",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection that has not sent a request's headers this long "
+        "after it opened (or after its first byte) is answered 408 and closed.",
+    )
+    keep_alive_timeout_s: int = Field(
+        5, ge=1, description="An idle keep-alive connection is closed after this many seconds."
+    )
+    decode_workers: int = Field(
+        2, ge=1, description="Threads decoding uploads at once, so one slow image does not "
+        "hold up the others' decoding (Pillow releases the GIL while decoding).",
+    )
+    allow_open_writes: bool = Field(
+        False,
+        description="Serve POST/DELETE /items without API keys on a non-loopback address. Off: "
+        "the service refuses to start exposed with open write routes.",
+    )
     micro_batching: bool = Field(
         True, description="Embed concurrent requests together in one forward pass."
     )
@@ -92,3 +116,9 @@ class Settings(BaseSettings):
         "default model's 1% false-match point on the TLL validation pairs (0.689); other "
         "models score on other scales: calibrate with 'lookalike evaluate --write-calibration'.",
     )
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body: every allowed upload at its largest, plus room for the
+        form fields and multipart boundaries."""
+        return self.max_upload_bytes * self.max_files_per_request + MULTIPART_OVERHEAD

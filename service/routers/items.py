@@ -1,15 +1,20 @@
-"""GET /items: the indexed images, their metadata and thumbnails."""
+"""The indexed images: list, read, add and remove items, and their thumbnails.
+
+Thumbnails live under their own prefix (``/thumbnails/{key}``) rather than below the item
+(``/items/{key}/thumbnail``): keys may hold slashes, so a key ending in ``/thumbnail`` would
+otherwise name a route instead of an item.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
-from typing import Annotated, Any
+from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from ...core.files import bytes_sha256
+from ...core.metadata import MetadataError, parse_metadata
 from ...index.store import DuplicateKeyError, Item, UnknownKeyError
 from ...models.preprocess import make_thumbnail
 from ..deps import StateDep, read_upload
@@ -17,10 +22,15 @@ from ..schemas import ItemList, ItemOut, Removed, error_responses
 from ..security import WriteAccess
 
 router = APIRouter(prefix="/items", tags=["items"])
+thumbnails = APIRouter(prefix="/thumbnails", tags=["items"])
+
+MAX_OFFSET = 2**53 - 1
+"""The largest offset a page may start at: every JSON reader holds it exactly (it is echoed
+back), and SQLite's 64-bit OFFSET cannot overflow."""
 
 
 def thumbnail_url(item: Item) -> str | None:
-    return f"/items/{quote(item.key, safe='/')}/thumbnail" if item.has_thumbnail else None
+    return f"/thumbnails/{quote(item.key, safe='/')}" if item.has_thumbnail else None
 
 
 def item_out(item: Item) -> ItemOut:
@@ -30,18 +40,19 @@ def item_out(item: Item) -> ItemOut:
 @router.get("", response_model=ItemList, summary="List indexed images, in insertion order.")
 def list_items(
     state: StateDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> ItemList:
     items = state.store.items(offset, limit)
     return ItemList(total=len(state.store), offset=offset, items=[item_out(i) for i in items])
 
 
-@router.get(
-    "/{key:path}/thumbnail",
+@thumbnails.get(
+    "/{key:path}",
     response_class=Response,
     responses={200: {"content": {"image/jpeg": {}}}, **error_responses({404: "Unknown key."})},
     summary="A small JPEG of an indexed image.",
+    operation_id="thumbnail",
 )
 def thumbnail(key: str, state: StateDep) -> Response:
     try:
@@ -58,6 +69,7 @@ def thumbnail(key: str, state: StateDep) -> Response:
     response_model=ItemOut,
     responses=error_responses({404: "Unknown key."}),
     summary="One indexed image's metadata.",
+    operation_id="get_item",
 )
 def get_item(key: str, state: StateDep) -> ItemOut:
     try:
@@ -78,11 +90,22 @@ WRITE_ERRORS = error_responses(
 )
 
 
+ITEM_LINKS = {
+    "GetItem": {"operationId": "get_item", "parameters": {"key": "$response.body#/key"}},
+    "GetThumbnail": {"operationId": "thumbnail", "parameters": {"key": "$response.body#/key"}},
+    "MatchItem": {"operationId": "match", "requestBody": {"query_key": "$response.body#/key"}},
+    "RemoveItem": {"operationId": "remove_item", "parameters": {"key": "$response.body#/key"}},
+}
+"""OpenAPI links from an added item to the routes that take its key (clients and the stateful
+schema test follow them)."""
+
+
 @router.post(
     "",
     response_model=ItemOut,
     status_code=201,
-    responses=WRITE_ERRORS,
+    responses={**WRITE_ERRORS, 201: {"description": "The item as stored.", "links": ITEM_LINKS}},
+    operation_id="add_item",
     dependencies=[WriteAccess],
     summary="Add an image to the index (durable once answered).",
 )
@@ -95,12 +118,10 @@ async def add_item(
     ] = "{}",
     replace: Annotated[bool, Form(description="Overwrite an item with the same key.")] = False,
 ) -> ItemOut:
-    try:
-        meta: Any = json.loads(metadata)
-    except json.JSONDecodeError as exc:
-        raise HTTPException(422, f"metadata is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict):
-        raise HTTPException(422, "metadata must be a JSON object")
+    try:  # checked before anything is decoded or stored: a refused write stores nothing
+        meta = parse_metadata(metadata)
+    except MetadataError as exc:
+        raise HTTPException(422, str(exc)) from exc
     data = await read_upload(image, state.settings)
     decoded = await state.decode(data)
     thumbnail = await run_in_threadpool(make_thumbnail, decoded)
@@ -110,7 +131,7 @@ async def add_item(
             state.store.add,
             [key],
             vector[None],
-            sha256=[hashlib.sha256(data).hexdigest()],
+            sha256=[bytes_sha256(data)],
             metadata=[meta],
             thumbnails=[thumbnail],
             replace=replace,
@@ -126,6 +147,7 @@ async def add_item(
     responses=error_responses({401: "Missing or wrong X-API-Key.", 404: "Unknown key."}),
     dependencies=[WriteAccess],
     summary="Remove an image from the index.",
+    operation_id="remove_item",
 )
 async def remove_item(key: str, state: StateDep) -> Removed:
     try:

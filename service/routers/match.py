@@ -48,6 +48,7 @@ def match_payload(store: IndexStore, matches: list[Match]) -> list[MatchOut]:
     response_model=MatchResponse,
     responses=ERRORS,
     summary="Rank indexed images by how much they look like the query.",
+    operation_id="match",
 )
 async def match(
     state: StateDep,

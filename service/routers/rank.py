@@ -14,9 +14,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from ...evaluation.errors import EvaluationError
@@ -117,8 +118,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 async def _read_request(
     request: Request, settings: Settings
-) -> tuple[RankRequest, dict[str, bytes]]:
-    """The validated spec and the uploads' bytes by field name."""
+) -> tuple[str | bytes, dict[str, bytes]]:
+    """The spec's JSON text and the uploads' bytes by field name."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     uploads: dict[str, bytes] = {}
     if content_type == "application/json":
@@ -148,8 +149,12 @@ async def _read_request(
         raise HTTPException(
             415, "send application/json, or a form (multipart/form-data) with a 'spec' field"
         )
+    return raw, uploads
+
+
+def _parse(raw: str | bytes) -> RankRequest:
     try:
-        return RankRequest.model_validate_json(raw), uploads
+        return RankRequest.model_validate_json(raw)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from exc
 
@@ -188,16 +193,40 @@ def _check(
     openapi_extra=REQUEST_BODY,
     summary="Rank each query's own candidates by cosine similarity (the challenge shape).",
 )
-async def rank(request: Request, state: StateDep) -> RankResponse:
+async def rank(request: Request, state: StateDep) -> Response:
+    """Only I/O runs here: parsing and checking the spec, and scoring (up to 100 queries x
+    1,000 candidates) and encoding the answer run in the thread pool, uploads on the
+    batcher's threads, so a large batch never holds up the event loop."""
     started = time.perf_counter()
-    settings = state.settings
-    spec, uploads = await _read_request(request, settings)
+    raw, uploads = await _read_request(request, state.settings)
+    spec, queries = await run_in_threadpool(_checked_spec, raw, uploads, state.settings)
+    by_upload = await embed_uploads(state, uploads)
+    return await run_in_threadpool(_answer, state, spec, queries, by_upload, started)
+
+
+Queries = list[tuple[ImageRef, list[ImageRef]]]
+
+
+def _checked_spec(
+    raw: str | bytes, uploads: dict[str, bytes], settings: Settings
+) -> tuple[RankRequest, Queries]:
+    spec = _parse(raw)
     queries = [(_as_ref(q.query), [_as_ref(c) for c in q.candidates]) for q in spec.queries]
+    _check(spec, (ref for query, cands in queries for ref in (query, *cands)), uploads, settings)
+    return spec, queries
+
+
+def _answer(
+    state: ServiceState,
+    spec: RankRequest,
+    queries: Queries,
+    by_upload: dict[str, np.ndarray],
+    started: float,
+) -> Response:
+    """Score every query's candidates and encode the answer (runs off the event loop)."""
     refs = [ref for query, candidates in queries for ref in (query, *candidates)]
-    _check(spec, refs, uploads, settings)
     keys = list(dict.fromkeys(ref.key for ref in refs if ref.key is not None))
     by_key = dict(zip(keys, state.store.vectors(keys), strict=True))
-    by_upload = await embed_uploads(state, uploads)
 
     def vector(ref: ImageRef) -> np.ndarray:
         return by_key[ref.key] if ref.key is not None else by_upload[ref.upload]
@@ -233,9 +262,23 @@ async def rank(request: Request, state: StateDep) -> RankResponse:
             for rank, i in enumerate(order[: request_query.k], start=1)
         ]
         results.append(RankResult(id=request_query.id, query=query, ranked=ranked))
-    return RankResponse(
-        results=results,
-        embedded=len(by_upload),
-        took_ms=round((time.perf_counter() - started) * 1000, 2),
-        model=state.model_info,
+    return _encoded(
+        results,
+        RankResponse(
+            results=[],
+            embedded=len(by_upload),
+            took_ms=round((time.perf_counter() - started) * 1000, 2),
+            model=state.model_info,
+        ),
     )
+
+
+def _encoded(results: list[RankResult], rest: RankResponse) -> Response:
+    """The answer's JSON, encoded one result at a time: the encoder holds the GIL while it
+    runs, so one call over 100,000 candidates would pause every other thread (and the event
+    loop) for its whole length."""
+    head = rest.model_dump_json()
+    assert head.startswith('{"results":[]')  # results is the first field
+    parts = [result.model_dump_json() for result in results]
+    body = '{"results":[' + ",".join(parts) + "]" + head[len('{"results":[]') :]
+    return Response(body, media_type="application/json")

@@ -17,12 +17,14 @@ from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
 from lookalike.models.preprocess import (
+    MAX_JPEG_SCANS,
     CorruptImageError,
     EmptyImageError,
     ImageDecodeError,
     ImageTooLargeError,
     Preprocessor,
     UnsupportedImageError,
+    count_jpeg_scans,
     decode_image,
     make_thumbnail,
 )
@@ -247,3 +249,84 @@ def test_junk_exif_does_not_cost_the_pixels(fmt: str, exif: bytes) -> None:
     solid colour: every orientation gives the same pixels)."""
     square = Image.new("RGB", (8, 8), (10, 200, 30))
     assert np.array_equal(pixels(encode(square, fmt, exif=exif)), pixels(encode(square, fmt)))
+
+
+def short_png(width: int = 200, height: int = 245, rows: int = 122) -> bytes:
+    """A PNG whose header says ``width x height`` but whose (complete, valid) compressed data
+    holds only ``rows`` rows."""
+    rng = np.random.default_rng(0)
+    raw = b"".join(b"\0" + rng.integers(0, 255, width * 3, np.uint8).tobytes()
+                   for _ in range(rows))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
+            + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b""))
+
+
+def test_a_png_whose_rows_end_early_is_refused() -> None:
+    with pytest.raises(CorruptImageError, match="122 of 245 rows"):
+        decode_image(short_png())
+    assert decode_image(short_png(rows=245)).size == (200, 245)  # the complete one decodes
+
+
+@pytest.mark.parametrize(
+    ("mode", "options"),
+    [("RGB", {}), ("RGBA", {}), ("L", {}), ("LA", {}), ("P", {}), ("1", {}), ("I;16", {}),
+     ("RGB", {"compress_level": 0})],
+)
+def test_complete_pngs_of_every_kind_pass_the_row_count(
+    photo: Image.Image, mode: str, options: dict
+) -> None:
+    image = photo.resize((37, 29)).convert(mode)  # odd sizes: partial bytes per row
+    assert decode_image(encode(image, "PNG", **options)).size == (37, 29)
+
+
+def test_an_interlaced_png_passes_the_row_count() -> None:
+    """Adam7 by hand (Pillow does not write interlaced PNGs): 7 passes of 8-bit grey."""
+    width, height = 13, 11
+    passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4),
+              (1, 0, 2, 2), (0, 1, 1, 2)]
+    raw = b""
+    for x0, y0, dx, dy in passes:
+        cols, rows = len(range(x0, width, dx)), len(range(y0, height, dy))
+        if cols and rows:
+            raw += (b"\0" + b"\x80" * cols) * rows
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 1)
+    png = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
+           + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b""))
+    assert decode_image(png).size == (width, height)
+    with pytest.raises(CorruptImageError, match="ends early"):
+        short = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
+                 + png_chunk(b"IDAT", zlib.compress(raw[:-20])) + png_chunk(b"IEND", b""))
+        decode_image(short)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF"])
+def test_cut_images_are_refused_in_every_format(photo: Image.Image, fmt: str) -> None:
+    data = encode(photo.resize((200, 245)), fmt)
+    for fraction in (0.5, 0.9, 0.99):
+        with pytest.raises(CorruptImageError):
+            decode_image(data[: int(len(data) * fraction)])
+
+
+def many_scan_jpeg(photo: Image.Image, repeats: int) -> bytes:
+    """A progressive JPEG whose last scan header repeats ``repeats`` times with one byte of
+    data each: about 16 bytes a scan, and each scan makes libjpeg walk every block."""
+    data = encode(photo.resize((2000, 2000)), "JPEG", progressive=True, quality=50)
+    last = data.rindex(b"\xff\xda")
+    (length,) = struct.unpack_from(">H", data, last + 2)
+    return data[:-2] + (data[last : last + 2 + length] + b"\0") * repeats + b"\xff\xd9"
+
+
+def test_a_jpeg_with_thousands_of_scans_is_refused_before_decoding(photo: Image.Image) -> None:
+    hostile = many_scan_jpeg(photo, 20_000)  # about 0.3 MB; 10 s or more to decode
+    assert count_jpeg_scans(hostile) == 20_010
+    with pytest.raises(CorruptImageError, match="20,010 scans"):
+        decode_image(hostile, draft_size=260)
+    progressive = encode(photo, "JPEG", progressive=True)
+    assert count_jpeg_scans(progressive) <= 12 < MAX_JPEG_SCANS
+    assert decode_image(progressive).size == photo.size
+    # Scan markers inside a segment (an EXIF thumbnail is a JPEG) are not counted.
+    thumbnail = encode(photo.resize((64, 64)), "JPEG", progressive=True)
+    app1 = b"\xff\xe1" + struct.pack(">H", len(thumbnail) * 8 + 2) + thumbnail * 8
+    baseline = encode(photo, "JPEG")
+    assert count_jpeg_scans(baseline[:2] + app1 + baseline[2:]) == 1

@@ -22,6 +22,7 @@ from lookalike.models.embedder import Embedder
 from lookalike.service.app import create_app
 from lookalike.service.cli import app as cli_app
 from lookalike.service.deps import ServiceState
+from lookalike.service.serve import server_config
 from lookalike.service.settings import Settings
 
 
@@ -55,12 +56,16 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 @contextmanager
-def serve_in_thread(app: FastAPI) -> Iterator[str]:
-    """Run ``app`` under a real uvicorn server on a free loopback port; yield its base URL."""
+def serve_in_thread(app: FastAPI, settings: Settings | None = None) -> Iterator[str]:
+    """Run ``app`` under a real uvicorn server on a free loopback port, configured as in
+    production (:func:`server_config`, from ``settings``); yield its base URL."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    config = server_config(
+        app, settings or Settings(), host="127.0.0.1", port=port, log_level="warning"
+    )
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -79,7 +84,8 @@ def serve_in_thread(app: FastAPI) -> Iterator[str]:
 def server(settings: Settings, embedder: Embedder) -> Iterator[str]:
     """A real server over a copy of the small store."""
     store = IndexStore.open(settings.index, model_fingerprint=embedder.fingerprint)
-    with serve_in_thread(create_app(settings, ServiceState(settings, embedder, store))) as url:
+    app = create_app(settings, ServiceState(settings, embedder, store))
+    with serve_in_thread(app, settings) as url:
         yield url
     store.close()
 

@@ -71,7 +71,7 @@ def test_items_listing_and_lookup(client: TestClient, query_jpeg: tuple[str, byt
     key, _ = query_jpeg
     assert client.get(f"/items/{key}").json()["key"] == key
     assert client.get("/items/right/nope").status_code == 404
-    assert client.get("/items/right/nope/thumbnail").status_code == 404
+    assert client.get("/thumbnails/right/nope").status_code == 404
 
 
 @pytest.mark.parametrize(
