@@ -15,7 +15,10 @@ image service gets hurt, so every step is checked in order, cheapest first:
    needed decode at a reduced scale (``draft``), which is both faster and smaller in memory;
 5. full decode; truncated data raises instead of returning a half-grey image, including a PNG
    whose compressed data ends cleanly before its last row (Pillow fills those rows with
-   zeros without a word, so the rows are counted here);
+   zeros without a word, so the rows are counted here) and a JPEG cut short and closed with
+   an end marker (libjpeg fills the missing blocks and only warns, and Pillow drops the
+   warning, so JPEGs are also run through libjpeg-turbo's strict mode via ``simplejpeg``, at
+   1/8 scale: the entropy-coded data is read whole, the pixels are not built);
 6. EXIF orientation is applied (unreadable EXIF is ignored: broken metadata must not make
    good pixels unusable) and the image converted to RGB (first frame of a GIF);
 7. only pixels leave: the file's metadata (comments, text chunks, EXIF, ICC) is dropped, since
@@ -38,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps
 
 __all__ = [
@@ -51,6 +55,7 @@ __all__ = [
     "MAX_JPEG_SCANS",
     "count_jpeg_scans",
     "decode_image",
+    "declared_pixels",
     "Preprocessor",
     "make_thumbnail",
 ]
@@ -125,6 +130,7 @@ def decode_image(
                 f"JPEG with {scans:,} scans; the limit is {MAX_JPEG_SCANS} (a progressive "
                 "JPEG from a camera or an encoder has about 10)"
             )
+        _check_jpeg_data(data)
         if draft_size:
             image.draft("RGB", (draft_size, draft_size))
     if image.format == "PNG":
@@ -138,6 +144,19 @@ def decode_image(
         raise CorruptImageError(f"the image data is truncated or corrupt: {exc}") from exc
     image.info = {}
     return image
+
+
+def declared_pixels(data: bytes) -> int:
+    """Width x height from the image's header, without decoding any pixel; 0 when the header
+    cannot be read (the decoder will then say what is wrong)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS)) as image:
+                width, height = image.size
+    except Exception:  # noqa: BLE001 - any unreadable header: let decode_image report it
+        return 0
+    return max(width, 0) * max(height, 0)
 
 
 _JPEG_MARKER = re.compile(rb"\xff+([^\x00\xd0-\xd7\xff])")
@@ -171,6 +190,28 @@ def count_jpeg_scans(data: bytes) -> int:
                 return scans
             position = found.start(1) - 1
     return scans
+
+
+def _check_jpeg_data(data: bytes) -> None:
+    """Raise if libjpeg-turbo reports the JPEG's entropy-coded data as short or corrupt.
+
+    libjpeg treats "premature end of data segment" as a warning and fills the rest of the
+    image with grey; ``simplejpeg`` in strict mode turns such warnings into errors. Decoding
+    at 1/8 scale still reads every scan but builds only a small image (~0.2-0.5 ms for a TLL
+    photo). JPEGs that libjpeg-turbo's fast path cannot convert to RGB (CMYK, YCCK) are left
+    to Pillow's decoder.
+    """
+    try:
+        colorspace = simplejpeg.decode_jpeg_header(data)[2]
+    except ValueError:
+        return  # a header simplejpeg cannot read: Pillow's decode reports what is wrong
+    target = {"Gray": "GRAY", "YCbCr": "RGB", "RGB": "RGB", "CMYK": "CMYK"}.get(colorspace)
+    if target is None:
+        return
+    try:
+        simplejpeg.decode_jpeg(data, colorspace=target, min_factor=8, strict=True)
+    except ValueError as exc:
+        raise CorruptImageError(f"the image data is truncated or corrupt: {exc}") from exc
 
 
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type

@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
             loaded.batcher = MicroBatcher(
                 loaded.embedder.embed_arrays, metrics, loaded.embedder.preprocessor,
                 settings.batch_max_size, settings.batch_max_wait_ms, settings.decode_workers,
+                settings.large_image_pixels,
             )
         else:
             loaded.batcher = DirectEmbedder(

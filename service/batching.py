@@ -6,7 +6,10 @@ awaits the result; none of the work runs on the event loop. Long-lived threads d
 - the *decode* threads (``decode_workers`` of them) decode and preprocess each request as soon
   as it arrives, and add it to the ready list; with more than one, a slow image (a large PNG
   takes a second) holds up only its own thread while other requests' images decode beside it
-  (Pillow releases the GIL while decoding);
+  (Pillow releases the GIL while decoding). A request whose images declare more than
+  ``large_image_pixels`` in their headers (read without decoding) is passed to a *large-image*
+  thread of its own, so however many clients send huge images, they queue behind each other
+  and never take every decode thread from normal-size uploads;
 - the *forward* thread takes everything on the ready list (up to ``max_size`` images) and runs
   the engine once;
 - the *finish* thread runs each request's ``then`` step (e.g. its index search and the items'
@@ -36,7 +39,7 @@ from typing import Any
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from ..models.preprocess import ImageDecodeError, Preprocessor
+from ..models.preprocess import ImageDecodeError, Preprocessor, declared_pixels
 from .metrics import ServiceMetrics
 
 __all__ = ["MicroBatcher", "DirectEmbedder", "EmbedBatch", "Then", "prepare_inputs"]
@@ -107,9 +110,12 @@ class MicroBatcher:
         max_size: int = 16,
         max_wait_ms: float = 0.0,
         decode_workers: int = 2,
+        large_image_pixels: int = 4_000_000,
     ) -> None:
         self._embed = embed
         self._decode_workers = decode_workers
+        self._large_image_pixels = large_image_pixels
+        self._large_inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._decoding = 0  # decode threads still running
         self._metrics = metrics
         self._preprocessor = preprocessor
@@ -124,11 +130,17 @@ class MicroBatcher:
 
     async def start(self) -> None:
         self._stopping = False
-        self._decoding = self._decode_workers
+        self._decoding = self._decode_workers + 1
         self._threads = [
             *(
-                threading.Thread(target=self._decode_loop, name=f"decode-{n}", daemon=True)
+                threading.Thread(
+                    target=self._decode_loop, args=(self._inbox,), name=f"decode-{n}", daemon=True
+                )
                 for n in range(self._decode_workers)
+            ),
+            threading.Thread(
+                target=self._decode_loop, args=(self._large_inbox,), name="decode-large",
+                daemon=True,
             ),
             threading.Thread(target=self._forward_loop, name="forward", daemon=True),
             threading.Thread(target=self._finish_loop, name="finish", daemon=True),
@@ -141,6 +153,7 @@ class MicroBatcher:
             return
         for _ in range(self._decode_workers):
             self._inbox.put(None)
+        self._large_inbox.put(None)
         await run_in_threadpool(lambda: [thread.join() for thread in self._threads])
         self._threads = []
 
@@ -157,9 +170,12 @@ class MicroBatcher:
         self._inbox.put(job)
         return await job.future
 
-    def _decode_loop(self) -> None:
-        while (job := self._inbox.get()) is not None:
+    def _decode_loop(self, inbox: queue.SimpleQueue[_Job | None]) -> None:
+        while (job := inbox.get()) is not None:
             if job.future.done():  # its request timed out while it queued: skip the work
+                continue
+            if inbox is self._inbox and self._is_large(job):
+                self._large_inbox.put(job)
                 continue
             try:
                 arrays = prepare_inputs(self._preprocessor, job.inputs, job.names)
@@ -175,6 +191,13 @@ class MicroBatcher:
             if self._decoding == 0:  # the last decode thread out: the forward thread may stop
                 self._stopping = True
                 self._ready_changed.notify()
+
+    def _is_large(self, job: _Job) -> bool:
+        """Whether the job's images declare more pixels than a normal-size upload (headers
+        only: a few microseconds an image)."""
+        if isinstance(job.inputs, np.ndarray):
+            return False
+        return sum(declared_pixels(data) for data in job.inputs) > self._large_image_pixels
 
     def _take(self) -> list[tuple[_Job, np.ndarray]] | None:
         """Everything decoded so far, up to ``max_size`` images (at least one request); None

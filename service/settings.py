@@ -88,6 +88,11 @@ class Settings(BaseSettings):
         2, ge=1, description="Threads decoding uploads at once, so one slow image does not "
         "hold up the others' decoding (Pillow releases the GIL while decoding).",
     )
+    large_image_pixels: int = Field(
+        4_000_000, ge=1, description="Uploads declaring more pixels than this (all images of a "
+        "request together, read from the headers) decode on a thread of their own, so clients "
+        "sending huge images never hold up normal-size uploads.",
+    )
     allow_open_writes: bool = Field(
         False,
         description="Serve POST/DELETE /items without API keys on a non-loopback address. Off: "

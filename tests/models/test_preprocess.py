@@ -330,3 +330,16 @@ def test_a_jpeg_with_thousands_of_scans_is_refused_before_decoding(photo: Image.
     app1 = b"\xff\xe1" + struct.pack(">H", len(thumbnail) * 8 + 2) + thumbnail * 8
     baseline = encode(photo, "JPEG")
     assert count_jpeg_scans(baseline[:2] + app1 + baseline[2:]) == 1
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+@pytest.mark.parametrize("progressive", [False, True], ids=["baseline", "progressive"])
+def test_a_jpeg_cut_short_and_closed_with_an_end_marker_is_refused(
+    photo: Image.Image, mode: str, progressive: bool
+) -> None:
+    clean = encode(photo.resize((200, 245)).convert(mode), "JPEG", progressive=progressive)
+    assert decode_image(clean).size == (200, 245)
+    for fraction in (0.3, 0.6, 0.9):
+        closed = clean[: int(len(clean) * fraction)] + b"\xff\xd9"
+        with pytest.raises(CorruptImageError, match="truncated or corrupt"):
+            decode_image(closed)
