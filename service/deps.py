@@ -51,6 +51,14 @@ class ServiceState:
         """
         return await self._batcher.embed(list(uploads), names, then)
 
+    async def embed_named(self, uploads: dict[str, bytes]) -> dict[str, np.ndarray]:
+        """Embed uploads by field name -> ``{name: (D,) vector}``; a decoding error names the
+        field it came from."""
+        if not uploads:
+            return {}
+        vectors = await self.embed_uploads(list(uploads.values()), names=list(uploads))
+        return dict(zip(uploads, vectors, strict=True))
+
     @property
     def _batcher(self) -> MicroBatcher | DirectEmbedder:
         if self.batcher is None:

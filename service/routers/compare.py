@@ -16,7 +16,6 @@ from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from ...evaluation.ranking import cosine_scores
 from ..deps import ServiceState, StateDep, read_upload
 from ..schemas import CompareResponse, error_responses
-from .rank import embed_uploads
 
 router = APIRouter(tags=["search"])
 
@@ -47,7 +46,7 @@ async def _vectors(
         else:
             keys[side] = key
     vectors = dict(zip(keys.keys(), state.store.vectors(list(keys.values())), strict=True))
-    embedded = await embed_uploads(state, uploads)
+    embedded = await state.embed_named(uploads)
     vectors.update((name.removeprefix("image_"), vector) for name, vector in embedded.items())
     return vectors
 

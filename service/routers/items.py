@@ -8,16 +8,16 @@ otherwise name a route instead of an item.
 from __future__ import annotations
 
 from typing import Annotated
-from urllib.parse import quote
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from ...core.files import bytes_sha256
 from ...core.metadata import MetadataError, parse_metadata
-from ...index.store import DuplicateKeyError, Item, UnknownKeyError
+from ...index.store import DuplicateKeyError, UnknownKeyError
 from ...models.preprocess import make_thumbnail
 from ..deps import StateDep, read_upload
+from ..presenters import item_out
 from ..schemas import ItemList, ItemOut, Removed, error_responses
 from ..security import WriteAccess
 
@@ -27,14 +27,6 @@ thumbnails = APIRouter(prefix="/thumbnails", tags=["items"])
 MAX_OFFSET = 2**53 - 1
 """The largest offset a page may start at: every JSON reader holds it exactly (it is echoed
 back), and SQLite's 64-bit OFFSET cannot overflow."""
-
-
-def thumbnail_url(item: Item) -> str | None:
-    return f"/thumbnails/{quote(item.key, safe='/')}" if item.has_thumbnail else None
-
-
-def item_out(item: Item) -> ItemOut:
-    return ItemOut(key=item.key, metadata=item.metadata, thumbnail_url=thumbnail_url(item))
 
 
 @router.get("", response_model=ItemList, summary="List indexed images, in insertion order.")

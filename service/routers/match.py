@@ -9,10 +9,10 @@ import numpy as np
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from ...index.store import IndexStore, Match, UnknownKeyError
+from ...index.store import Match, UnknownKeyError
 from ..deps import StateDep, read_upload
+from ..presenters import match_payload
 from ..schemas import MatchOut, MatchResponse, error_responses
-from .items import thumbnail_url
 
 router = APIRouter(tags=["search"])
 
@@ -25,22 +25,6 @@ ERRORS = error_responses(
         422: "Bad parameters, unknown candidate keys or an undecodable image.",
     }
 )
-
-
-def match_payload(store: IndexStore, matches: list[Match]) -> list[MatchOut]:
-    """Attach metadata and thumbnail URLs to bare matches."""
-    items = store.get_many([match.key for match in matches])
-    return [
-        MatchOut(
-            key=match.key,
-            score=match.score,
-            rank=match.rank,
-            metadata=items[match.key].metadata,
-            thumbnail_url=thumbnail_url(items[match.key]),
-        )
-        for match in matches
-        if match.key in items
-    ]
 
 
 @router.post(

@@ -38,7 +38,7 @@ from ..schemas import (
 )
 from ..settings import Settings
 
-__all__ = ["router", "embed_uploads"]
+__all__ = ["router"]
 
 router = APIRouter(tags=["search"])
 
@@ -93,14 +93,6 @@ REQUEST_BODY = {
         },
     }
 }
-
-
-async def embed_uploads(state: ServiceState, uploads: dict[str, bytes]) -> dict[str, np.ndarray]:
-    """Embed named uploads; a decoding error names the field it came from."""
-    if not uploads:
-        return {}
-    vectors = await state.embed_uploads(list(uploads.values()), names=list(uploads))
-    return dict(zip(uploads, vectors, strict=True))
 
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -200,7 +192,7 @@ async def rank(request: Request, state: StateDep) -> Response:
     started = time.perf_counter()
     raw, uploads = await _read_request(request, state.settings)
     spec, queries = await run_in_threadpool(_checked_spec, raw, uploads, state.settings)
-    by_upload = await embed_uploads(state, uploads)
+    by_upload = await state.embed_named(uploads)
     return await run_in_threadpool(_answer, state, spec, queries, by_upload, started)
 
 
