@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .candidates import CandidateSet, Pair
+from ..core.pairs import CandidateSet, Pair
 from .errors import EvaluationError, describe
 
 __all__ = [

@@ -19,6 +19,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..core.errors import InvalidInputError
 from ..models.embedder import Embedder
 from ..models.preprocess import make_thumbnail
 from .store import IndexStore, StoreError
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 
 
-class SourceError(ValueError):
+class SourceError(InvalidInputError):
     """A folder or CSV that does not describe a set of images."""
 
 

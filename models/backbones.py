@@ -20,6 +20,8 @@ import timm
 import torch
 from torch import nn
 
+from .errors import BackboneError
+
 __all__ = [
     "BackboneSpec",
     "BackboneError",
@@ -29,10 +31,6 @@ __all__ = [
     "get_backbone_spec",
     "trunk_stages",
 ]
-
-
-class BackboneError(ValueError):
-    """An unknown backbone name or weights that cannot be loaded."""
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ files behind the keys — so the trainer knows one shape:
 * a class-per-folder tree: images of one class are look-alikes, paired within the class.
 
 :func:`split` holds back a validation split exactly as the rest of lookalike scores models:
-:func:`~lookalike.evaluation.candidates.split_pairs` over the positive pairs, then
-:func:`~lookalike.evaluation.candidates.make_candidate_sets` over the held-out pairs, so the
+:func:`~lookalike.core.pairs.split_pairs` over the positive pairs, then
+:func:`~lookalike.core.pairs.make_candidate_sets` over the held-out pairs, so the
 trainer's validation top-1 is the number ``lookalike evaluate`` and the benchmarks report.
 No image of a held-out pair is trained on.
 """
@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from ..evaluation.candidates import (
+from ..core.pairs import (
     CandidateSet,
     Pair,
     PairsError,

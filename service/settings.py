@@ -1,4 +1,9 @@
-"""Service configuration: one Settings object, read from ``LOOKALIKE_*`` variables or ``.env``."""
+"""Service configuration: one Settings object, read from ``LOOKALIKE_*`` variables or ``.env``.
+
+Only the HTTP service reads it; offline commands read the small
+:class:`~lookalike.models.resolve.ModelOptions`, which :meth:`Settings.model_options` also
+hands to the service's embedder, so both build their model the same way.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,9 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..models.engines import DEFAULT_ENGINE
+from ..models.resolve import ModelOptions, default_cache_dir
 
 __all__ = ["Settings", "default_cache_dir"]
-
-
-def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "lookalike"
 
 
 class Settings(BaseSettings):
@@ -92,3 +94,8 @@ class Settings(BaseSettings):
         "default model's 1% false-match point on the TLL validation pairs (0.689); other "
         "models score on other scales: calibrate with 'lookalike evaluate --write-calibration'.",
     )
+
+    def model_options(self) -> ModelOptions:
+        """The model part of these settings, as offline commands describe it."""
+        return ModelOptions(model=self.model, engine=self.engine, cache_dir=self.cache_dir,
+                            max_pixels=self.max_pixels, threads=self.torch_threads)
