@@ -55,14 +55,15 @@ def onnx_file(model: Model, directory: Path, int8: bool, engine: str) -> Path:
     own = model.onnx_file(int8)
     if own is not None:
         return own
+    cached = directory / f"{model.fingerprint}.{'int8' if int8 else 'fp32'}.onnx"
+    if cached.is_file():  # no conversion, so no torch
+        return cached
     if int8:
         fp32 = onnx_file(model, directory, False, engine)
-        return _cached(directory / f"{model.fingerprint}.int8.onnx",
-                       lambda target: _quantize(model, fp32, target))
+        return _cached(cached, lambda target: _quantize(model, fp32, target))
     for module, package in EXPORT_PACKAGES:
         require(engine, module, package)
-    return _cached(directory / f"{model.fingerprint}.fp32.onnx",
-                   lambda target: export_onnx(model, target))
+    return _cached(cached, lambda target: export_onnx(model, target))
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from lookalike.models.bundle import ModelBundle
 from lookalike.models.embedder import Embedder
+from lookalike.models.errors import BundleError
 from lookalike.models.export import export_serving_model
 from lookalike.models.serving import load_serving_model
 from lookalike.service.cli import app as cli
@@ -76,3 +77,21 @@ def _strings(value: object) -> list[object]:
     if isinstance(value, list):
         return [s for item in value for s in _strings(item)]
     return [value]
+
+
+@pytest.mark.parametrize("damage", [{"threshold": None}, {"threshold": 3.0}, "drop"])
+def test_a_damaged_calibration_fails_when_the_export_loads(
+    bundle: ModelBundle, cache_dir: Path, tmp_path: Path, damage: object
+) -> None:
+    """A calibration.json without a usable threshold is refused at load with a clear
+    BundleError (before, an export loaded it unchecked and POST /compare answered 500)."""
+    out = tmp_path / "serving"
+    export_serving_model(bundle, out, cache_dir, int8=False)
+    calibration = json.loads((out / "calibration.json").read_text())
+    if damage == "drop":
+        del calibration["threshold"]
+    else:
+        calibration.update(damage)  # type: ignore[call-overload]
+    (out / "calibration.json").write_text(json.dumps(calibration))
+    with pytest.raises(BundleError, match="calibration.json"):
+        load_serving_model(out)
