@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from ..core.files import IMAGE_SUFFIX_ORDER, IMAGE_SUFFIXES
 from ..core.pairs import (
     CandidateSet,
     Pair,
@@ -53,7 +54,6 @@ __all__ = [
     "split",
 ]
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 
 
 class DataError(ConfigError):
@@ -129,7 +129,7 @@ def _image_file(folder: Path, key: str) -> Path:
     direct = folder / key
     if direct.suffix.lower() in IMAGE_SUFFIXES and _is_file(direct):
         return direct
-    for suffix in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"):
+    for suffix in IMAGE_SUFFIX_ORDER:
         candidate = folder / f"{key}{suffix}"
         if _is_file(candidate):
             return candidate

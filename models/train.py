@@ -43,6 +43,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from ..core.files import atomic_write
 from ..core.scoring import score_candidate_sets
 from .bundle import load_bundle, save_bundle
 from .data import (
@@ -151,7 +152,8 @@ class FeatureCache:
                 desc=f"features {label} view {view + 1}/{views}",
             ).half()
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"features": features.contiguous()}, str(path))
+            tensors = {"features": features.contiguous()}
+            atomic_write(path, lambda tmp, tensors=tensors: save_file(tensors, str(tmp)))
             outs.append(features)
         return torch.stack(outs)
 
@@ -327,9 +329,7 @@ class Trainer:
             "state": state,
             "config": json.dumps(self._fixed_settings()),
         }
-        tmp = self.work_dir / "checkpoint.pt.tmp"
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, self.work_dir / "checkpoint.pt")
+        atomic_write(self.work_dir / "checkpoint.pt", lambda tmp: torch.save(checkpoint, tmp))
 
     def _fixed_settings(self) -> dict[str, Any]:
         return {k: v for k, v in self.config.to_dict().items() if k not in TrainConfig.RESUMABLE}
@@ -358,7 +358,7 @@ class Trainer:
     def _save_best(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.net.state_dict().items()}
-        save_file(state, str(self.work_dir / "best.safetensors"))
+        atomic_write(self.work_dir / "best.safetensors", lambda tmp: save_file(state, str(tmp)))
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -414,7 +414,7 @@ class Trainer:
             shown = "-" if loss is None else f"{loss:.4f}"
             tqdm.write(f"epoch {epoch}: loss {shown}  val top1 {metrics['top1']:.3f}  "
                        f"top5 {metrics['top5']:.3f}  mrr {metrics['mrr']:.3f}")
-        (self.work_dir / "history.json").write_text(json.dumps(self.state["history"], indent=1))
+        atomic_write(self.work_dir / "history.json", json.dumps(self.state["history"], indent=1))
         plot_history(self.state["history"], self.work_dir / "training-curve.png")
 
     def _finish(self) -> TrainResult:
@@ -479,7 +479,7 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     right.set(xlabel="epoch", ylabel="validation", title="20-candidate validation", ylim=(0, 1))
     right.legend()
     figure.tight_layout()
-    figure.savefig(path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "IMAGE_SUFFIX_ORDER",
     "atomic_write",
     "bytes_sha256",
     "file_sha256",
@@ -21,8 +22,10 @@ __all__ = [
     "fsync_dir",
 ]
 
+#: Image file name suffixes (lower case) in the order a key without one is looked up.
+IMAGE_SUFFIX_ORDER = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 #: File name suffixes treated as images when a folder is scanned (lower case).
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
+IMAGE_SUFFIXES = frozenset(IMAGE_SUFFIX_ORDER)
 
 
 def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], object]) -> Path:

@@ -55,7 +55,9 @@ def probe(cache_dir: Path, *args: str) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def exported(bundle: ModelBundle, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def exported(
+    bundle: ModelBundle, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """The default model exported (reusing the session's cached conversions), and its int8
     conversion cached for the bundle itself too."""
     Embedder(bundle, "onnx-int8", cache_dir=cache_dir)
