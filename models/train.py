@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..core.files import atomic_write
-from ..core.scoring import score_candidate_sets
+from ..core.scoring import CandidateSetEvaluator, Evaluator
 from .bundle import load_bundle, save_bundle
 from .data import (
     Augment,
@@ -52,7 +52,6 @@ from .data import (
     ImageDataset,
     PairData,
     TrainPairs,
-    ValidationSets,
     load_class_folders,
     load_labelled_pairs,
     load_tll_pairs,
@@ -102,11 +101,6 @@ def hardware() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-
-
-def score_sets(vectors: np.ndarray, val: ValidationSets) -> dict[str, float]:
-    """Cosine-rank each candidate set from unit vectors of ``val.images``."""
-    return score_candidate_sets(vectors, val.queries, val.candidates, val.answers)
 
 
 class FeatureCache:
@@ -173,13 +167,18 @@ class FeatureCache:
 class Trainer:
     """Train an :class:`EmbeddingNet` on look-alike pairs; see the module docstring."""
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, evaluator: Evaluator | None = None) -> None:
+        """``evaluator`` scores the validation images' vectors after every epoch; by
+        default the seeded candidate sets of the validation split."""
         config.validate()
         self.config = config
         self.device = _device(config.device)
         self.data = load_data(config)
         self.train_pairs, self.val = split(
             self.data, config.val_fraction, config.foils, seed=config.split_seed
+        )
+        self.evaluator = evaluator or CandidateSetEvaluator(
+            self.val.queries, self.val.candidates, self.val.answers
         )
         torch.manual_seed(config.seed)
         self.net = EmbeddingNet(config.model_config(), pretrained=True)
@@ -258,7 +257,7 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         vectors = self.embed(self.val.images, self.val_features)
-        return score_sets(vectors, self.val)
+        return self.evaluator(vectors)
 
     def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.config.seed, epoch])
@@ -452,7 +451,7 @@ class Trainer:
             if batch.errors:
                 raise DataError(f"cannot embed validation images: {batch.errors}")
             vectors[batch.indices] = batch.vectors
-        metrics = score_sets(vectors, self.val)
+        metrics = self.evaluator(vectors)
         extra["validation"] = metrics
         self.net.config = dataclasses.replace(model, extra=extra)
         fingerprint = save_bundle(self.net, out, half=self.config.fp16)

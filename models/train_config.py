@@ -184,15 +184,12 @@ class TrainConfig:
                 "give exactly one data source: pairs (TLL CSV), labelled (a,b,label CSV) or "
                 f"classes (folder tree); got {', '.join(sources) or 'none'}"
             )
-        from .losses import LOSSES
-        from .mining import MINERS
+        from .losses import build_loss
+        from .mining import build_miner
 
-        if self.loss not in LOSSES:
-            raise TrainConfigError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
-        if self.miner not in MINERS:
-            raise TrainConfigError(
-                f"unknown miner {self.miner!r}; choose one of {', '.join(MINERS)}"
-            )
+        # Each registry entry checks its own arguments (name, margin, temperature).
+        build_loss(self.loss, self.margin, self.temperature, embedding_dim=2)
+        build_miner(self.miner, self.margin)
         if self.loss == "infonce" and self.miner != "none":
             raise TrainConfigError(
                 "the infonce loss uses every in-batch negative; use miner 'none' (or loss "
@@ -202,8 +199,6 @@ class TrainConfig:
             (self.epochs >= 0, "epochs must be >= 0"),
             (self.batch_size >= 2, "batch_size must be >= 2 (in-batch negatives)"),
             (self.lr > 0 and self.backbone_lr > 0, "learning rates must be > 0"),
-            (self.temperature > 0, "temperature must be > 0"),
-            (self.margin >= 0, "margin must be >= 0"),
             (0 <= self.warmup < 1, "warmup must be in [0, 1)"),
             (self.patience >= 1, "patience must be >= 1"),
             (self.max_steps >= 0, "max_steps must be >= 0"),

@@ -6,11 +6,13 @@ evaluate`` all score candidate sets through these functions, so their figures ag
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["answer_ranks", "candidate_metrics", "score_candidate_sets"]
+__all__ = ["CandidateSetEvaluator", "Evaluator", "answer_ranks", "candidate_metrics",
+           "score_candidate_sets"]
 
 
 def answer_ranks(scores: Sequence[np.ndarray], answers: Sequence[int]) -> np.ndarray:
@@ -44,3 +46,21 @@ def score_candidate_sets(
     """
     scores = np.einsum("sd,scd->sc", vectors[queries], vectors[candidates])
     return candidate_metrics(answer_ranks(list(scores), list(answers)))
+
+
+Evaluator = Callable[[np.ndarray], dict[str, float]]
+"""What a trainer asks after each epoch: unit vectors of its validation images -> metrics
+(with at least ``top1``, the model-selection criterion)."""
+
+
+@dataclass(frozen=True)
+class CandidateSetEvaluator:
+    """An :data:`Evaluator` over fixed candidate sets (``queries`` ``(S,)``, ``candidates``
+    ``(S, C)`` and ``answers`` index the rows of the vectors it is given)."""
+
+    queries: np.ndarray
+    candidates: np.ndarray
+    answers: Sequence[int]
+
+    def __call__(self, vectors: np.ndarray) -> dict[str, float]:
+        return score_candidate_sets(vectors, self.queries, self.candidates, self.answers)
