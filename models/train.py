@@ -1,4 +1,9 @@
-"""Siamese training: one config dataclass, one Trainer, one model bundle out.
+"""Siamese training: one Trainer, one model bundle out.
+
+The settings are :class:`~.train_config.TrainConfig`; the frozen-trunk feature cache is
+:mod:`.feature_cache`, devices :mod:`.device`, the training curve :mod:`.curves`, and the
+validation score an evaluator handed in (by default :mod:`lookalike.core.scoring` on the
+seeded candidate sets), so training imports nothing from ``evaluation``.
 
 The recipe in short: pairs of look-alike images go through one shared :class:`EmbeddingNet`;
 a loss from :mod:`.losses` (optionally fed by a miner, and by FAISS hard-negative batches from
@@ -26,11 +31,8 @@ steps are seeded by ``(seed, step)``, so a resumed run draws what the uninterrup
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import os
-import platform
 import shutil
 import time
 from collections.abc import Sequence
@@ -46,8 +48,8 @@ from tqdm import tqdm
 from ..core.files import atomic_write
 from ..core.scoring import CandidateSetEvaluator, Evaluator
 from .bundle import load_bundle, save_bundle
+from .curves import plot_history
 from .data import (
-    Augment,
     DataError,
     ImageDataset,
     PairData,
@@ -57,11 +59,12 @@ from .data import (
     load_tll_pairs,
     split,
 )
+from .device import autocast, device_for, hardware
 from .embedder import Embedder
+from .feature_cache import FeatureCache
 from .losses import build_loss
 from .mining import HardNegativeBatches, build_miner, random_batches
 from .network import EmbeddingNet
-from .preprocess import Preprocessor
 from .train_config import TrainConfig, TrainConfigError
 
 __all__ = ["TrainConfig", "TrainConfigError", "Trainer", "TrainResult", "train"]
@@ -85,85 +88,6 @@ def load_data(config: TrainConfig) -> PairData:
     return load_class_folders(config.classes, seed=config.split_seed)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _autocast(device: torch.device) -> torch.autocast:
-    """bf16 on a CPU (several-fold faster with AVX-512 BF16), fp16 AMP on a GPU."""
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def hardware() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-
-
-class FeatureCache:
-    """Pooled trunk features of a fixed list of images, per augmented view, on disk.
-
-    The file name is a digest of everything the features depend on (trunks, taps, pooling,
-    input transform, augmentation, seed, the image files), so a changed setting never
-    reuses stale features and an unchanged one never recomputes them.
-    """
-
-    def __init__(self, net: EmbeddingNet, config: TrainConfig, device: torch.device) -> None:
-        self.net, self.config, self.device = net, config, device
-        model = net.config
-        self.preprocessor = Preprocessor(model.input_size, model.mean, model.std)
-        self.augment = Augment(model.input_size, config.crop_scale, config.flip, config.jitter)
-
-    def _key(self, images: Sequence[Path], view: int) -> str:
-        model = self.net.config
-        config = self.config
-        facts = {
-            "backbones": model.backbones, "taps": model.taps, "pooling": model.pooling,
-            "grid_taps": model.grid_taps, "grid": model.grid,
-            "size": model.input_size, "view": view,
-            "augment": [config.seed, config.crop_scale, config.flip, config.jitter] if view else [],
-            "images": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in images],
-        }
-        return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
-
-    def get(self, images: Sequence[Path], views: int, label: str) -> torch.Tensor:
-        """``(views, len(images), F)`` float16 features; view 0 is un-augmented.
-
-        Each view is its own file, so a run with fewer views reuses a run's with more.
-        """
-        outs = []
-        for view in range(views):
-            name = f"features-{label}-{self._key(images, view)}.safetensors"
-            path = self.config.feature_cache / name
-            if path.is_file():
-                outs.append(load_file(str(path))["features"])
-                continue
-            features = self.compute(
-                images, augment=view > 0, seed=self.config.seed * 1000 + view,
-                desc=f"features {label} view {view + 1}/{views}",
-            ).half()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tensors = {"features": features.contiguous()}
-            atomic_write(path, lambda tmp, tensors=tensors: save_file(tensors, str(tmp)))
-            outs.append(features)
-        return torch.stack(outs)
-
-    def compute(self, images: Sequence[Path], augment: bool, seed: int, desc: str) -> torch.Tensor:
-        torch.manual_seed(seed)
-        dataset = ImageDataset(images, self.preprocessor, self.augment if augment else None)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=0)
-        net = self.net.eval().to(self.device, memory_format=torch.channels_last)
-        chunks = []
-        with torch.inference_mode(), _autocast(self.device):
-            for batch in tqdm(loader, desc=desc, unit="batch", disable=not self.config.progress):
-                batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
-                chunks.append(net.features(batch).float().cpu())
-        return torch.cat(chunks)
-
-
 class Trainer:
     """Train an :class:`EmbeddingNet` on look-alike pairs; see the module docstring."""
 
@@ -172,7 +96,7 @@ class Trainer:
         default the seeded candidate sets of the validation split."""
         config.validate()
         self.config = config
-        self.device = _device(config.device)
+        self.device = device_for(config.device)
         self.data = load_data(config)
         self.train_pairs, self.val = split(
             self.data, config.val_fraction, config.foils, seed=config.split_seed
@@ -295,7 +219,7 @@ class Trainer:
         if self.frozen:
             embeddings = self.net.project(inputs)
         else:
-            with _autocast(self.device):
+            with autocast(self.device):
                 features = self.net.features(inputs)
             embeddings = self.net.project(features)
         indices = self.miner(embeddings, labels) if self.miner is not None else None
@@ -460,26 +384,6 @@ class Trainer:
             shutil.copy(curve, out / curve.name)
         return TrainResult(out, fingerprint, metrics, self.state["best_epoch"],
                            self.state["step"], minutes)
-
-
-def plot_history(history: list[dict[str, Any]], path: Path) -> None:
-    """Training loss and validation top-1 / top-5 / MRR per epoch, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
-    left.plot(epochs, [np.nan if h["loss"] is None else h["loss"] for h in history], marker="o")
-    left.set(xlabel="epoch", ylabel="training loss", title="loss")
-    for key in ("top1", "top5", "mrr"):
-        right.plot(epochs, [h[key] for h in history], marker="o", label=key)
-    right.set(xlabel="epoch", ylabel="validation", title="20-candidate validation", ylim=(0, 1))
-    right.legend()
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
-    plt.close(figure)
 
 
 def train(config: TrainConfig) -> TrainResult:
