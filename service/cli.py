@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -417,25 +416,19 @@ def evaluate(
     query_dir = query_dir or pairs.parent / "left"
     candidate_dir = candidate_dir or pairs.parent / "right"
     chosen = select_split(read_pairs(pairs), split, val_fraction, split_seed)
-    data = {"pairs_file": _relative(pairs), "split": split.value,
-            "query_dir": _relative(query_dir), "candidate_dir": _relative(candidate_dir)}
+    data = {"pairs_file": str(pairs), "split": split.value, "query_dir": str(query_dir),
+            "candidate_dir": str(candidate_dir)}
     if split is not Split.all:
         data.update(val_fraction=val_fraction, split_seed=split_seed)
     challenge = read_challenge(candidates) if candidates else None
     if challenge is not None:
-        data["candidates_file"] = _relative(candidates)
+        data["candidates_file"] = str(candidates)
     embedder = _embedder(model, engine)
     result = run_evaluation(chosen, ImageFolder(query_dir), ImageFolder(candidate_dir), embedder,
                             out, challenge=challenge, options=options, data=data)
     typer.echo("\n".join([*summary_lines(result.metrics), f"report: {result.report}"]))
     if write_calibration:
         typer.echo(f"calibration: {save_calibration(embedder.bundle, result.calibration)}")
-
-def _relative(path: Path) -> str:
-    """``path`` relative to the current directory, as recipes record data (``../shared/...``):
-    reports and calibration files travel with a model, this machine's absolute paths do not."""
-    return os.path.relpath(path)
-
 
 def _train(config: Path | None = None, **options: Any) -> None:
     """Train a Siamese embedding model on look-alike pairs and write a model bundle.
