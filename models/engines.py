@@ -1,9 +1,11 @@
 """Inference engines: one registry, name -> factory(model, options) -> run(batch) -> embeddings.
 
 An engine takes a preprocessed float32 batch ``(B, 3, S, S)`` and returns float32 unit
-embeddings ``(B, D)``. Add one with :func:`register_engine`; the service and the CLI pick it
-by name and :func:`create_engine` builds it. Each engine states the largest cosine distance
-from the eager PyTorch reference it may show on real photos (``tolerance``): an engine that
+embeddings ``(B, D)``. Add one with ``@ENGINES.register(name, spec=EngineSpec(...))`` (the
+one :class:`~.registry.Registry` shape; the builder's docstring is its summary); the service
+and the CLI pick it by name and :func:`create_engine` builds it. Each engine states the
+largest cosine distance from the eager PyTorch reference it may show on real photos
+(``EngineSpec.tolerance``): an engine that
 converts the model checks that bound when it converts, and the tests check it for every engine.
 
 ``onnx`` runs a model's exported ONNX file, or exports the whole
@@ -15,13 +17,13 @@ Speed and accuracy of every engine: ``benchmarks/embed.py`` and ``benchmarks/RES
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EngineError
 from .export import FP32_TOLERANCE, INT8_TOLERANCE, conversion_dir, onnx_file, require
 from .model import Model
+from .registry import Registry
 from .runtime import Engine, ort_runner, torch_runner
 
 __all__ = [
@@ -32,7 +34,6 @@ __all__ = [
     "EngineOptions",
     "EngineSpec",
     "create_engine",
-    "register_engine",
 ]
 
 DEFAULT_ENGINE = "onnx-int8"
@@ -51,47 +52,25 @@ class EngineOptions:
     cache_dir: Path | None = None
 
 
-EngineFactory = Callable[[Model, EngineOptions], Engine]
-
-
 @dataclass(frozen=True)
 class EngineSpec:
-    name: str
-    factory: EngineFactory
+    """What an engine states before it is built."""
+
     tolerance: float
     """Largest cosine distance ``1 - cos`` from the eager reference on real photos."""
-    packages: tuple[tuple[str, str], ...]
+    packages: tuple[tuple[str, str], ...] = ()
     """``(module, pip package)`` pairs the engine needs."""
-    summary: str
 
 
-ENGINES: dict[str, EngineSpec] = {}
-
-
-def register_engine(
-    name: str, *, tolerance: float, packages: tuple[tuple[str, str], ...] = ()
-) -> Callable[[EngineFactory], EngineFactory]:
-    """Register ``factory(model, options) -> run`` under ``name``; the first line of its
-    docstring is the engine's one-line summary."""
-
-    def decorator(factory: EngineFactory) -> EngineFactory:
-        if name in ENGINES:
-            raise EngineError(f"engine {name!r} is registered twice")
-        summary = (factory.__doc__ or "").strip().split("\n")[0]
-        ENGINES[name] = EngineSpec(name, factory, tolerance, packages, summary)
-        return factory
-
-    return decorator
+ENGINES: Registry[Engine] = Registry("engine", EngineError)
+"""Every engine by name: ``build(model, options) -> run``; ``spec`` is an :class:`EngineSpec`."""
 
 
 def create_engine(name: str, model: Model, options: EngineOptions | None = None) -> Engine:
     """Build engine ``name`` for ``model``; a clear :class:`EngineError` if it cannot be."""
-    spec = ENGINES.get(name)
-    if spec is None:
-        raise EngineError(f"unknown engine {name!r}; choose one of {', '.join(sorted(ENGINES))}")
-    for module, package in spec.packages:
+    for module, package in ENGINES[name].spec.packages:
         require(name, module, package)
-    return spec.factory(model, options or EngineOptions())
+    return ENGINES.create(name, model=model, options=options or EngineOptions())
 
 
 # -- PyTorch ----------------------------------------------------------------------------------
@@ -99,7 +78,7 @@ def create_engine(name: str, model: Model, options: EngineOptions | None = None)
 TORCH_PACKAGES = (("torch", "torch"),)
 
 
-@register_engine("torch", tolerance=1e-5, packages=TORCH_PACKAGES)
+@ENGINES.register("torch", spec=EngineSpec(1e-5, TORCH_PACKAGES))
 def torch_engine(model: Model, options: EngineOptions) -> Engine:
     """Eager PyTorch fp32 in channels_last layout: the reference engine.
 
@@ -119,14 +98,14 @@ def torch_engine(model: Model, options: EngineOptions) -> Engine:
 ONNX_PACKAGES = (("onnxruntime", "onnxruntime"), ("onnx", "onnx"))
 
 
-@register_engine("onnx", tolerance=FP32_TOLERANCE, packages=ONNX_PACKAGES)
+@ENGINES.register("onnx", spec=EngineSpec(FP32_TOLERANCE, ONNX_PACKAGES))
 def onnx_engine(model: Model, options: EngineOptions) -> Engine:
     """ONNX Runtime fp32 on the exported EmbeddingNet (export cached per model)."""
     with conversion_dir(options.cache_dir) as directory:
         return ort_runner(onnx_file(model, directory, False, "onnx"), options.threads)
 
 
-@register_engine("onnx-int8", tolerance=INT8_TOLERANCE, packages=ONNX_PACKAGES)
+@ENGINES.register("onnx-int8", spec=EngineSpec(INT8_TOLERANCE, ONNX_PACKAGES))
 def onnx_int8_engine(model: Model, options: EngineOptions) -> Engine:
     """ONNX Runtime int8: static per-channel QDQ calibrated on real photos (cached per model)."""
     with conversion_dir(options.cache_dir) as directory:
