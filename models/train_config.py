@@ -2,7 +2,9 @@
 
 Its fields are the single source of the settings: TOML/JSON recipes are read into it, and
 ``lookalike train`` makes one command-line option per field (:func:`cli_fields`: name, type,
-help text, flags), so no option is copied by hand. Imports no torch, so the CLI can describe
+help text, flags), so no option is copied by hand. A field's allowed values (:class:`Bounds`)
+are declared with it too: one generic check reads them and the option's help shows them, so
+there is no hand-written list of range checks. Imports no torch, so the CLI can describe
 the options without loading it.
 """
 
@@ -21,17 +23,49 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .network import EmbeddingConfig
 
-__all__ = ["CliField", "TrainConfig", "TrainConfigError", "cli_fields"]
+__all__ = ["Bounds", "CliField", "TrainConfig", "TrainConfigError", "cli_fields"]
 
 
 class TrainConfigError(ConfigError):
     """A training configuration that cannot run; the message says which setting to fix."""
 
 
-def _opt(default: Any, help: str, *flags: str) -> Any:
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric or text setting allows: a range (each end open or closed) or a
+    set of choices. ``str(bounds)`` is the phrase shared by the error and the option's help."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+
+    def allows(self, value: Any) -> bool:
+        if self.choices:
+            return value in self.choices
+        if not isinstance(value, int | float):  # e.g. text where a recipe wants a number
+            return False
+        if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return (f"in {'(' if self.low_open else '['}{self.low:g}, "
+                f"{self.high:g}{')' if self.high_open else ']'}")
+
+
+def _opt(default: Any, help: str, *flags: str, bounds: Bounds | None = None) -> Any:
     """A config field with the help text (and, where not derived from the name, the
-    command-line flags) that ``lookalike train`` shows; see :func:`cli_fields`."""
-    metadata = {"help": help, "flags": flags}
+    command-line flags) that ``lookalike train`` shows, and the values it allows; see
+    :func:`cli_fields` and :meth:`TrainConfig.validate`."""
+    metadata = {"help": help, "flags": flags, "bounds": bounds}
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -66,28 +100,38 @@ class TrainConfig:
                            "embedding size ('none': identity).")
     standardize: bool = _opt(True, "Standardise features (fitted on training data) before head.")
     dropout: float = _opt(0.0, "Dropout on the features before the head (training only).")
-    trainable_stages: int = _opt(0, "Trunk stages fine-tuned, from the end; 0 = frozen, cached.")
+    trainable_stages: int = _opt(0, "Trunk stages fine-tuned, from the end; 0 = frozen, cached.",
+                                 bounds=Bounds(0))
 
     loss: str = _opt("infonce", "Loss, by name ('lookalike backbones' lists them).")
     miner: str = _opt("none", "In-batch miner, by name ('lookalike backbones' lists them).")
     margin: float = _opt(0.2, "Margin of the contrastive / triplet losses and semi-hard miner.")
     temperature: float = _opt(0.1, "Temperature of the InfoNCE loss.")
     hard_negatives: bool = _opt(False, "Batch pairs with FAISS nearest neighbours (per epoch).")
-    hard_neighbours: int = _opt(8, "Neighbours per pair looked up for hard-negative batches.")
+    hard_neighbours: int = _opt(8, "Neighbours per pair looked up for hard-negative batches.",
+                                bounds=Bounds(3))
 
-    epochs: int = _opt(40, "Most epochs (0: only evaluate the initial model).")
-    batch_size: int = _opt(128, "Pairs per step.")
-    lr: float = _opt(1e-3, "Peak learning rate of the head.")
-    backbone_lr: float = _opt(1e-4, "Peak learning rate of the fine-tuned trunk stages.")
+    epochs: int = _opt(40, "Most epochs (0: only evaluate the initial model).", bounds=Bounds(0))
+    batch_size: int = _opt(128, "Pairs per step (2 or more: the negatives are in-batch).",
+                           bounds=Bounds(2))
+    lr: float = _opt(1e-3, "Peak learning rate of the head.", bounds=Bounds(0, low_open=True))
+    backbone_lr: float = _opt(1e-4, "Peak learning rate of the fine-tuned trunk stages.",
+                              bounds=Bounds(0, low_open=True))
     weight_decay: float = _opt(0.01, "AdamW weight decay.")
-    warmup: float = _opt(0.1, "Fraction of the steps with a linear warm-up (then cosine decay).")
-    patience: int = _opt(8, "Stop after this many epochs without a better validation top-1.")
-    max_steps: int = _opt(0, "Stop after this many steps in all (0: no limit).")
+    warmup: float = _opt(0.1, "Fraction of the steps with a linear warm-up (then cosine decay).",
+                         bounds=Bounds(0, 1, high_open=True))
+    patience: int = _opt(8, "Stop after this many epochs without a better validation top-1.",
+                         bounds=Bounds(1))
+    max_steps: int = _opt(0, "Stop after this many steps in all (0: no limit).",
+                          bounds=Bounds(0))
 
-    crop_scale: float = _opt(0.6, "Smallest area fraction of a random crop (1: no cropping).")
-    flip: float = _opt(0.5, "Probability of a horizontal flip.")
-    jitter: float = _opt(0.2, "Colour jitter strength (brightness, contrast, saturation).")
-    views: int = _opt(4, "Cached views per image when frozen: the plain one + augmented ones.")
+    crop_scale: float = _opt(0.6, "Smallest area fraction of a random crop (1: no cropping).",
+                             bounds=Bounds(0, 1, low_open=True))
+    flip: float = _opt(0.5, "Probability of a horizontal flip.", bounds=Bounds(0, 1))
+    jitter: float = _opt(0.2, "Colour jitter strength (brightness, contrast, saturation).",
+                         bounds=Bounds(0))
+    views: int = _opt(4, "Cached views per image when frozen: the plain one + augmented ones.",
+                       bounds=Bounds(1))
 
     out: Path = _opt(Path("runs/model"), "Model bundle directory to write.",
                      "--out", "-o")
@@ -95,7 +139,7 @@ class TrainConfig:
     feature_cache: Path | None = _opt(None, "Folder of cached features, shareable between runs "
                                       "(default: WORK_DIR).")
     seed: int = _opt(0, "Seed of initialisation, batches and augmentation.")
-    device: str = _opt("auto", "auto, cpu or cuda.")
+    device: str = _opt("auto", "Where to train.", bounds=Bounds(choices=("auto", "cpu", "cuda")))
     fp16: bool = _opt(True, "Store the bundle's weights as float16 (half the size).",
                       "--fp16/--fp32")
     progress: bool = _opt(True, "Show progress bars.")
@@ -122,12 +166,15 @@ class TrainConfig:
 
     @classmethod
     def fields_help(cls) -> dict[str, str]:
-        """Each setting's help text, ending with its default."""
+        """Each setting's help text, ending with the values it allows and its default (in
+        parentheses: the CLI's rich help would read ``[default: ...]`` as markup and drop it)."""
         texts = {}
         for f in dataclasses.fields(cls):
             default = f.default_factory() if callable(f.default_factory) else f.default
             shown = "derived" if f.name in {"work_dir", "feature_cache"} else default
-            texts[f.name] = f"{f.metadata.get('help', '')} [default: {shown}]"
+            bounds = f.metadata.get("bounds")
+            allowed = f"allowed: {bounds}; " if bounds is not None else ""
+            texts[f.name] = f"{f.metadata.get('help', '')} ({allowed}default: {shown})"
         return texts
 
     @classmethod
@@ -195,24 +242,11 @@ class TrainConfig:
                 "the infonce loss uses every in-batch negative; use miner 'none' (or loss "
                 "'ntxent' with a miner; hard negatives come from --hard-negatives)"
             )
-        checks = [
-            (self.epochs >= 0, "epochs must be >= 0"),
-            (self.batch_size >= 2, "batch_size must be >= 2 (in-batch negatives)"),
-            (self.lr > 0 and self.backbone_lr > 0, "learning rates must be > 0"),
-            (0 <= self.warmup < 1, "warmup must be in [0, 1)"),
-            (self.patience >= 1, "patience must be >= 1"),
-            (self.max_steps >= 0, "max_steps must be >= 0"),
-            (0 < self.crop_scale <= 1, "crop_scale must be in (0, 1]"),
-            (0 <= self.flip <= 1, "flip must be in [0, 1]"),
-            (self.jitter >= 0, "jitter must be >= 0"),
-            (self.views >= 1, "views must be >= 1"),
-            (self.trainable_stages >= 0, "trainable_stages must be >= 0"),
-            (self.hard_neighbours >= 3, "hard_neighbours must be >= 3"),
-            (self.device in {"auto", "cpu", "cuda"}, "device must be auto, cpu or cuda"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise TrainConfigError(message)
+        for f in dataclasses.fields(self):
+            bounds = f.metadata.get("bounds")
+            value = getattr(self, f.name)
+            if bounds is not None and not bounds.allows(value):
+                raise TrainConfigError(f"{f.name} must be {bounds}, got {value}")
         self.model_config()  # unknown backbone, bad taps: fail before any data is read
         import torch
 
