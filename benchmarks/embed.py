@@ -32,17 +32,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lookalike.demo import DEMO_IMAGES
-from lookalike.evaluation.candidates import (
+from lookalike.core.pairs import (
     CandidateSet,
     make_candidate_sets,
     read_pairs,
     split_pairs,
 )
-from lookalike.evaluation.metrics import answer_ranks, candidate_metrics
-from lookalike.models.bundle import ModelBundle, resolve_model
+from lookalike.core.scoring import answer_ranks, candidate_metrics
+from lookalike.demo import DEMO_IMAGES
+from lookalike.models.bundle import ModelBundle
 from lookalike.models.embedder import Embedder
 from lookalike.models.engines import ENGINES, EngineError
+from lookalike.models.resolve import resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TLL = REPO.parent / "shared" / "tll"
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
           f"{platform.python_version()}, torch {torch.__version__}, onnxruntime "
           f"{version('onnxruntime')}; CPU only")
-    print(f"model: {bundle.name} ({bundle.fingerprint[:12]}), dim {bundle.config.embedding_dim}; "
+    print(f"model: {bundle.name} ({bundle.fingerprint[:12]}), dim {bundle.facts.embedding_dim}; "
           f"data: {data}, {len(sets)} candidate sets, {len(accuracy_paths)} images; "
           f"speed: {len(speed_paths)} files per pass, best of {args.repeats}, "
           f"{args.threads} forward threads, {args.decode_workers} decode workers")

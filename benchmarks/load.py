@@ -32,8 +32,8 @@ from matplotlib.figure import Figure
 
 from lookalike.demo import DEMO_IMAGES
 from lookalike.index.build import build_index
-from lookalike.models.bundle import resolve_model
 from lookalike.models.embedder import Embedder
+from lookalike.models.resolve import create_embedder
 from lookalike.service.settings import Settings
 
 try:
@@ -257,7 +257,7 @@ def main() -> None:
     args = parser.parse_args()
 
     settings = Settings(engine=args.engine)
-    embedder = Embedder(resolve_model(settings.model, settings.cache_dir), engine=args.engine)
+    embedder = create_embedder(settings.model_options())
     build_index(DEMO_IMAGES, args.index, embedder, progress=False)
     images = sorted(DEMO_IMAGES.rglob("*.jpg"))
     offline = {size: offline_rate(embedder, images, size, args.baseline_runs)

@@ -8,7 +8,7 @@ a submission lines up with its candidates file row by row and column by column.
 from __future__ import annotations
 
 import csv
-import os
+import io
 import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .candidates import CandidateSet, Pair
+from ..core.files import atomic_write
+from ..core.pairs import CandidateSet, Pair
 from .errors import EvaluationError, describe
 
 __all__ = [
@@ -97,17 +98,13 @@ def read_challenge(path: str | Path) -> Challenge:
 
 
 def _write_rows(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """Write a CSV through a temporary file, so an interrupted run never leaves half a file."""
+    """Write a CSV atomically, so an interrupted run never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(header)
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue().encode("utf-8"))
 
 
 def write_challenge(path: str | Path, sets: Sequence[CandidateSet]) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..core.errors import InvalidInputError
+
 __all__ = ["EvaluationError", "describe"]
 
 
-class EvaluationError(ValueError):
+class EvaluationError(InvalidInputError):
     """Input to ranking or evaluation that cannot be used; the message says what to fix."""
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..index.build import IMAGE_SUFFIXES
+from ..core.files import IMAGE_SUFFIXES
 from ..models.embedder import Embedder
 from .errors import EvaluationError, describe
 

@@ -17,6 +17,7 @@ from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from ..core.files import atomic_write
 from ..models.preprocess import decode_image
 from .verification import labelled_scores
 
@@ -41,8 +42,7 @@ def _figure(width: float = 5.5, height: float = 4.5, dpi: int = 110) -> Figure:
 def _save(figure: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(path, format="png")
-    return path
+    return atomic_write(path, lambda target: figure.savefig(target, format="png"))
 
 
 def roc_plot(

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..core.files import atomic_write
+
 __all__ = ["write_report", "summary_lines"]
 
 FIGURE_TITLES = {
@@ -30,7 +32,7 @@ def _table(rows: dict[str, Any]) -> list[str]:
 def write_report(out_dir: Path, metrics: dict[str, Any]) -> Path:
     """Write ``metrics.json`` and ``report.md`` (which links the figures) into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     model, data = metrics["model"], metrics["data"]
     lines = [
         f"# lookalike evaluation: {model['name']}",
@@ -56,9 +58,7 @@ def write_report(out_dir: Path, metrics: dict[str, Any]) -> Path:
     lines += ["## Figures", ""]
     for name, file in metrics["figures"].items():
         lines += [f"### {FIGURE_TITLES.get(name, name)}", "", f"![{name}]({file})", ""]
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return atomic_write(out_dir / "report.md", "\n".join(lines))
 
 
 def summary_lines(metrics: dict[str, Any]) -> list[str]:

@@ -16,14 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from ..core.pairs import Pair, make_candidate_sets
+from ..core.scoring import answer_ranks, candidate_metrics
 from ..index.store import IndexStore
 from ..models.embedder import Embedder
 from . import plots
-from .candidates import Pair, make_candidate_sets
 from .challenge import Challenge, answers_from_pairs
 from .errors import EvaluationError
 from .images import ImageFolder, embed_unique
-from .metrics import answer_ranks, candidate_metrics
 from .ranking import assign, boost_assigned, cosine_scores, ranked_order
 from .report import write_report
 from .retrieval import index_retrieval_metrics

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from ..core.files import atomic_write
 from ..models.bundle import CALIBRATION_FILE, ModelBundle
 from .errors import EvaluationError
 
@@ -137,10 +137,4 @@ def write_calibration(bundle: ModelBundle, calibration: Calibration) -> Path:
     if calibration.model_fingerprint != bundle.fingerprint:
         raise EvaluationError("this calibration was measured with another model")
     target = Path(bundle.path) / CALIBRATION_FILE
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(calibration.to_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    return atomic_write(target, json.dumps(calibration.to_dict(), indent=2, sort_keys=True) + "\n")

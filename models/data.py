@@ -9,8 +9,8 @@ files behind the keys — so the trainer knows one shape:
 * a class-per-folder tree: images of one class are look-alikes, paired within the class.
 
 :func:`split` holds back a validation split exactly as the rest of lookalike scores models:
-:func:`~lookalike.evaluation.candidates.split_pairs` over the positive pairs, then
-:func:`~lookalike.evaluation.candidates.make_candidate_sets` over the held-out pairs, so the
+:func:`~lookalike.core.pairs.split_pairs` over the positive pairs, then
+:func:`~lookalike.core.pairs.make_candidate_sets` over the held-out pairs, so the
 trainer's validation top-1 is the number ``lookalike evaluate`` and the benchmarks report.
 No image of a held-out pair is trained on.
 """
@@ -29,7 +29,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from ..evaluation.candidates import (
+from ..core.files import IMAGE_SUFFIX_ORDER, IMAGE_SUFFIXES
+from ..core.pairs import (
     CandidateSet,
     Pair,
     PairsError,
@@ -53,7 +54,6 @@ __all__ = [
     "split",
 ]
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 
 
 class DataError(ConfigError):
@@ -129,7 +129,7 @@ def _image_file(folder: Path, key: str) -> Path:
     direct = folder / key
     if direct.suffix.lower() in IMAGE_SUFFIXES and _is_file(direct):
         return direct
-    for suffix in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"):
+    for suffix in IMAGE_SUFFIX_ORDER:
         candidate = folder / f"{key}{suffix}"
         if _is_file(candidate):
             return candidate

@@ -11,17 +11,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from .engines import EngineOptions, create_engine
+from .model import Model
 from .preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessor
-
-if TYPE_CHECKING:
-    from .bundle import ModelBundle
-    from .serving import ServingModel
 
 __all__ = ["Embedder", "FileBatch"]
 
@@ -40,8 +37,8 @@ class FileBatch:
 
 
 class Embedder:
-    """A model (a bundle, or a serving model for the ONNX engines) bound to an engine and a
-    preprocessor. Imports no torch itself: a serving container runs without it.
+    """A :class:`~.model.Model` bound to an engine and a preprocessor. Imports no torch
+    itself: a serving container runs without it.
 
     ``threads`` is the forward pass's thread count and ``cache_dir`` where engines cache
     converted models (see :class:`~.engines.EngineOptions`). The default engine is the eager
@@ -50,7 +47,7 @@ class Embedder:
 
     def __init__(
         self,
-        bundle: ModelBundle | ServingModel,
+        bundle: Model,
         engine: str = "torch",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         decode_workers: int = 2,
@@ -58,7 +55,7 @@ class Embedder:
         threads: int = 2,
         cache_dir: str | Path | None = None,
     ) -> None:
-        config = bundle.config
+        config = bundle.facts
         self.bundle = bundle
         self.engine_name = engine
         self.preprocessor = Preprocessor(config.input_size, config.mean, config.std, max_pixels)
@@ -68,7 +65,7 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        return self.bundle.config.embedding_dim
+        return self.bundle.facts.embedding_dim
 
     @property
     def fingerprint(self) -> str:

@@ -15,20 +15,17 @@ classifier is the one loss written here: BCE on a learned combination of two emb
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import nn
 
-from .network import ConfigError
+from .errors import ConfigError
+from .registry import Registry
 
 __all__ = [
     "LOSSES",
-    "LossSpec",
     "PairClassifierLoss",
     "SymmetricInfoNCE",
     "build_loss",
@@ -113,58 +110,71 @@ class SymmetricInfoNCE(nn.Module):
         )
 
 
-@dataclass(frozen=True)
-class LossSpec:
-    """How to build one loss: ``build(margin, temperature, embedding_dim) -> module``."""
-
-    build: Callable[[float, float, int], nn.Module]
-    help: str
+LOSSES: Registry[nn.Module] = Registry("loss")
+"""Every loss by name; a builder takes what it needs of ``margin``, ``temperature`` and
+``embedding_dim`` and checks it."""
 
 
-LOSSES: dict[str, LossSpec] = {
-    "contrastive-cosine": LossSpec(
-        lambda margin, temperature, dim: losses.ContrastiveLoss(
-            pos_margin=1.0, neg_margin=margin, distance=distances.CosineSimilarity()
-        ),
-        "pull positives to cosine 1, push negatives below cosine MARGIN",
-    ),
-    "contrastive-euclidean": LossSpec(
-        lambda margin, temperature, dim: losses.ContrastiveLoss(
-            pos_margin=0.0, neg_margin=1.0 + margin, distance=distances.LpDistance()
-        ),
-        "pull positives to distance 0, push negatives beyond L2 distance 1 + MARGIN",
-    ),
-    "triplet-cosine": LossSpec(
-        lambda margin, temperature, dim: losses.TripletMarginLoss(
-            margin=margin, distance=distances.CosineSimilarity()
-        ),
-        "anchor-positive cosine must beat anchor-negative cosine by MARGIN",
-    ),
-    "triplet-euclidean": LossSpec(
-        lambda margin, temperature, dim: losses.TripletMarginLoss(
-            margin=margin, distance=distances.LpDistance()
-        ),
-        "anchor-positive L2 distance must beat anchor-negative distance by MARGIN",
-    ),
-    "infonce": LossSpec(
-        lambda margin, temperature, dim: SymmetricInfoNCE(temperature),
-        "symmetric InfoNCE: each image picks its pair among the other side's images",
-    ),
-    "ntxent": LossSpec(
-        lambda margin, temperature, dim: losses.NTXentLoss(temperature=temperature),
-        "NT-Xent (pytorch-metric-learning): positives vs every other image of the batch",
-    ),
-    "pair-bce": LossSpec(
-        lambda margin, temperature, dim: PairClassifierLoss(dim),
-        "BCE of a learned pair classifier on [u*v, |u-v|] (positives vs in-batch negatives)",
-    ),
-}
+def _margin(margin: float) -> float:
+    if not margin >= 0:
+        raise ConfigError(f"margin must be >= 0, got {margin}")
+    return margin
+
+
+def _temperature(temperature: float) -> float:
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
+    return temperature
+
+
+@LOSSES.register("contrastive-cosine",
+                 "pull positives to cosine 1, push negatives below cosine MARGIN")
+def contrastive_cosine(margin: float) -> nn.Module:
+    return losses.ContrastiveLoss(pos_margin=1.0, neg_margin=_margin(margin),
+                                  distance=distances.CosineSimilarity())
+
+
+@LOSSES.register("contrastive-euclidean",
+                 "pull positives to distance 0, push negatives beyond L2 distance 1 + MARGIN")
+def contrastive_euclidean(margin: float) -> nn.Module:
+    return losses.ContrastiveLoss(pos_margin=0.0, neg_margin=1.0 + _margin(margin),
+                                  distance=distances.LpDistance())
+
+
+@LOSSES.register("triplet-cosine",
+                 "anchor-positive cosine must beat anchor-negative cosine by MARGIN")
+def triplet_cosine(margin: float) -> nn.Module:
+    return losses.TripletMarginLoss(margin=_margin(margin), distance=distances.CosineSimilarity())
+
+
+@LOSSES.register("triplet-euclidean",
+                 "anchor-positive L2 distance must beat anchor-negative distance by MARGIN")
+def triplet_euclidean(margin: float) -> nn.Module:
+    return losses.TripletMarginLoss(margin=_margin(margin), distance=distances.LpDistance())
+
+
+@LOSSES.register("infonce",
+                 "symmetric InfoNCE: each image picks its pair among the other side's images")
+def infonce(temperature: float) -> nn.Module:
+    return SymmetricInfoNCE(_temperature(temperature))
+
+
+@LOSSES.register("ntxent",
+                 "NT-Xent (pytorch-metric-learning): positives vs every other image of the batch")
+def ntxent(temperature: float) -> nn.Module:
+    return losses.NTXentLoss(temperature=_temperature(temperature))
+
+
+@LOSSES.register("pair-bce",
+                 "BCE of a learned pair classifier on [u*v, |u-v|] (positives vs in-batch "
+                 "negatives)")
+def pair_bce(embedding_dim: int) -> nn.Module:
+    return PairClassifierLoss(embedding_dim)
 
 
 def build_loss(name: str, margin: float, temperature: float, embedding_dim: int) -> nn.Module:
-    if name not in LOSSES:
-        raise ConfigError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
-    return LOSSES[name].build(margin, temperature, embedding_dim)
+    return LOSSES.create(name, margin=margin, temperature=temperature,
+                         embedding_dim=embedding_dim)
 
 
 def pair_labels(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

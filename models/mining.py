@@ -13,33 +13,39 @@ Two levels, because they answer different questions:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import faiss
 import numpy as np
 from pytorch_metric_learning import miners
 
-from .network import ConfigError
+from .errors import ConfigError
+from .registry import Registry
 
 __all__ = ["MINERS", "build_miner", "HardNegativeBatches", "random_batches"]
 
-MINERS: dict[str, tuple[Callable[[float], miners.BaseMiner | None], str]] = {
-    "none": (lambda margin: None, "every pair and triplet of the batch"),
-    "batch-hard": (
-        lambda margin: miners.BatchHardMiner(),
-        "per anchor, its farthest positive and closest negative",
-    ),
-    "semi-hard": (
-        lambda margin: miners.TripletMarginMiner(margin=margin, type_of_triplets="semihard"),
-        "triplets whose negative is farther than the positive but within MARGIN",
-    ),
-}
+MINERS: Registry[miners.BaseMiner | None] = Registry("miner")
+"""Every in-batch miner by name (``none``: no mining)."""
+
+
+@MINERS.register("none", "every pair and triplet of the batch")
+def no_miner() -> None:
+    return None
+
+
+@MINERS.register("batch-hard", "per anchor, its farthest positive and closest negative")
+def batch_hard() -> miners.BaseMiner:
+    return miners.BatchHardMiner()
+
+
+@MINERS.register("semi-hard",
+                 "triplets whose negative is farther than the positive but within MARGIN")
+def semi_hard(margin: float) -> miners.BaseMiner:
+    if not margin >= 0:
+        raise ConfigError(f"margin must be >= 0, got {margin}")
+    return miners.TripletMarginMiner(margin=margin, type_of_triplets="semihard")
 
 
 def build_miner(name: str, margin: float) -> miners.BaseMiner | None:
-    if name not in MINERS:
-        raise ConfigError(f"unknown miner {name!r}; choose one of {', '.join(MINERS)}")
-    return MINERS[name][0](margin)
+    return MINERS.create(name, margin=margin)
 
 
 def random_batches(n_pairs: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:

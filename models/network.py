@@ -20,12 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import create_backbone, get_backbone_spec, trunk_stages
+from .errors import ConfigError
 
 __all__ = ["EmbeddingConfig", "EmbeddingNet", "ConfigError", "POOLINGS"]
-
-
-class ConfigError(ValueError):
-    """A model configuration that cannot be built."""
 
 
 class GeM(nn.Module):

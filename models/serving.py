@@ -4,9 +4,9 @@ A serving model is a directory with ``serving.json`` (the facts inference needs:
 normalisation, embedding dimension, and the fingerprint of the bundle it came from),
 ``model.onnx``, usually ``model.int8.onnx`` (what the default ``onnx-int8`` engine runs, so
 that a server never quantises at start-up), and the bundle's ``calibration.json`` when it has
-one. It carries the source
-bundle's fingerprint because it computes the same vectors (the export is checked against the
-PyTorch reference), so an index built with the bundle is served by its export unchanged.
+one. It carries the source bundle's fingerprint because it computes the same vectors (the
+export is checked against the PyTorch reference), so an index built with the bundle is
+served by its export unchanged. :mod:`.export` writes one.
 
 This module imports neither torch nor timm: the serving container has neither.
 """
@@ -14,43 +14,29 @@ This module imports neither torch nor timm: the serving container has neither.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .errors import BundleError
+from .errors import BundleError, EngineError
+from .model import ModelFacts, load_calibration
 
-if TYPE_CHECKING:
-    from .bundle import ModelBundle
-
-__all__ = ["SERVING_FILE", "ServingModel", "load_serving_model", "export_serving_model",
-           "resolve_any_model", "is_serving_model"]
+__all__ = ["INT8_FILE", "ONNX_FILE", "SERVING_FILE", "ServingModel", "is_serving_model",
+           "load_serving_model"]
 
 SERVING_FILE = "serving.json"
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
-CALIBRATION_FILE = "calibration.json"
-
-
-@dataclass(frozen=True)
-class ServingFacts:
-    """The part of a model config that inference needs (mirrors ``EmbeddingConfig``)."""
-
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    embedding_dim: int
 
 
 @dataclass(frozen=True)
 class ServingModel:
-    """An exported model: same ``name``/``fingerprint``/``config`` facts as a ModelBundle."""
+    """An exported model (a :class:`~.model.Model` that runs on the ONNX engines only)."""
 
     path: Path
     name: str
     fingerprint: str
-    config: ServingFacts
+    facts: ModelFacts
     calibration: dict[str, Any] | None
 
     @property
@@ -63,68 +49,39 @@ class ServingModel:
         path = self.path / INT8_FILE
         return path if path.is_file() else None
 
+    def onnx_file(self, int8: bool) -> Path | None:
+        """The exported file for the engine: int8 when asked and present, else None (the
+        engine quantises the fp32 export); fp32 always exists."""
+        return self.int8_path if int8 else self.onnx_path
+
+    def torch_net(self) -> Any:
+        raise EngineError(
+            f"engine 'torch' needs a model bundle with PyTorch weights; {self.name} is a "
+            "serving model (ONNX only): use --engine onnx or onnx-int8"
+        )
+
 
 def is_serving_model(path: str | Path) -> bool:
     return (Path(path) / SERVING_FILE).is_file()
 
 
 def load_serving_model(path: str | Path) -> ServingModel:
+    """Read an exported model's facts and calibration (both validated here, once)."""
     path = Path(path)
     try:
         facts = json.loads((path / SERVING_FILE).read_text())
-        config = ServingFacts(
+        mean, std = tuple(float(v) for v in facts["mean"]), tuple(float(v) for v in facts["std"])
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError("mean and std need three values")
+        model_facts = ModelFacts(
             input_size=int(facts["input_size"]),
-            mean=tuple(facts["mean"]),
-            std=tuple(facts["std"]),
+            mean=mean,  # type: ignore[arg-type]
+            std=std,  # type: ignore[arg-type]
             embedding_dim=int(facts["embedding_dim"]),
         )
+        name, fingerprint = str(facts["name"]), str(facts["fingerprint"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise BundleError(f"{path} is not a valid serving model: {exc}") from exc
     if not (path / ONNX_FILE).is_file():
         raise BundleError(f"serving model {path} has no {ONNX_FILE}")
-    calibration_file = path / CALIBRATION_FILE
-    calibration = json.loads(calibration_file.read_text()) if calibration_file.is_file() else None
-    return ServingModel(path, facts["name"], facts["fingerprint"], config, calibration)
-
-
-def export_serving_model(
-    bundle: ModelBundle, out: str | Path, cache_dir: str | Path | None = None, int8: bool = True
-) -> ServingModel:
-    """Export ``bundle`` to ONNX, and to int8 ONNX when ``int8``, each verified against
-    PyTorch on real photos, as a serving model at ``out``. Conversions already made for the
-    engines in ``cache_dir`` are reused."""
-    from .engines import onnx_conversions
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with onnx_conversions(bundle, Path(cache_dir) if cache_dir else None, int8) as (fp32, q8):
-        shutil.copyfile(fp32, out / ONNX_FILE)
-        if q8 is not None:
-            shutil.copyfile(q8, out / INT8_FILE)
-    if not int8:
-        (out / INT8_FILE).unlink(missing_ok=True)
-    config = bundle.config
-    facts = {
-        "name": bundle.name,
-        "fingerprint": bundle.fingerprint,
-        "input_size": config.input_size,
-        "mean": list(config.mean),
-        "std": list(config.std),
-        "embedding_dim": config.embedding_dim,
-        "source": str(bundle.path) if bundle.path else None,
-    }
-    (out / SERVING_FILE).write_text(json.dumps(facts, indent=2, sort_keys=True))
-    if bundle.path is not None and (bundle.path / CALIBRATION_FILE).is_file():
-        shutil.copy(bundle.path / CALIBRATION_FILE, out / CALIBRATION_FILE)
-    return load_serving_model(out)
-
-
-def resolve_any_model(
-    model: str | Path | None, cache_dir: str | Path
-) -> ModelBundle | ServingModel:
-    """A serving model directory loads without torch; anything else goes to ``resolve_model``."""
-    if model is not None and is_serving_model(model):
-        return load_serving_model(model)
-    from .bundle import resolve_model
-
-    return resolve_model(model, cache_dir)
+    return ServingModel(path, name, fingerprint, model_facts, load_calibration(path, fingerprint))

@@ -1,4 +1,9 @@
-"""Siamese training: one config dataclass, one Trainer, one model bundle out.
+"""Siamese training: one Trainer, one model bundle out.
+
+The settings are :class:`~.train_config.TrainConfig`; the frozen-trunk feature cache is
+:mod:`.feature_cache`, devices :mod:`.device`, the training curve :mod:`.curves`, and the
+validation score an evaluator handed in (by default :mod:`lookalike.core.scoring` on the
+seeded candidate sets), so training imports nothing from ``evaluation``.
 
 The recipe in short: pairs of look-alike images go through one shared :class:`EmbeddingNet`;
 a loss from :mod:`.losses` (optionally fed by a miner, and by FAISS hard-negative batches from
@@ -26,16 +31,12 @@ steps are seeded by ``(seed, step)``, so a resumed run draws what the uninterrup
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import os
-import platform
 import shutil
 import time
-import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,233 +45,29 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ..evaluation.metrics import answer_ranks, candidate_metrics
+from ..core.files import atomic_write
+from ..core.scoring import CandidateSetEvaluator, Evaluator
 from .bundle import load_bundle, save_bundle
+from .curves import plot_history
 from .data import (
-    Augment,
     DataError,
     ImageDataset,
     PairData,
     TrainPairs,
-    ValidationSets,
     load_class_folders,
     load_labelled_pairs,
     load_tll_pairs,
     split,
 )
+from .device import autocast, device_for, hardware
 from .embedder import Embedder
-from .losses import LOSSES, build_loss
-from .mining import MINERS, HardNegativeBatches, build_miner, random_batches
-from .network import ConfigError, EmbeddingConfig, EmbeddingNet
-from .preprocess import Preprocessor
+from .feature_cache import FeatureCache
+from .losses import build_loss
+from .mining import HardNegativeBatches, build_miner, random_batches
+from .network import EmbeddingNet
+from .train_config import TrainConfig, TrainConfigError
 
 __all__ = ["TrainConfig", "TrainConfigError", "Trainer", "TrainResult", "train"]
-
-
-class TrainConfigError(ConfigError):
-    """A training configuration that cannot run; the message says which setting to fix."""
-
-
-def _opt(default: Any, help: str) -> Any:
-    """A config field with the help text the CLI and the docs show."""
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    """Everything one training run depends on; saved as the bundle's ``recipe``.
-
-    Exactly one data source: ``pairs`` (TLL CSV), ``labelled`` (a,b,label CSV) or
-    ``classes`` (class-per-folder tree).
-    """
-
-    pairs: Path | None = _opt(None, "Look-alike pairs CSV with left,right columns (TLL format).")
-    left_dir: Path | None = _opt(None, "Folder of the 'left' images (default: CSV folder/left).")
-    right_dir: Path | None = _opt(None, "Folder of the 'right' images (default: CSV folder/right).")
-    labelled: Path | None = _opt(None, "Labelled pairs CSV with a,b,label (1 alike, 0 not).")
-    image_root: Path | None = _opt(None, "Folder the labelled CSV's paths are relative to.")
-    classes: Path | None = _opt(None, "Class-per-folder tree: images of one folder look alike.")
-    val_fraction: float = _opt(0.2, "Fraction of positive pairs held out for validation.")
-    foils: int = _opt(19, "Wrong candidates per validation set (19 = 20-candidate sets).")
-    split_seed: int = _opt(0, "Seed of the validation split and candidate sets.")
-
-    backbones: list[str] = _opt(["efficientnet_lite0"], "Backbones, comma-separated; two or "
-                                "more are fused (features concatenated before the head).")
-    pooling: str = _opt("avg", "Pooling of the last feature map: avg or gem.")
-    taps: list[int] = _opt([], "Middle trunk stages also average-pooled, comma-separated "
-                           "(EfficientNet-Lite: 0 stem, 1-7 block groups; 'none').")
-    grid_taps: list[int] = _opt([], "Middle trunk stages pooled over a GRID x GRID layout.")
-    grid: int = _opt(3, "Cells per side of the grid pooling.")
-    head: list[int] = _opt([256], "Projection head widths, comma-separated; the last is the "
-                           "embedding size ('none': identity).")
-    standardize: bool = _opt(True, "Standardise features (fitted on training data) before head.")
-    dropout: float = _opt(0.0, "Dropout on the features before the head (training only).")
-    trainable_stages: int = _opt(0, "Trunk stages fine-tuned, from the end; 0 = frozen, cached.")
-
-    loss: str = _opt("infonce", f"Loss: {', '.join(LOSSES)}.")
-    miner: str = _opt("none", f"In-batch miner: {', '.join(MINERS)}.")
-    margin: float = _opt(0.2, "Margin of the contrastive / triplet losses and semi-hard miner.")
-    temperature: float = _opt(0.1, "Temperature of the InfoNCE loss.")
-    hard_negatives: bool = _opt(False, "Batch pairs with FAISS nearest neighbours (per epoch).")
-    hard_neighbours: int = _opt(8, "Neighbours per pair looked up for hard-negative batches.")
-
-    epochs: int = _opt(40, "Most epochs (0: only evaluate the initial model).")
-    batch_size: int = _opt(128, "Pairs per step.")
-    lr: float = _opt(1e-3, "Peak learning rate of the head.")
-    backbone_lr: float = _opt(1e-4, "Peak learning rate of the fine-tuned trunk stages.")
-    weight_decay: float = _opt(0.01, "AdamW weight decay.")
-    warmup: float = _opt(0.1, "Fraction of the steps with a linear warm-up (then cosine decay).")
-    patience: int = _opt(8, "Stop after this many epochs without a better validation top-1.")
-    max_steps: int = _opt(0, "Stop after this many steps in all (0: no limit).")
-
-    crop_scale: float = _opt(0.6, "Smallest area fraction of a random crop (1: no cropping).")
-    flip: float = _opt(0.5, "Probability of a horizontal flip.")
-    jitter: float = _opt(0.2, "Colour jitter strength (brightness, contrast, saturation).")
-    views: int = _opt(4, "Cached views per image when frozen: the plain one + augmented ones.")
-
-    out: Path = _opt(Path("runs/model"), "Model bundle directory to write.")
-    work_dir: Path | None = _opt(None, "Checkpoints, cache and curves (default: OUT.work).")
-    feature_cache: Path | None = _opt(None, "Folder of cached features, shareable between runs "
-                                      "(default: WORK_DIR).")
-    seed: int = _opt(0, "Seed of initialisation, batches and augmentation.")
-    device: str = _opt("auto", "auto, cpu or cuda.")
-    fp16: bool = _opt(True, "Store the bundle's weights as float16 (half the size).")
-    progress: bool = _opt(True, "Show progress bars.")
-    resume: bool = _opt(False, "Continue from WORK_DIR/checkpoint.pt.")
-
-    # Settings that may change between a run and its resumption.
-    RESUMABLE = frozenset({"epochs", "patience", "max_steps", "progress", "resume",
-                           "feature_cache"})
-
-    def __post_init__(self) -> None:
-        for name in ("pairs", "left_dir", "right_dir", "labelled", "image_root", "classes",
-                     "out", "work_dir", "feature_cache"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, Path):
-                setattr(self, name, Path(value))
-        self.backbones = _as_list(self.backbones, str, "backbones")
-        self.taps = _as_list(self.taps, int, "taps")
-        self.grid_taps = _as_list(self.grid_taps, int, "grid_taps")
-        self.head = _as_list(self.head, int, "head")
-        if self.work_dir is None:
-            self.work_dir = self.out.with_name(self.out.name + ".work")
-        if self.feature_cache is None:
-            self.feature_cache = self.work_dir
-
-    @classmethod
-    def fields_help(cls) -> dict[str, str]:
-        """Each setting's help text, ending with its default."""
-        texts = {}
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if callable(f.default_factory) else f.default
-            shown = "derived" if f.name in {"work_dir", "feature_cache"} else default
-            texts[f.name] = f"{f.metadata.get('help', '')} [default: {shown}]"
-        return texts
-
-    @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        """Read a TOML or JSON config file (keys = field names); ``overrides`` win.
-
-        Relative paths in the file are relative to the current directory, as on the
-        command line, so a recipe is run from the repository root.
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise TrainConfigError(f"config file {path} does not exist")
-        try:
-            text = path.read_text()
-            values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise TrainConfigError(f"config file {path} is not valid TOML/JSON: {exc}") from exc
-        return cls.from_dict({**values, **overrides}, origin=str(path))
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], origin: str = "config") -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise TrainConfigError(f"{origin}: unknown setting(s) {', '.join(unknown)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            key: str(value) if isinstance(value, Path) else value
-            for key, value in dataclasses.asdict(self).items()
-        }
-
-    def model_config(self, extra: dict[str, Any] | None = None) -> EmbeddingConfig:
-        return EmbeddingConfig(
-            backbones=tuple(self.backbones),
-            pooling=self.pooling,
-            head=tuple(self.head),
-            taps=tuple(self.taps),
-            grid_taps=tuple(self.grid_taps),
-            grid=self.grid,
-            standardize=self.standardize,
-            dropout=self.dropout,
-            extra=extra or {},
-        )
-
-    def validate(self) -> None:
-        """Raise :class:`TrainConfigError` naming the first setting that cannot work."""
-        sources = [name for name in ("pairs", "labelled", "classes") if getattr(self, name)]
-        if len(sources) != 1:
-            raise TrainConfigError(
-                "give exactly one data source: pairs (TLL CSV), labelled (a,b,label CSV) or "
-                f"classes (folder tree); got {', '.join(sources) or 'none'}"
-            )
-        if self.loss not in LOSSES:
-            raise TrainConfigError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
-        if self.miner not in MINERS:
-            raise TrainConfigError(
-                f"unknown miner {self.miner!r}; choose one of {', '.join(MINERS)}"
-            )
-        if self.loss == "infonce" and self.miner != "none":
-            raise TrainConfigError(
-                "the infonce loss uses every in-batch negative; use miner 'none' (or loss "
-                "'ntxent' with a miner; hard negatives come from --hard-negatives)"
-            )
-        checks = [
-            (self.epochs >= 0, "epochs must be >= 0"),
-            (self.batch_size >= 2, "batch_size must be >= 2 (in-batch negatives)"),
-            (self.lr > 0 and self.backbone_lr > 0, "learning rates must be > 0"),
-            (self.temperature > 0, "temperature must be > 0"),
-            (self.margin >= 0, "margin must be >= 0"),
-            (0 <= self.warmup < 1, "warmup must be in [0, 1)"),
-            (self.patience >= 1, "patience must be >= 1"),
-            (self.max_steps >= 0, "max_steps must be >= 0"),
-            (0 < self.crop_scale <= 1, "crop_scale must be in (0, 1]"),
-            (0 <= self.flip <= 1, "flip must be in [0, 1]"),
-            (self.jitter >= 0, "jitter must be >= 0"),
-            (self.views >= 1, "views must be >= 1"),
-            (self.trainable_stages >= 0, "trainable_stages must be >= 0"),
-            (self.hard_neighbours >= 3, "hard_neighbours must be >= 3"),
-            (self.device in {"auto", "cpu", "cuda"}, "device must be auto, cpu or cuda"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise TrainConfigError(message)
-        self.model_config()  # unknown backbone, bad taps: fail before any data is read
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise TrainConfigError("device cuda was asked for but no GPU is available")
-        if self.trainable_stages == 0 and not (self.head or self.standardize) and self.epochs:
-            raise TrainConfigError(
-                "nothing to train: the trunk is frozen and there is no head; set head or "
-                "trainable_stages, or epochs = 0 to only evaluate"
-            )
-
-
-def _as_list(value: Any, kind: type, name: str) -> list[Any]:
-    """A list setting from a list, or from text such as ``"6,7"`` (``""``/``"none"``: empty)."""
-    if isinstance(value, str):
-        value = [] if value.strip().lower() in {"", "none"} else value.split(",")
-    try:
-        return [kind(item.strip() if isinstance(item, str) else item) for item in value]
-    except (TypeError, ValueError) as exc:
-        raise TrainConfigError(f"{name} must be a comma-separated list of {kind.__name__}") from exc
-
 
 @dataclass
 class TrainResult:
@@ -291,100 +88,21 @@ def load_data(config: TrainConfig) -> PairData:
     return load_class_folders(config.classes, seed=config.split_seed)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _autocast(device: torch.device) -> torch.autocast:
-    """bf16 on a CPU (several-fold faster with AVX-512 BF16), fp16 AMP on a GPU."""
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def hardware() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-
-
-def score_sets(vectors: np.ndarray, val: ValidationSets) -> dict[str, float]:
-    """Cosine-rank each candidate set from unit vectors of ``val.images``."""
-    scores = np.einsum("sd,scd->sc", vectors[val.queries], vectors[val.candidates])
-    return candidate_metrics(answer_ranks(list(scores), list(val.answers)))
-
-
-class FeatureCache:
-    """Pooled trunk features of a fixed list of images, per augmented view, on disk.
-
-    The file name is a digest of everything the features depend on (trunks, taps, pooling,
-    input transform, augmentation, seed, the image files), so a changed setting never
-    reuses stale features and an unchanged one never recomputes them.
-    """
-
-    def __init__(self, net: EmbeddingNet, config: TrainConfig, device: torch.device) -> None:
-        self.net, self.config, self.device = net, config, device
-        model = net.config
-        self.preprocessor = Preprocessor(model.input_size, model.mean, model.std)
-        self.augment = Augment(model.input_size, config.crop_scale, config.flip, config.jitter)
-
-    def _key(self, images: Sequence[Path], view: int) -> str:
-        model = self.net.config
-        config = self.config
-        facts = {
-            "backbones": model.backbones, "taps": model.taps, "pooling": model.pooling,
-            "grid_taps": model.grid_taps, "grid": model.grid,
-            "size": model.input_size, "view": view,
-            "augment": [config.seed, config.crop_scale, config.flip, config.jitter] if view else [],
-            "images": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in images],
-        }
-        return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
-
-    def get(self, images: Sequence[Path], views: int, label: str) -> torch.Tensor:
-        """``(views, len(images), F)`` float16 features; view 0 is un-augmented.
-
-        Each view is its own file, so a run with fewer views reuses a run's with more.
-        """
-        outs = []
-        for view in range(views):
-            name = f"features-{label}-{self._key(images, view)}.safetensors"
-            path = self.config.feature_cache / name
-            if path.is_file():
-                outs.append(load_file(str(path))["features"])
-                continue
-            features = self.compute(
-                images, augment=view > 0, seed=self.config.seed * 1000 + view,
-                desc=f"features {label} view {view + 1}/{views}",
-            ).half()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"features": features.contiguous()}, str(path))
-            outs.append(features)
-        return torch.stack(outs)
-
-    def compute(self, images: Sequence[Path], augment: bool, seed: int, desc: str) -> torch.Tensor:
-        torch.manual_seed(seed)
-        dataset = ImageDataset(images, self.preprocessor, self.augment if augment else None)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=0)
-        net = self.net.eval().to(self.device, memory_format=torch.channels_last)
-        chunks = []
-        with torch.inference_mode(), _autocast(self.device):
-            for batch in tqdm(loader, desc=desc, unit="batch", disable=not self.config.progress):
-                batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
-                chunks.append(net.features(batch).float().cpu())
-        return torch.cat(chunks)
-
-
 class Trainer:
     """Train an :class:`EmbeddingNet` on look-alike pairs; see the module docstring."""
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, evaluator: Evaluator | None = None) -> None:
+        """``evaluator`` scores the validation images' vectors after every epoch; by
+        default the seeded candidate sets of the validation split."""
         config.validate()
         self.config = config
-        self.device = _device(config.device)
+        self.device = device_for(config.device)
         self.data = load_data(config)
         self.train_pairs, self.val = split(
             self.data, config.val_fraction, config.foils, seed=config.split_seed
+        )
+        self.evaluator = evaluator or CandidateSetEvaluator(
+            self.val.queries, self.val.candidates, self.val.answers
         )
         torch.manual_seed(config.seed)
         self.net = EmbeddingNet(config.model_config(), pretrained=True)
@@ -463,7 +181,7 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         vectors = self.embed(self.val.images, self.val_features)
-        return score_sets(vectors, self.val)
+        return self.evaluator(vectors)
 
     def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.config.seed, epoch])
@@ -501,7 +219,7 @@ class Trainer:
         if self.frozen:
             embeddings = self.net.project(inputs)
         else:
-            with _autocast(self.device):
+            with autocast(self.device):
                 features = self.net.features(inputs)
             embeddings = self.net.project(features)
         indices = self.miner(embeddings, labels) if self.miner is not None else None
@@ -534,9 +252,7 @@ class Trainer:
             "state": state,
             "config": json.dumps(self._fixed_settings()),
         }
-        tmp = self.work_dir / "checkpoint.pt.tmp"
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, self.work_dir / "checkpoint.pt")
+        atomic_write(self.work_dir / "checkpoint.pt", lambda tmp: torch.save(checkpoint, tmp))
 
     def _fixed_settings(self) -> dict[str, Any]:
         return {k: v for k, v in self.config.to_dict().items() if k not in TrainConfig.RESUMABLE}
@@ -565,7 +281,7 @@ class Trainer:
     def _save_best(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.net.state_dict().items()}
-        save_file(state, str(self.work_dir / "best.safetensors"))
+        atomic_write(self.work_dir / "best.safetensors", lambda tmp: save_file(state, str(tmp)))
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -621,7 +337,7 @@ class Trainer:
             shown = "-" if loss is None else f"{loss:.4f}"
             tqdm.write(f"epoch {epoch}: loss {shown}  val top1 {metrics['top1']:.3f}  "
                        f"top5 {metrics['top5']:.3f}  mrr {metrics['mrr']:.3f}")
-        (self.work_dir / "history.json").write_text(json.dumps(self.state["history"], indent=1))
+        atomic_write(self.work_dir / "history.json", json.dumps(self.state["history"], indent=1))
         plot_history(self.state["history"], self.work_dir / "training-curve.png")
 
     def _finish(self) -> TrainResult:
@@ -659,7 +375,7 @@ class Trainer:
             if batch.errors:
                 raise DataError(f"cannot embed validation images: {batch.errors}")
             vectors[batch.indices] = batch.vectors
-        metrics = score_sets(vectors, self.val)
+        metrics = self.evaluator(vectors)
         extra["validation"] = metrics
         self.net.config = dataclasses.replace(model, extra=extra)
         fingerprint = save_bundle(self.net, out, half=self.config.fp16)
@@ -668,26 +384,6 @@ class Trainer:
             shutil.copy(curve, out / curve.name)
         return TrainResult(out, fingerprint, metrics, self.state["best_epoch"],
                            self.state["step"], minutes)
-
-
-def plot_history(history: list[dict[str, Any]], path: Path) -> None:
-    """Training loss and validation top-1 / top-5 / MRR per epoch, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
-    left.plot(epochs, [np.nan if h["loss"] is None else h["loss"] for h in history], marker="o")
-    left.set(xlabel="epoch", ylabel="training loss", title="loss")
-    for key in ("top1", "top5", "mrr"):
-        right.plot(epochs, [h[key] for h in history], marker="o", label=key)
-    right.set(xlabel="epoch", ylabel="validation", title="20-candidate validation", ylim=(0, 1))
-    right.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
 
 
 def train(config: TrainConfig) -> TrainResult:

@@ -19,10 +19,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
+from ..core.errors import (
+    ConflictError,
+    InvalidInputError,
+    LookalikeError,
+    NotFoundError,
+    TooLargeError,
+    UnavailableError,
+    UnsupportedMediaError,
+)
 from ..index.store import IndexStore, StoreError, UnknownKeyError
-from ..models.embedder import Embedder
 from ..models.preprocess import ImageDecodeError
-from ..models.serving import resolve_any_model
+from ..models.resolve import create_embedder
 from .batching import DirectEmbedder, MicroBatcher
 from .deps import ServiceState
 from .metrics import MetricsMiddleware, ServiceMetrics
@@ -39,14 +47,8 @@ STATIC = Path(__file__).parent / "static"
 def load_state(settings: Settings) -> ServiceState:
     """Load the model and open the index, refusing an index built by another model."""
     faiss.omp_set_num_threads(settings.faiss_threads)
-    model = resolve_any_model(settings.model, settings.cache_dir)
-    embedder = Embedder(
-        model,
-        engine=settings.engine,
-        max_pixels=settings.max_pixels,
-        threads=settings.torch_threads,
-        cache_dir=settings.cache_dir,
-    )
+    embedder = create_embedder(settings.model_options())
+    model = embedder.bundle
     if settings.create_index and not (settings.index / "manifest.json").exists():
         log.info("creating an empty index at %s", settings.index)
         IndexStore.create(
@@ -131,20 +133,41 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
     return app
 
 
+ERROR_STATUS: dict[type[Exception], int] = {
+    InvalidInputError: 422,
+    NotFoundError: 404,
+    ConflictError: 409,
+    TooLargeError: 413,
+    UnsupportedMediaError: 415,
+    UnavailableError: 503,
+    LookalikeError: 422,
+    # Error roots outside core's hierarchy (their modules' own kinds).
+    UnknownKeyError: 404,
+    StoreError: 422,
+}
+"""The one mapping from error kinds to HTTP status codes; the most specific class in an
+error's MRO wins. :class:`ImageDecodeError` carries its own ``status_code`` (400/413/415/422)."""
+
+
+def status_for(exc: Exception) -> int:
+    """The HTTP status of a user error (see :data:`ERROR_STATUS`)."""
+    status = getattr(exc, "status_code", None)
+    if isinstance(exc, ImageDecodeError) and isinstance(status, int):
+        return status
+    for kind in type(exc).__mro__:
+        if kind in ERROR_STATUS:
+            return ERROR_STATUS[kind]
+    return 422
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     """Bad input is the client's error: a 4xx with a JSON ``detail``, never a 500."""
 
-    @app.exception_handler(ImageDecodeError)
-    async def image_error(request: Request, exc: ImageDecodeError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
+    async def user_error(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status_for(exc))
 
-    @app.exception_handler(UnknownKeyError)
-    async def unknown_key(request: Request, exc: UnknownKeyError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=404)
-
-    @app.exception_handler(StoreError)
-    async def store_error(request: Request, exc: StoreError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+    for kind in (*ERROR_STATUS, ImageDecodeError):
+        app.add_exception_handler(kind, user_error)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,49 +1,49 @@
 """The ``lookalike`` command line: thin commands over the library.
 
-Every user mistake (bad file, unknown key, model/index mismatch) ends as one line on
-stderr starting with ``error:`` and exit code 2; tracebacks are for bugs only.
+Every user mistake (bad file, unknown key, model/index mismatch) is a
+:class:`~lookalike.core.errors.LookalikeError` (or one of the few other kinds in
+:func:`user_errors`) and ends as one line on stderr starting with ``error:`` and exit code 2;
+tracebacks are for bugs only. Commands import what they use when they run, so ``--help``
+and the torch-free commands (``index info``; ``search`` with an exported or cached ONNX
+model) start without loading torch. Offline commands read a
+:class:`~lookalike.models.resolve.ModelOptions`, never the HTTP service's settings.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from ..evaluation.candidates import PairsError, Split, make_candidate_sets, read_pairs, select_split
-from ..evaluation.errors import EvaluationError
-from ..evaluation.metrics import answer_ranks, candidate_metrics
-from ..index.build import SourceError, build_index, discover_images
-from ..index.store import IndexStore, ModelMismatchError, StoreError
-from ..models.backbones import BackboneError, list_backbones
-from ..models.bundle import BundleError, resolve_model
-from ..models.embedder import Embedder
-from ..models.engines import DEFAULT_ENGINE, ENGINES, EngineError
-from ..models.network import ConfigError
-from ..models.preprocess import ImageDecodeError
-from ..models.train import TrainConfig
-from .settings import Settings
+from ..core.errors import LookalikeError
+from ..core.pairs import Split, make_candidate_sets, read_pairs, select_split
+from ..models.engines import DEFAULT_ENGINE, ENGINES
+from ..models.resolve import ModelOptions, create_embedder
+from ..models.train_config import TrainConfig, cli_fields
 
-USER_ERRORS = (
-    BackboneError,
-    BundleError,
-    ConfigError,
-    EngineError,
-    ImageDecodeError,
-    SourceError,
-    StoreError,
-    EvaluationError,
-    PairsError,
-    FileNotFoundError,
-)
+if TYPE_CHECKING:
+    from ..models.embedder import Embedder
+
+EXIT_USER_ERROR = 2
+"""The exit code of every user mistake (the CLI's one mapping of error kinds)."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that are the user's to fix: every :class:`LookalikeError`, plus the
+    older error roots of modules outside ``core``'s hierarchy (imported only when an error
+    is being handled, so that they cost nothing at start-up)."""
+    from ..index.store import StoreError
+    from ..models.preprocess import ImageDecodeError
+
+    return (LookalikeError, StoreError, ImageDecodeError, FileNotFoundError)
+
 
 app = typer.Typer(
     name="lookalike",
@@ -54,7 +54,6 @@ app = typer.Typer(
 )
 index_app = typer.Typer(help="Build and inspect index stores.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
-console = Console()
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -67,9 +66,9 @@ def command(group: typer.Typer, name: str | None = None) -> Callable[[F], F]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
                 return function(*args, **kwargs)
-            except USER_ERRORS as exc:
+            except user_errors() as exc:
                 typer.echo(f"error: {exc}", err=True)
-                raise typer.Exit(2) from exc
+                raise typer.Exit(EXIT_USER_ERROR) from exc
 
         group.command(name)(wrapper)
         return function
@@ -99,10 +98,8 @@ IndexOpt = Annotated[
 ]
 
 
-def _embedder(settings: Settings) -> Embedder:
-    bundle = resolve_model(settings.model, settings.cache_dir)
-    return Embedder(bundle, engine=settings.engine, max_pixels=settings.max_pixels,
-                    threads=settings.torch_threads, cache_dir=settings.cache_dir)
+def _embedder(model: str | None, engine: str) -> Embedder:
+    return create_embedder(ModelOptions.from_env(model=model, engine=engine))
 
 
 @command(index_app, "build")
@@ -134,10 +131,11 @@ def index_build(
 ) -> None:
     """Embed images into an index store. Re-running skips unchanged images, so an
     interrupted build resumes where it stopped."""
-    settings = Settings(model=model, engine=engine)
+    from ..index.build import build_index, discover_images
+
     images = discover_images(source)  # a bad source fails before the model loads
     report = build_index(
-        images, out, _embedder(settings), batch_size=batch_size, factory=factory,
+        images, out, _embedder(model, engine), batch_size=batch_size, factory=factory,
         pca_dim=pca, thumbnails=thumbnails, prune=prune,
     )
     for key, reason in list(report.failed.items())[:20]:
@@ -148,6 +146,8 @@ def index_build(
 @command(index_app, "info")
 def index_info(index: Annotated[Path, typer.Argument(help="Index store directory.")]) -> None:
     """Print an index store's manifest."""
+    from ..index.store import IndexStore
+
     store = IndexStore.open(index)
     typer.echo(json.dumps(store.manifest, indent=2, sort_keys=True))
     store.close()
@@ -163,8 +163,12 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Find the indexed images that look most like IMAGE."""
-    settings = Settings(model=model, engine=engine, index=index)
-    embedder = _embedder(settings)
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..index.store import IndexStore
+
+    embedder = _embedder(model, engine)
     store = IndexStore.open(index, model_fingerprint=embedder.fingerprint)
     vector = embedder.embed_bytes(image.read_bytes())
     (matches,) = store.search(vector[None], k)
@@ -175,13 +179,16 @@ def search(
     table = Table("rank", "key", "score", title=f"{image.name} vs {index}")
     for m in matches:
         table.add_row(str(m.rank), m.key, f"{m.score:.4f}")
-    console.print(table)
+    Console().print(table)
 
 
-def _serve(settings: Settings) -> None:
+def _serve(**values: Any) -> None:
+    """Serve with the HTTP settings: ``values`` from the command line, the rest from
+    ``LOOKALIKE_*`` variables and ``.env`` (only the service reads those)."""
     from .serve import run
+    from .settings import Settings
 
-    run(settings)
+    run(Settings(**values))
 
 
 HostOpt = Annotated[str, typer.Option(help="Address to bind.", envvar="LOOKALIKE_HOST")]
@@ -197,7 +204,7 @@ def serve(
     port: PortOpt = 8000,
 ) -> None:
     """Serve the HTTP API and the web page (other settings: LOOKALIKE_* variables)."""
-    _serve(Settings(index=index, model=model, engine=engine, host=host, port=port))
+    _serve(index=index, model=model, engine=engine, host=host, port=port)
 
 
 @command(app, "demo")
@@ -215,9 +222,10 @@ def demo(
 
     Unchanged images are not embedded again, so a second run starts at once."""
     from ..demo import DEMO_IMAGES
+    from ..index.build import build_index
+    from ..index.store import ModelMismatchError
 
-    settings = Settings(index=index, model=model, engine=engine, host=host, port=port)
-    embedder = _embedder(settings)
+    embedder = _embedder(model, engine)
     try:
         report = build_index(DEMO_IMAGES, index, embedder)
     except ModelMismatchError:
@@ -227,7 +235,7 @@ def demo(
         report = build_index(DEMO_IMAGES, index, embedder)
     typer.echo(f"{index}: {report.summary()}")
     if serve_it:
-        _serve(settings)
+        _serve(index=index, model=model, engine=engine, host=host, port=port)
 
 
 @command(app, "export")
@@ -247,22 +255,26 @@ def export(
     that serves without PyTorch: `LOOKALIKE_MODEL=DIR`. Each file is checked against the
     PyTorch model on real images and the export keeps its fingerprint, so indexes built with
     the model stay valid."""
-    from ..models.serving import export_serving_model
+    from ..models.export import export_serving_model
 
-    settings = Settings(model=model) if cache_dir is None else Settings(model=model,
-                                                                         cache_dir=cache_dir)
-    serving = export_serving_model(resolve_model(settings.model, settings.cache_dir), out,
-                                   settings.cache_dir, int8)
+    options = ModelOptions.from_env(model=model, cache_dir=cache_dir)
+    serving = export_serving_model(options.resolve(), out, options.cache_dir, int8)
     typer.echo(f"{out}: {serving.name} ({serving.fingerprint[:12]}), "
-               f"{serving.config.embedding_dim}-d, {serving.onnx_path.stat().st_size:,} bytes")
+               f"{serving.facts.embedding_dim}-d, {serving.onnx_path.stat().st_size:,} bytes")
 
 
 @command(app, "backbones")
 def backbones() -> None:
-    """List the registered backbones and inference engines."""
+    """List the registered backbones, inference engines, losses and miners."""
+    from ..models.backbones import list_backbones
+    from ..models.losses import LOSSES
+    from ..models.mining import MINERS
+
     typer.echo("backbones: " + ", ".join(list_backbones()) + " (and timm:NAME / torchvision:NAME "
                "with a local weights file)")
     typer.echo("engines: " + ", ".join(sorted(ENGINES)))
+    typer.echo("losses: " + ", ".join(LOSSES))
+    typer.echo("miners: " + ", ".join(MINERS))
 
 
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
@@ -334,6 +346,7 @@ def rank(
     progress: ProgressOpt = True,
 ) -> None:
     """Score every candidate of every query: cosine similarity (higher = more alike)."""
+    from ..core.scoring import answer_ranks, candidate_metrics
     from ..evaluation.challenge import answers_from_pairs, read_challenge, write_scores
     from ..evaluation.images import ImageFolder
     from ..evaluation.scoring import score_challenge
@@ -342,7 +355,7 @@ def rank(
     challenge = read_challenge(candidates)
     truth = answers_from_pairs(challenge, read_pairs(answers)) if answers else None
     folders = ImageFolder(query_dir), ImageFolder(candidate_dir)
-    embedder = _embedder(Settings(model=model, engine=engine))
+    embedder = _embedder(model, engine)
     scores = score_challenge(challenge, *folders, embedder, use_assignment=assign,
                              batch_size=batch_size, progress=progress)
     write_scores(out, challenge, scores)
@@ -410,76 +423,14 @@ def evaluate(
     challenge = read_challenge(candidates) if candidates else None
     if challenge is not None:
         data["candidates_file"] = str(candidates)
-    embedder = _embedder(Settings(model=model, engine=engine))
+    embedder = _embedder(model, engine)
     result = run_evaluation(chosen, ImageFolder(query_dir), ImageFolder(candidate_dir), embedder,
                             out, challenge=challenge, options=options, data=data)
     typer.echo("\n".join([*summary_lines(result.metrics), f"report: {result.report}"]))
     if write_calibration:
         typer.echo(f"calibration: {save_calibration(embedder.bundle, result.calibration)}")
 
-_TRAIN_HELP = TrainConfig.fields_help()
-
-
-def _train_option(name: str, *flags: str) -> Any:
-    return typer.Option(*flags, help=_TRAIN_HELP[name], show_default=False)
-
-
-@command(app, "train")
-def train(
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", "-c", help="TOML or JSON file of settings (keys = the option "
-                     "names with underscores); options given here override it."),
-    ] = None,
-    pairs: Annotated[Path | None, _train_option("pairs")] = None,
-    left_dir: Annotated[Path | None, _train_option("left_dir")] = None,
-    right_dir: Annotated[Path | None, _train_option("right_dir")] = None,
-    labelled: Annotated[Path | None, _train_option("labelled")] = None,
-    image_root: Annotated[Path | None, _train_option("image_root")] = None,
-    classes: Annotated[Path | None, _train_option("classes")] = None,
-    val_fraction: Annotated[float | None, _train_option("val_fraction")] = None,
-    foils: Annotated[int | None, _train_option("foils")] = None,
-    split_seed: Annotated[int | None, _train_option("split_seed")] = None,
-    backbones: Annotated[str | None, _train_option("backbones")] = None,
-    pooling: Annotated[str | None, _train_option("pooling")] = None,
-    taps: Annotated[str | None, _train_option("taps")] = None,
-    grid_taps: Annotated[str | None, _train_option("grid_taps")] = None,
-    grid: Annotated[int | None, _train_option("grid")] = None,
-    head: Annotated[str | None, _train_option("head")] = None,
-    standardize: Annotated[
-        bool | None, _train_option("standardize", "--standardize/--no-standardize")
-    ] = None,
-    dropout: Annotated[float | None, _train_option("dropout")] = None,
-    trainable_stages: Annotated[int | None, _train_option("trainable_stages")] = None,
-    loss: Annotated[str | None, _train_option("loss")] = None,
-    miner: Annotated[str | None, _train_option("miner")] = None,
-    margin: Annotated[float | None, _train_option("margin")] = None,
-    temperature: Annotated[float | None, _train_option("temperature")] = None,
-    hard_negatives: Annotated[
-        bool | None, _train_option("hard_negatives", "--hard-negatives/--no-hard-negatives")
-    ] = None,
-    hard_neighbours: Annotated[int | None, _train_option("hard_neighbours")] = None,
-    epochs: Annotated[int | None, _train_option("epochs")] = None,
-    batch_size: Annotated[int | None, _train_option("batch_size")] = None,
-    lr: Annotated[float | None, _train_option("lr")] = None,
-    backbone_lr: Annotated[float | None, _train_option("backbone_lr")] = None,
-    weight_decay: Annotated[float | None, _train_option("weight_decay")] = None,
-    warmup: Annotated[float | None, _train_option("warmup")] = None,
-    patience: Annotated[int | None, _train_option("patience")] = None,
-    max_steps: Annotated[int | None, _train_option("max_steps")] = None,
-    crop_scale: Annotated[float | None, _train_option("crop_scale")] = None,
-    flip: Annotated[float | None, _train_option("flip")] = None,
-    jitter: Annotated[float | None, _train_option("jitter")] = None,
-    views: Annotated[int | None, _train_option("views")] = None,
-    out: Annotated[Path | None, _train_option("out", "--out", "-o")] = None,
-    work_dir: Annotated[Path | None, _train_option("work_dir")] = None,
-    feature_cache: Annotated[Path | None, _train_option("feature_cache")] = None,
-    seed: Annotated[int | None, _train_option("seed")] = None,
-    device: Annotated[str | None, _train_option("device")] = None,
-    fp16: Annotated[bool | None, _train_option("fp16", "--fp16/--fp32")] = None,
-    progress: Annotated[bool | None, _train_option("progress", "--progress/--no-progress")] = None,
-    resume: Annotated[bool | None, _train_option("resume", "--resume/--no-resume")] = None,
-) -> None:
+def _train(config: Path | None = None, **options: Any) -> None:
     """Train a Siamese embedding model on look-alike pairs and write a model bundle.
 
     Validation: the seeded split and 20-candidate sets that 'lookalike evaluate' scores;
@@ -488,8 +439,7 @@ def train(
     """
     from ..models.train import train as run_training
 
-    given = {key: value for key, value in locals().items()
-             if key != "config" and value is not None and key in _TRAIN_HELP}
+    given = {key: value for key, value in options.items() if value is not None}
     settings = (TrainConfig.from_file(config, **given) if config
                 else TrainConfig.from_dict(given, origin="options"))
     result = run_training(settings)
@@ -497,6 +447,29 @@ def train(
     typer.echo(f"{result.bundle}: val top1 {metrics['top1']:.3f} top5 {metrics['top5']:.3f} "
                f"mrr {metrics['mrr']:.3f} on {metrics['n']} sets (best epoch {result.best_epoch}, "
                f"{result.steps} steps, {result.minutes:.1f} min); fingerprint {result.fingerprint}")
+
+
+def _train_signature() -> inspect.Signature:
+    """``--config`` plus one option per :class:`TrainConfig` field (None = not given)."""
+    config = inspect.Parameter(
+        "config", inspect.Parameter.KEYWORD_ONLY, default=None,
+        annotation=Annotated[Path | None, typer.Option(
+            "--config", "-c", help="TOML or JSON file of settings (keys = the option names "
+            "with underscores); options given here override it.")],
+    )
+    options = [
+        inspect.Parameter(
+            field.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+            annotation=Annotated[field.type | None, typer.Option(  # type: ignore[name-defined]
+                *field.flags, help=field.help, show_default=False)],
+        )
+        for field in cli_fields()
+    ]
+    return inspect.Signature([config, *options])
+
+
+_train.__signature__ = _train_signature()  # type: ignore[attr-defined]
+command(app, "train")(_train)
 
 
 def main() -> None:

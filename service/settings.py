@@ -1,4 +1,9 @@
-"""Service configuration: one Settings object, read from ``LOOKALIKE_*`` variables or ``.env``."""
+"""Service configuration: one Settings object, read from ``LOOKALIKE_*`` variables or ``.env``.
+
+Only the HTTP service reads it; offline commands read the small
+:class:`~lookalike.models.resolve.ModelOptions`, which :meth:`Settings.model_options` also
+hands to the service's embedder, so both build their model the same way.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,12 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..models.engines import DEFAULT_ENGINE
+from ..models.resolve import ModelOptions, default_cache_dir
 
 __all__ = ["Settings", "default_cache_dir", "MULTIPART_OVERHEAD"]
 
 MULTIPART_OVERHEAD = 64 * 1024
 """Room for form fields and multipart boundaries on top of the file bytes."""
-
-
-def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "lookalike"
 
 
 class Settings(BaseSettings):
@@ -127,3 +129,8 @@ class Settings(BaseSettings):
         """The largest request body: every allowed upload at its largest, plus room for the
         form fields and multipart boundaries."""
         return self.max_upload_bytes * self.max_files_per_request + MULTIPART_OVERHEAD
+
+    def model_options(self) -> ModelOptions:
+        """The model part of these settings, as offline commands describe it."""
+        return ModelOptions(model=self.model, engine=self.engine, cache_dir=self.cache_dir,
+                            max_pixels=self.max_pixels, threads=self.torch_threads)

@@ -13,8 +13,9 @@ import pytest
 
 from lookalike.demo import DEMO_IMAGES
 from lookalike.index.build import build_index
-from lookalike.models.bundle import ModelBundle, resolve_model
+from lookalike.models.bundle import ModelBundle
 from lookalike.models.embedder import Embedder
+from lookalike.models.resolve import resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"

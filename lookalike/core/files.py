@@ -12,10 +12,20 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["IMAGE_SUFFIXES", "atomic_write", "bytes_sha256", "file_sha256", "fsync_dir"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "IMAGE_SUFFIX_ORDER",
+    "atomic_write",
+    "bytes_sha256",
+    "file_sha256",
+    "files_sha256",
+    "fsync_dir",
+]
 
+#: Image file name suffixes (lower case) in the order a key without one is looked up.
+IMAGE_SUFFIX_ORDER = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 #: File name suffixes treated as images when a folder is scanned (lower case).
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
+IMAGE_SUFFIXES = frozenset(IMAGE_SUFFIX_ORDER)
 
 
 def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], object]) -> Path:
@@ -58,10 +68,16 @@ def fsync_dir(directory: str | Path) -> None:
 
 def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes, read in chunks (never the whole file in memory)."""
+    return files_sha256(path, chunk_size=chunk_size)
+
+
+def files_sha256(*paths: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of several files' bytes one after the other (a model bundle's fingerprint)."""
     sha = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            sha.update(chunk)
+    for path in paths:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda handle=handle: handle.read(chunk_size), b""):
+                sha.update(chunk)
     return sha.hexdigest()
 
 

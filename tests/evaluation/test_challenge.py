@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.evaluation.candidates import make_candidate_sets
+from lookalike.core.pairs import make_candidate_sets
 from lookalike.evaluation.challenge import (
     ChallengeFormatError,
     answers_from_pairs,

@@ -28,7 +28,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lookalike.evaluation.candidates import PairsError, read_pairs
+from lookalike.core.pairs import PairsError, read_pairs
 from lookalike.evaluation.challenge import ChallengeFormatError, read_challenge
 from lookalike.index.build import SourceError, discover_images
 from lookalike.models.data import DataError, load_labelled_pairs, load_tll_pairs

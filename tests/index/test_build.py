@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from lookalike.index.build import SourceError, build_index, discover_images
 from lookalike.index.store import IndexStore, ModelMismatchError
+from lookalike.models.bundle import ModelBundle
 from lookalike.models.embedder import Embedder
 
 
@@ -114,3 +118,45 @@ def test_store_of_another_model_is_not_extended(
     )
     with pytest.raises(ModelMismatchError):
         build_index(small_image_dir, store_copy, embedder, progress=False)
+
+
+def _without_read_permission() -> list[str]:
+    """A command prefix that runs a program unable to bypass file permissions: nothing for
+    a normal user; for root, ``setpriv`` dropping the capabilities that let root read any
+    folder (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: root can read any folder")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search",
+            "--inh-caps=-dac_override,-dac_read_search", "--"]
+
+
+def test_an_unreadable_folder_is_reported_as_unreadable_files_are(
+    small_image_dir: Path, bundle: ModelBundle, cache_dir: Path, tmp_path: Path
+) -> None:
+    """``lookalike index build`` names a folder it cannot list (before, rglob skipped it
+    silently) and still indexes the rest; run as a real command, as a user would."""
+    Embedder(bundle, "onnx-int8", cache_dir=cache_dir)  # the cached conversion the command uses
+    source = tmp_path / "images"
+    (source / "open").mkdir(parents=True)
+    (source / "closed").mkdir()
+    for path in sorted(small_image_dir.rglob("*.jpg"))[:2]:
+        shutil.copy(path, source / "open")
+    shutil.copy(sorted(small_image_dir.rglob("*.jpg"))[2], source / "closed")
+    (source / "closed").chmod(0)
+    try:
+        done = subprocess.run(
+            [*_without_read_permission(), sys.executable, "-m", "lookalike.service.cli",
+             "index", "build", str(source), "--out", str(tmp_path / "store"),
+             "--engine", "onnx-int8"],
+            capture_output=True, text=True, timeout=300, check=False,
+            env={**os.environ, "LOOKALIKE_CACHE_DIR": str(cache_dir)},
+        )
+    finally:
+        (source / "closed").chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    assert "skipped closed/: cannot read folder" in done.stderr
+    assert "Permission denied" in done.stderr
+    assert "2 added" in done.stdout and "1 failed" in done.stdout

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from lookalike.models.bundle import BundleError, load_bundle, resolve_model, save_bundle
+from lookalike.models.bundle import BundleError, load_bundle, save_bundle
 from lookalike.models.network import EmbeddingConfig, EmbeddingNet
+from lookalike.models.resolve import resolve_model
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike.evaluation.candidates import make_candidate_sets, read_pairs, split_pairs
+from lookalike.core.pairs import make_candidate_sets, read_pairs, split_pairs
 from lookalike.models.data import (
     Augment,
     DataError,

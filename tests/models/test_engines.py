@@ -66,7 +66,7 @@ def test_engine_matches_the_reference_on_photos(
     assert vectors.shape == reference.shape and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     distance = 1.0 - (vectors * reference).sum(axis=1)
-    assert distance.max() <= ENGINES[name].tolerance, (name, distance.max())
+    assert distance.max() <= ENGINES[name].spec.tolerance, (name, distance.max())
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +88,7 @@ def test_onnx_export_carries_the_projection_head(
     expected = embed(Embedder(headed_bundle, "torch"), photos)
     vectors = embed(Embedder(headed_bundle, "onnx", cache_dir=cache_dir), photos)
     assert vectors.shape == (len(photos), 64)
-    assert (1.0 - (vectors * expected).sum(axis=1)).max() <= ENGINES["onnx"].tolerance
+    assert (1.0 - (vectors * expected).sum(axis=1)).max() <= ENGINES["onnx"].spec.tolerance
 
 
 def test_conversion_is_cached_per_model(

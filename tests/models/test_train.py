@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from lookalike.models.bundle import DEFAULT_BUNDLE, load_bundle, resolve_model
+from lookalike.models.bundle import DEFAULT_BUNDLE, load_bundle
 from lookalike.models.embedder import Embedder
+from lookalike.models.resolve import resolve_model
 from lookalike.models.train import TrainConfig, TrainConfigError, Trainer, train
 from lookalike.service.cli import app
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.evaluation.candidates import read_pairs, split_pairs
+from lookalike.core.pairs import read_pairs, split_pairs
 from lookalike.evaluation.challenge import read_challenge
 from lookalike.models.bundle import ModelBundle, load_bundle, save_bundle
 from lookalike.models.embedder import Embedder

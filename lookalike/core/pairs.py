@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from .errors import InvalidInputError
+
 __all__ = [
     "Pair",
     "CandidateSet",
@@ -31,7 +33,7 @@ __all__ = [
 Pair = tuple[str, str]
 
 
-class PairsError(ValueError):
+class PairsError(InvalidInputError):
     """A pairs CSV that cannot be read, or too few pairs for what was asked."""
 
 

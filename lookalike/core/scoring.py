@@ -1,0 +1,66 @@
+"""Scoring candidate sets: the rank of each true candidate and the top-k / MRR metrics.
+
+Training (validation after every epoch), ``lookalike rank --answers`` and ``lookalike
+evaluate`` all score candidate sets through these functions, so their figures agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["CandidateSetEvaluator", "Evaluator", "answer_ranks", "candidate_metrics",
+           "score_candidate_sets"]
+
+
+def answer_ranks(scores: Sequence[np.ndarray], answers: Sequence[int]) -> np.ndarray:
+    """1-based rank of the true candidate in each set (ties count against the answer)."""
+    return np.array(
+        [
+            int((np.asarray(s) >= np.asarray(s)[a]).sum())
+            for s, a in zip(scores, answers, strict=True)
+        ]
+    )
+
+
+def candidate_metrics(ranks: np.ndarray) -> dict[str, float]:
+    """top-1, top-5 and mean reciprocal rank from the answers' ranks."""
+    ranks = np.asarray(ranks)
+    return {
+        "top1": float((ranks <= 1).mean()),
+        "top5": float((ranks <= 5).mean()),
+        "mrr": float((1.0 / ranks).mean()),
+        "n": int(len(ranks)),
+    }
+
+
+def score_candidate_sets(
+    vectors: np.ndarray, queries: np.ndarray, candidates: np.ndarray, answers: Sequence[int]
+) -> dict[str, float]:
+    """Cosine-rank candidate sets given unit vectors ``(N, D)`` of all their images.
+
+    ``queries`` ``(S,)`` and ``candidates`` ``(S, C)`` index rows of ``vectors``; ``answers``
+    is the position of the true candidate in each set.
+    """
+    scores = np.einsum("sd,scd->sc", vectors[queries], vectors[candidates])
+    return candidate_metrics(answer_ranks(list(scores), list(answers)))
+
+
+Evaluator = Callable[[np.ndarray], dict[str, float]]
+"""What a trainer asks after each epoch: unit vectors of its validation images -> metrics
+(with at least ``top1``, the model-selection criterion)."""
+
+
+@dataclass(frozen=True)
+class CandidateSetEvaluator:
+    """An :data:`Evaluator` over fixed candidate sets (``queries`` ``(S,)``, ``candidates``
+    ``(S, C)`` and ``answers`` index the rows of the vectors it is given)."""
+
+    queries: np.ndarray
+    candidates: np.ndarray
+    answers: Sequence[int]
+
+    def __call__(self, vectors: np.ndarray) -> dict[str, float]:
+        return score_candidate_sets(vectors, self.queries, self.candidates, self.answers)

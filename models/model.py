@@ -1,0 +1,87 @@
+"""The one ``Model`` protocol that every kind of model implements, and its calibration.
+
+A model is what turns preprocessed images into vectors. Two kinds exist: a trainable
+:class:`~.bundle.ModelBundle` (PyTorch weights; the ONNX engines convert it once and cache
+the result) and an exported :class:`~.serving.ServingModel` (ONNX files only, no PyTorch).
+Everything that *uses* a model (the engines, the :class:`~.embedder.Embedder`, the CLI and the
+service) sees only this protocol, so no caller asks which kind it holds.
+
+This module imports neither torch nor timm.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from .errors import BundleError
+
+__all__ = ["CALIBRATION_FILE", "Model", "ModelFacts", "load_calibration"]
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_FILE = "calibration.json"
+"""Verification threshold measured by ``lookalike evaluate --write-calibration``. Kept out of
+the fingerprinted files, so calibrating a model never orphans the indexes built with it."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The preprocessing facts inference needs (timm's ``pretrained_cfg`` idea): the input
+    size and normalisation the model was trained with, and the embedding it returns."""
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    embedding_dim: int
+
+
+@runtime_checkable
+class Model(Protocol):
+    """A model that computes one kind of vector, named by its ``fingerprint``.
+
+    ``calibration`` is the validated content of ``calibration.json`` (always holding a float
+    ``threshold`` in [-1, 1]) or None. How to run it: :meth:`onnx_file` is the model's own
+    exported ONNX file when it has one; :meth:`torch_net` the PyTorch network (built on first
+    use; a serving model has none and raises :class:`~.errors.EngineError`).
+    """
+
+    name: str
+    fingerprint: str
+    path: Path | None
+
+    @property
+    def facts(self) -> ModelFacts: ...
+
+    @property
+    def calibration(self) -> dict[str, Any] | None: ...
+
+    def onnx_file(self, int8: bool) -> Path | None: ...
+
+    def torch_net(self) -> Any: ...
+
+
+def load_calibration(directory: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The model's validated calibration, or None when it has none or one measured on other
+    weights. The one reader of ``calibration.json``: a damaged file is a clear
+    :class:`~.errors.BundleError` when the model loads, never an error in a request."""
+    file = Path(directory) / CALIBRATION_FILE
+    if not file.is_file():
+        return None
+    try:
+        calibration = json.loads(file.read_text())
+        threshold = float(calibration["threshold"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(
+            f"{file} is damaged ({type(exc).__name__}: {exc}): delete it or run "
+            "'lookalike evaluate --write-calibration'"
+        ) from exc
+    if not -1.0 <= threshold <= 1.0:
+        raise BundleError(f"{file} has threshold {threshold}, outside the cosine range [-1, 1]")
+    if calibration.get("model_fingerprint") != fingerprint:
+        log.warning("ignoring %s: it was measured with other weights; re-run calibration", file)
+        return None
+    return {**calibration, "threshold": threshold}
