@@ -157,7 +157,7 @@ def build_index(
     embedder: Embedder,
     *,
     batch_size: int = 16,
-    factory: str = "Flat",
+    factory: str = "auto",
     pca_dim: int | None = None,
     thumbnails: bool = True,
     prune: bool = False,

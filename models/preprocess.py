@@ -44,6 +44,13 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
 
+from ..core.errors import (
+    BadRequestError,
+    InvalidInputError,
+    TooLargeError,
+    UnsupportedMediaError,
+)
+
 __all__ = [
     "ALLOWED_FORMATS",
     "DEFAULT_MAX_PIXELS",
@@ -68,26 +75,24 @@ MAX_JPEG_SCANS = 64
 scripts up to about 20)."""
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(InvalidInputError):
     """The bytes are not an image lookalike will decode. ``str(error)`` is safe to show users."""
 
-    status_code = 422
+
+class EmptyImageError(BadRequestError, ImageDecodeError):
+    """An upload of 0 bytes."""
 
 
-class EmptyImageError(ImageDecodeError):
-    status_code = 400
+class UnsupportedImageError(UnsupportedMediaError, ImageDecodeError):
+    """Not one of the allowed formats (judged by the magic bytes)."""
 
 
-class UnsupportedImageError(ImageDecodeError):
-    status_code = 415
-
-
-class ImageTooLargeError(ImageDecodeError):
-    status_code = 413
+class ImageTooLargeError(TooLargeError, ImageDecodeError):
+    """Over the pixel limit, judged from the header before decoding."""
 
 
 class CorruptImageError(ImageDecodeError):
-    status_code = 422
+    """A header or pixel data that cannot be decoded whole."""
 
 
 def decode_image(

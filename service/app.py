@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..core.errors import (
+    BadRequestError,
     ConflictError,
     InvalidInputError,
     LookalikeError,
@@ -28,8 +29,7 @@ from ..core.errors import (
     UnavailableError,
     UnsupportedMediaError,
 )
-from ..index.store import IndexStore, StoreError, UnknownKeyError
-from ..models.preprocess import ImageDecodeError
+from ..index.store import IndexStore
 from ..models.resolve import create_embedder
 from .batching import DirectEmbedder, MicroBatcher
 from .deps import ServiceState
@@ -134,6 +134,7 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
 
 
 ERROR_STATUS: dict[type[Exception], int] = {
+    BadRequestError: 400,
     InvalidInputError: 422,
     NotFoundError: 404,
     ConflictError: 409,
@@ -141,19 +142,13 @@ ERROR_STATUS: dict[type[Exception], int] = {
     UnsupportedMediaError: 415,
     UnavailableError: 503,
     LookalikeError: 422,
-    # Error roots outside core's hierarchy (their modules' own kinds).
-    UnknownKeyError: 404,
-    StoreError: 422,
 }
-"""The one mapping from error kinds to HTTP status codes; the most specific class in an
-error's MRO wins. :class:`ImageDecodeError` carries its own ``status_code`` (400/413/415/422)."""
+"""The one mapping from error kinds to HTTP status codes: the first kind in an error's MRO
+wins (every user error, the store's and the decoder's included, is a ``LookalikeError``)."""
 
 
 def status_for(exc: Exception) -> int:
     """The HTTP status of a user error (see :data:`ERROR_STATUS`)."""
-    status = getattr(exc, "status_code", None)
-    if isinstance(exc, ImageDecodeError) and isinstance(status, int):
-        return status
     for kind in type(exc).__mro__:
         if kind in ERROR_STATUS:
             return ERROR_STATUS[kind]
@@ -166,7 +161,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def user_error(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=status_for(exc))
 
-    for kind in (*ERROR_STATUS, ImageDecodeError):
+    for kind in ERROR_STATUS:
         app.add_exception_handler(kind, user_error)
 
     @app.exception_handler(RequestValidationError)

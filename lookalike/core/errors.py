@@ -1,6 +1,7 @@
 """The one root of every error a user can act on.
 
-Each subclass names its *kind*; the service maps kinds to HTTP status codes in one table and
+Each subclass names its *kind*; the service maps kinds to HTTP status codes in one table (the
+first kind in an error's MRO wins, so a class that is several things lists its kind first) and
 the CLI maps every ``LookalikeError`` to one ``error: ...`` line and exit code 2. Code that
 raises picks the subclass that says what went wrong; it never chooses a status code itself.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "LookalikeError",
+    "BadRequestError",
     "InvalidInputError",
     "NotFoundError",
     "ConflictError",
@@ -24,6 +26,10 @@ class LookalikeError(ValueError):
     It subclasses ``ValueError`` so that code written against the older per-module errors
     (all ``ValueError``) keeps catching them.
     """
+
+
+class BadRequestError(LookalikeError):
+    """A request that is malformed or empty, e.g. an upload of 0 bytes (HTTP 400)."""
 
 
 class InvalidInputError(LookalikeError):

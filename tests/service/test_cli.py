@@ -83,3 +83,22 @@ def test_help_explains(run, args: tuple[str, ...], text: str) -> None:
 def test_backbones_lists_the_registry(run) -> None:
     result = run("backbones")
     assert "efficientnet_lite0" in result.output and "torch" in result.output
+
+
+def test_index_tune_and_migrate(run, tmp_path: Path) -> None:
+    from tests.index.test_migration import write_format_1_store
+
+    old = tmp_path / "old"
+    keys, _ = write_format_1_store(old, n=30)
+    result = run("index", "migrate", old)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"{old}: format 2, 30 items"
+    assert run("index", "migrate", old).exit_code == 0  # already migrated: nothing to do
+
+    tuned = run("index", "tune", old, "--target-recall", "0.9")
+    assert tuned.exit_code == 0, tuned.output
+    report = json.loads(tuned.output)
+    assert report["recall"] >= 0.9, report
+    info = json.loads(run("index", "info", old).output)
+    assert info["count"] == 30 and info["index"]["recall_at_10"] == report["recall"]
+    assert run("index", "tune", tmp_path / "missing").exit_code == 2

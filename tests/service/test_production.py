@@ -103,6 +103,41 @@ def test_batcher_decodes_uploads_and_runs_then(
     assert images == 6 and passes < 3
 
 
+@pytest.mark.parametrize("lane_pixels", [4_000_000, 10**12], ids=["large-lane", "no-lane"])
+def test_huge_images_never_take_every_decode_thread(
+    embedder: Embedder, small_image_dir: Path, lane_pixels: int
+) -> None:
+    """More clients sending huge PNGs than there are decode threads: with the large-image lane a
+    normal upload is embedded before any huge one; without it (a lane no image reaches) it waits
+    for one. Order, not time, is asserted."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (5000, 5000), "white").save(buffer, format="PNG")
+    huge, normal = buffer.getvalue(), sorted(small_image_dir.rglob("*.jpg"))[0].read_bytes()
+    finished: list[str] = []
+
+    async def run() -> None:
+        batcher = MicroBatcher(embedder.embed_arrays, ServiceMetrics(), embedder.preprocessor,
+                               decode_workers=2, large_image_pixels=lane_pixels)
+        await batcher.start()
+
+        async def send(name: str, data: bytes) -> None:
+            await batcher.embed([data])
+            finished.append(name)
+
+        try:
+            sends = [asyncio.ensure_future(send(f"huge-{n}", huge)) for n in range(3)]
+            await asyncio.sleep(0.05)  # the huge ones are queued or decoding
+            await asyncio.gather(*sends, send("normal", normal))
+        finally:
+            await batcher.stop()
+
+    asyncio.run(run())
+    if lane_pixels < 25_000_000:
+        assert finished[0] == "normal", finished
+    else:
+        assert finished.index("normal") >= 1, finished
+
+
 def test_engine_errors_reach_every_caller(small_image_dir: Path) -> None:
     def broken(batch: np.ndarray) -> np.ndarray:
         raise RuntimeError("engine exploded")
