@@ -4,6 +4,7 @@ that loads the model and the index once."""
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
         loaded = state or await run_in_threadpool(load_state, settings)
         if settings.micro_batching:
             loaded.batcher = MicroBatcher(
