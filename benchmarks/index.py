@@ -209,7 +209,8 @@ def serve_worker(args: argparse.Namespace) -> dict:
 
 
 def run_worker(mode: str, threads: int, **kw: object) -> dict:
-    command = [sys.executable, __file__, "--worker", mode, "--threads", str(threads)]
+    command = [sys.executable, __file__, "--worker", mode, "--threads", str(threads),
+               "--switch-interval-ms", str(sys.getswitchinterval() * 1e3)]
     for name, value in kw.items():
         command += [f"--{name.replace('_', '-')}", str(value)]
     out = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -236,11 +237,15 @@ def main() -> None:
     parser.add_argument("--hnsw-max", type=int, default=HNSW_MAX,
                         help="skip HNSW types above this many items")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    parser.add_argument("--switch-interval-ms", type=float, default=1.0,
+                        help="Python's thread switch interval in every worker (the service's "
+                        "default, LOOKALIKE_GIL_SWITCH_INTERVAL_MS; Python's own is 5)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     for hidden in ("kind", "base", "queries", "truth", "store"):
         parser.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
     args = parser.parse_args()
     faiss.omp_set_num_threads(args.threads)
+    sys.setswitchinterval(args.switch_interval_ms / 1e3)
     if args.worker:
         result = build_worker(args) if args.worker == "build" else serve_worker(args)
         print(json.dumps(result))
@@ -249,7 +254,8 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())
     print(f"CPU: {cpu}, {os.cpu_count()} cores; faiss {faiss.__version__}, "
-          f"{args.threads} FAISS threads; {load()}", flush=True)
+          f"{args.threads} FAISS threads; switch interval {args.switch_interval_ms} ms; {load()}",
+          flush=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-index-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
