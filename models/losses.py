@@ -26,6 +26,7 @@ from .registry import Registry
 
 __all__ = [
     "LOSSES",
+    "check_margin",
     "PairClassifierLoss",
     "SymmetricInfoNCE",
     "build_loss",
@@ -115,7 +116,9 @@ LOSSES: Registry[nn.Module] = Registry("loss")
 ``embedding_dim`` and checks it."""
 
 
-def _margin(margin: float) -> float:
+def check_margin(margin: float) -> float:
+    """``margin`` if it is a usable margin (>= 0, not NaN); the losses and the semi-hard
+    miner share this check."""
     if not margin >= 0:
         raise ConfigError(f"margin must be >= 0, got {margin}")
     return margin
@@ -130,27 +133,29 @@ def _temperature(temperature: float) -> float:
 @LOSSES.register("contrastive-cosine",
                  "pull positives to cosine 1, push negatives below cosine MARGIN")
 def contrastive_cosine(margin: float) -> nn.Module:
-    return losses.ContrastiveLoss(pos_margin=1.0, neg_margin=_margin(margin),
+    return losses.ContrastiveLoss(pos_margin=1.0, neg_margin=check_margin(margin),
                                   distance=distances.CosineSimilarity())
 
 
 @LOSSES.register("contrastive-euclidean",
                  "pull positives to distance 0, push negatives beyond L2 distance 1 + MARGIN")
 def contrastive_euclidean(margin: float) -> nn.Module:
-    return losses.ContrastiveLoss(pos_margin=0.0, neg_margin=1.0 + _margin(margin),
+    return losses.ContrastiveLoss(pos_margin=0.0, neg_margin=1.0 + check_margin(margin),
                                   distance=distances.LpDistance())
 
 
 @LOSSES.register("triplet-cosine",
                  "anchor-positive cosine must beat anchor-negative cosine by MARGIN")
 def triplet_cosine(margin: float) -> nn.Module:
-    return losses.TripletMarginLoss(margin=_margin(margin), distance=distances.CosineSimilarity())
+    return losses.TripletMarginLoss(
+        margin=check_margin(margin), distance=distances.CosineSimilarity()
+    )
 
 
 @LOSSES.register("triplet-euclidean",
                  "anchor-positive L2 distance must beat anchor-negative distance by MARGIN")
 def triplet_euclidean(margin: float) -> nn.Module:
-    return losses.TripletMarginLoss(margin=_margin(margin), distance=distances.LpDistance())
+    return losses.TripletMarginLoss(margin=check_margin(margin), distance=distances.LpDistance())
 
 
 @LOSSES.register("infonce",

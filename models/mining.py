@@ -18,6 +18,7 @@ import numpy as np
 from pytorch_metric_learning import miners
 
 from .errors import ConfigError
+from .losses import check_margin
 from .registry import Registry
 
 __all__ = ["MINERS", "build_miner", "HardNegativeBatches", "random_batches"]
@@ -39,9 +40,7 @@ def batch_hard() -> miners.BaseMiner:
 @MINERS.register("semi-hard",
                  "triplets whose negative is farther than the positive but within MARGIN")
 def semi_hard(margin: float) -> miners.BaseMiner:
-    if not margin >= 0:
-        raise ConfigError(f"margin must be >= 0, got {margin}")
-    return miners.TripletMarginMiner(margin=margin, type_of_triplets="semihard")
+    return miners.TripletMarginMiner(margin=check_margin(margin), type_of_triplets="semihard")
 
 
 def build_miner(name: str, margin: float) -> miners.BaseMiner | None:
