@@ -37,7 +37,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -492,16 +492,9 @@ class IndexStore:
 
     def get_many(self, keys: Sequence[str]) -> dict[str, Item]:
         """Items for the known ``keys`` in one query (unknown keys are left out)."""
-        found: dict[str, Item] = {}
-        reader = self._reader()
-        for start in range(0, len(keys), 500):
-            chunk = list(keys[start : start + 500])
-            rows = reader.execute(
-                f"SELECT {ITEM_COLUMNS} FROM items WHERE key IN ({','.join('?' * len(chunk))})",
-                chunk,
-            ).fetchall()
-            found.update((row[0], _item(row)) for row in rows)
-        return found
+        rows = _select_in(self._reader(), f"SELECT {ITEM_COLUMNS} FROM items WHERE key IN",
+                          list(keys))
+        return {row[0]: _item(row) for row in rows}
 
     def items(self, offset: int = 0, limit: int = 100) -> list[Item]:
         rows = self._reader().execute(
@@ -788,24 +781,11 @@ class IndexStore:
 
     @staticmethod
     def _ids_of(keys: Sequence[str], connection: sqlite3.Connection) -> dict[str, int]:
-        found: dict[str, int] = {}
-        for start in range(0, len(keys), 500):
-            chunk = list(keys[start : start + 500])
-            found.update(connection.execute(
-                f"SELECT key, id FROM items WHERE key IN ({','.join('?' * len(chunk))})", chunk
-            ).fetchall())
-        return found
+        return dict(_select_in(connection, "SELECT key, id FROM items WHERE key IN", list(keys)))
 
     def _keys_of(self, ids: np.ndarray) -> dict[int, str]:
-        found: dict[int, str] = {}
-        reader = self._reader()
-        values = [int(i) for i in ids]
-        for start in range(0, len(values), 500):
-            chunk = values[start : start + 500]
-            found.update(reader.execute(
-                f"SELECT id, key FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk
-            ).fetchall())
-        return found
+        return dict(_select_in(self._reader(), "SELECT id, key FROM items WHERE id IN",
+                               [int(i) for i in ids]))
 
     def _delete_rows(self, found: dict[str, int]) -> None:
         """Delete items and tombstone their ids (inside the caller's transaction)."""
@@ -933,6 +913,14 @@ def _load_generation(
         params=dict(info.get("params") or {}), recall=info.get("recall_at_10"),
         recall_sample=int(info.get("recall_sample", 0)), dead=dead, dirty=False,
     )
+
+
+def _select_in(connection: sqlite3.Connection, select: str, values: list[Any]) -> Iterator[Any]:
+    """The rows of ``select (values...)``, 500 values a query (under SQLite's limit on bound
+    parameters)."""
+    for start in range(0, len(values), 500):
+        chunk = values[start : start + 500]
+        yield from connection.execute(f"{select} ({','.join('?' * len(chunk))})", chunk)
 
 
 def _maintenance_loop(ref: weakref.ref[IndexStore], wake: threading.Event) -> None:
