@@ -106,21 +106,7 @@ def decode_image(
     ``draft_size`` lets JPEGs decode at the smallest power-of-two scale that keeps both sides
     at least that large (the model resizes to its input size anyway).
     """
-    if not data:
-        raise EmptyImageError("the upload is empty (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            # Pillow only warns between its limit and twice it; the check below raises instead.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image is too large to decode: {exc}") from exc
-    except Image.UnidentifiedImageError as exc:
-        raise UnsupportedImageError(
-            f"not an image in a supported format ({', '.join(sorted(ALLOWED_FORMATS))})"
-        ) from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise CorruptImageError(f"cannot read the image header: {exc}") from exc
+    image = _open_header(data)
     width, height = image.size
     if width <= 0 or height <= 0:
         raise CorruptImageError(f"image header gives an empty size {width}x{height}")
@@ -151,15 +137,31 @@ def decode_image(
     return image
 
 
+def _open_header(data: bytes) -> Image.Image:
+    """Read only the header (format from the magic bytes, size); no pixel is decoded."""
+    if not data:
+        raise EmptyImageError("the upload is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between its limit and twice it; decode_image raises instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"image is too large to decode: {exc}") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise UnsupportedImageError(
+            f"not an image in a supported format ({', '.join(sorted(ALLOWED_FORMATS))})"
+        ) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise CorruptImageError(f"cannot read the image header: {exc}") from exc
+
+
 def declared_pixels(data: bytes) -> int:
     """Width x height from the image's header, without decoding any pixel; 0 when the header
     cannot be read (the decoder will then say what is wrong)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS)) as image:
-                width, height = image.size
-    except Exception:  # noqa: BLE001 - any unreadable header: let decode_image report it
+        width, height = _open_header(data).size
+    except ImageDecodeError:
         return 0
     return max(width, 0) * max(height, 0)
 
