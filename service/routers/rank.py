@@ -191,34 +191,36 @@ async def rank(request: Request, state: StateDep) -> Response:
     batcher's threads, so a large batch never holds up the event loop."""
     started = time.perf_counter()
     raw, uploads = await _read_request(request, state.settings)
-    spec, queries = await run_in_threadpool(_checked_spec, raw, uploads, state.settings)
+    spec, queries, by_key = await run_in_threadpool(_checked_spec, raw, uploads, state)
     by_upload = await state.embed_named(uploads)
-    return await run_in_threadpool(_answer, state, spec, queries, by_upload, started)
+    return await run_in_threadpool(_answer, state, spec, queries, by_key, by_upload, started)
 
 
 Queries = list[tuple[ImageRef, list[ImageRef]]]
 
 
 def _checked_spec(
-    raw: str | bytes, uploads: dict[str, bytes], settings: Settings
-) -> tuple[RankRequest, Queries]:
+    raw: str | bytes, uploads: dict[str, bytes], state: ServiceState
+) -> tuple[RankRequest, Queries, dict[str, np.ndarray]]:
+    """The spec, its references and the indexed vectors it names; every check (an unknown key
+    too) runs before any upload is embedded."""
     spec = _parse(raw)
     queries = [(_as_ref(q.query), [_as_ref(c) for c in q.candidates]) for q in spec.queries]
-    _check(spec, (ref for query, cands in queries for ref in (query, *cands)), uploads, settings)
-    return spec, queries
+    refs = [ref for query, candidates in queries for ref in (query, *candidates)]
+    _check(spec, refs, uploads, state.settings)
+    keys = list(dict.fromkeys(ref.key for ref in refs if ref.key is not None))
+    return spec, queries, dict(zip(keys, state.store.vectors(keys), strict=True))
 
 
 def _answer(
     state: ServiceState,
     spec: RankRequest,
     queries: Queries,
+    by_key: dict[str, np.ndarray],
     by_upload: dict[str, np.ndarray],
     started: float,
 ) -> Response:
     """Score every query's candidates and encode the answer (runs off the event loop)."""
-    refs = [ref for query, candidates in queries for ref in (query, *candidates)]
-    keys = list(dict.fromkeys(ref.key for ref in refs if ref.key is not None))
-    by_key = dict(zip(keys, state.store.vectors(keys), strict=True))
 
     def vector(ref: ImageRef) -> np.ndarray:
         return by_key[ref.key] if ref.key is not None else by_upload[ref.upload]
