@@ -62,7 +62,7 @@ __all__ = [
     "MAX_JPEG_SCANS",
     "count_jpeg_scans",
     "decode_image",
-    "declared_pixels",
+    "declared_work",
     "Preprocessor",
     "make_thumbnail",
 ]
@@ -156,14 +156,24 @@ def _open_header(data: bytes) -> Image.Image:
         raise CorruptImageError(f"cannot read the image header: {exc}") from exc
 
 
-def declared_pixels(data: bytes) -> int:
-    """Width x height from the image's header, without decoding any pixel; 0 when the header
-    cannot be read (the decoder will then say what is wrong)."""
+TYPICAL_JPEG_SCANS = 10
+"""Scans of an ordinary progressive JPEG: the decoding work of a JPEG scales with its scans
+beyond this."""
+
+
+def declared_work(data: bytes) -> int:
+    """The decoding work an image's header promises, in pixel passes: width x height, times
+    ``scans / TYPICAL_JPEG_SCANS`` for a JPEG with more scans than usual (libjpeg walks every
+    block once per scan). Nothing is decoded; 0 when the header cannot be read."""
     try:
-        width, height = _open_header(data).size
+        image = _open_header(data)
     except ImageDecodeError:
         return 0
-    return max(width, 0) * max(height, 0)
+    width, height = image.size
+    pixels = max(width, 0) * max(height, 0)
+    if image.format == "JPEG":
+        return pixels * max(TYPICAL_JPEG_SCANS, count_jpeg_scans(data)) // TYPICAL_JPEG_SCANS
+    return pixels
 
 
 _JPEG_MARKER = re.compile(rb"\xff+([^\x00\xd0-\xd7\xff])")

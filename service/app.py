@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
             loaded.batcher = MicroBatcher(
                 loaded.embedder.embed_arrays, metrics, loaded.embedder.preprocessor,
                 settings.batch_max_size, settings.batch_max_wait_ms, settings.decode_workers,
-                settings.large_image_pixels,
+                settings.large_image_pixels, settings.decode_timeout_s,
             )
         else:
             loaded.batcher = DirectEmbedder(

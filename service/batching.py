@@ -7,9 +7,12 @@ awaits the result; none of the work runs on the event loop. Long-lived threads d
   as it arrives, and add it to the ready list; with more than one, a slow image (a large PNG
   takes a second) holds up only its own thread while other requests' images decode beside it
   (Pillow releases the GIL while decoding). A request whose images declare more than
-  ``large_image_pixels`` in their headers (read without decoding) is passed to a *large-image*
-  thread of its own, so however many clients send huge images, they queue behind each other
-  and never take every decode thread from normal-size uploads;
+  ``large_image_pixels`` of decoding work in their headers (read without decoding; see
+  ``declared_work``) is passed to a *large-image* thread of its own, so however many clients
+  send huge images, they queue behind each other and never take every decode thread from
+  normal-size uploads. With ``decode_timeout_s`` that thread decodes in a worker process
+  (``decode_process.py``) that is killed and replaced when an image passes the deadline: the
+  costly images are the ones a deadline is for, and only they pay for the process;
 - the *forward* thread takes everything on the ready list (up to ``max_size`` images) and runs
   the engine once;
 - the *finish* thread runs each request's ``then`` step (e.g. its index search and the items'
@@ -29,6 +32,7 @@ of a few wake-ups per batch.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -39,10 +43,13 @@ from typing import Any
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from ..models.preprocess import ImageDecodeError, Preprocessor, declared_pixels
+from ..models.preprocess import ImageDecodeError, Preprocessor, declared_work
+from .decode_process import DecodeProcess
 from .metrics import ServiceMetrics
 
 __all__ = ["MicroBatcher", "DirectEmbedder", "EmbedBatch", "Then", "prepare_inputs"]
+
+log = logging.getLogger(__name__)
 
 EmbedBatch = Callable[[np.ndarray], np.ndarray]
 """The engine: ``(B, 3, S, S)`` float32 -> ``(B, D)`` unit vectors."""
@@ -50,15 +57,19 @@ Then = Callable[[np.ndarray], Any]
 """A request's step once its vectors exist (e.g. its search), run off the event loop."""
 Inputs = Sequence[bytes] | np.ndarray
 """Encoded images, or preprocessed arrays ``(n, 3, S, S)``."""
+Decode = Callable[[bytes], np.ndarray]
+"""Encoded image -> preprocessed ``(3, S, S)`` float32, done elsewhere (e.g. in a process)."""
 
 
 def prepare_inputs(
     preprocessor: Preprocessor | None,
     inputs: Inputs,
     names: Sequence[str] | None = None,
+    decode: Decode | None = None,
 ) -> np.ndarray:
     """``(n, 3, S, S)`` float32 from arrays as they are, or from encoded images decoded and
-    preprocessed; a decoding error names its upload when ``names`` are given."""
+    preprocessed (by ``decode`` when given, else here); a decoding error names its upload when
+    ``names`` are given."""
     if isinstance(inputs, np.ndarray):
         return np.ascontiguousarray(inputs, np.float32)
     if preprocessor is None:
@@ -67,7 +78,10 @@ def prepare_inputs(
     out = np.empty((len(inputs), 3, size, size), np.float32)
     for position, (data, row) in enumerate(zip(inputs, out, strict=True)):
         try:
-            preprocessor(preprocessor.decode(data), out=row)
+            if decode is None:
+                preprocessor(preprocessor.decode(data), out=row)
+            else:
+                row[...] = decode(data)
         except ImageDecodeError as exc:
             if names is None:
                 raise
@@ -111,11 +125,18 @@ class MicroBatcher:
         max_wait_ms: float = 0.0,
         decode_workers: int = 2,
         large_image_pixels: int = 4_000_000,
+        decode_timeout_s: float | None = None,
     ) -> None:
         self._embed = embed
         self._decode_workers = decode_workers
         self._large_image_pixels = large_image_pixels
         self._large_inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.decode_process = (
+            DecodeProcess(preprocessor, decode_timeout_s)
+            if preprocessor is not None and decode_timeout_s is not None
+            else None
+        )
+        """The large-image lane's killable worker (None: that lane decodes in its thread)."""
         self._decoding = 0  # decode threads still running
         self._metrics = metrics
         self._preprocessor = preprocessor
@@ -138,10 +159,7 @@ class MicroBatcher:
                 )
                 for n in range(self._decode_workers)
             ),
-            threading.Thread(
-                target=self._decode_loop, args=(self._large_inbox,), name="decode-large",
-                daemon=True,
-            ),
+            threading.Thread(target=self._large_loop, name="decode-large", daemon=True),
             threading.Thread(target=self._forward_loop, name="forward", daemon=True),
             threading.Thread(target=self._finish_loop, name="finish", daemon=True),
         ]
@@ -156,6 +174,8 @@ class MicroBatcher:
         self._large_inbox.put(None)
         await run_in_threadpool(lambda: [thread.join() for thread in self._threads])
         self._threads = []
+        if self.decode_process is not None:
+            await run_in_threadpool(self.decode_process.close)
 
     async def embed(
         self, inputs: Inputs, names: Sequence[str] | None = None, then: Then | None = None
@@ -170,7 +190,9 @@ class MicroBatcher:
         self._inbox.put(job)
         return await job.future
 
-    def _decode_loop(self, inbox: queue.SimpleQueue[_Job | None]) -> None:
+    def _decode_loop(
+        self, inbox: queue.SimpleQueue[_Job | None], decode: Decode | None = None
+    ) -> None:
         while (job := inbox.get()) is not None:
             if job.future.done():  # its request timed out while it queued: skip the work
                 continue
@@ -178,7 +200,7 @@ class MicroBatcher:
                 self._large_inbox.put(job)
                 continue
             try:
-                arrays = prepare_inputs(self._preprocessor, job.inputs, job.names)
+                arrays = prepare_inputs(self._preprocessor, job.inputs, job.names, decode)
             except Exception as exc:  # this request's bad input fails this request only
                 job.error = exc
                 _settle_soon([job])
@@ -192,12 +214,22 @@ class MicroBatcher:
                 self._stopping = True
                 self._ready_changed.notify()
 
+    def _large_loop(self) -> None:
+        """The large-image lane: its worker process starts here (about a second of imports),
+        so the service's start does not wait for it."""
+        if self.decode_process is not None:
+            try:
+                self.decode_process.start()
+            except Exception:  # it starts on first use instead
+                log.exception("the decode worker did not start")
+        self._decode_loop(self._large_inbox, self.decode_process)
+
     def _is_large(self, job: _Job) -> bool:
-        """Whether the job's images declare more pixels than a normal-size upload (headers
-        only: a few microseconds an image)."""
+        """Whether the job's images declare more decoding work than a normal-size upload
+        (headers only: a few microseconds an image)."""
         if isinstance(job.inputs, np.ndarray):
             return False
-        return sum(declared_pixels(data) for data in job.inputs) > self._large_image_pixels
+        return sum(declared_work(data) for data in job.inputs) > self._large_image_pixels
 
     def _take(self) -> list[tuple[_Job, np.ndarray]] | None:
         """Everything decoded so far, up to ``max_size`` images (at least one request); None

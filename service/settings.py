@@ -101,6 +101,11 @@ class Settings(BaseSettings):
         "request together, read from the headers) decode on a thread of their own, so clients "
         "sending huge images never hold up normal-size uploads.",
     )
+    decode_timeout_s: float = Field(
+        10.0, gt=0, description="Wall-clock deadline for decoding one image whose headers say "
+        "it is costly (over large_image_pixels of work): such images decode in a worker process "
+        "that is killed and replaced past the deadline, and the request gets a 422.",
+    )
     allow_open_writes: bool = Field(
         False,
         description="Serve POST/DELETE /items without API keys on a non-loopback address. Off: "

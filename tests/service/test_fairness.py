@@ -86,3 +86,50 @@ def test_slow_decodes_and_a_large_rank_do_not_stall_others(
     # Every /health (the event loop) and the typical /match (the decode and forward threads)
     # within the bound; a single /match may lose more to the CPU the busy clients share.
     assert worst_health < BOUND_S and median_match < BOUND_S, latencies
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a reaped child is gone; a zombie counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_decode_past_its_deadline_gets_a_422_and_its_worker_is_replaced(
+    settings: Settings, embedder: Embedder, query_jpeg: tuple[str, bytes]
+) -> None:
+    """A costly image (6000 x 6000 PNG, most of a second to decode) against a 0.1 s deadline:
+    its request gets a 422 that names the deadline, the worker decoding it is killed and a new
+    one started, a normal /match sent meanwhile is answered promptly, and the next costly image
+    is refused the same way by the new worker."""
+    tight = settings.model_copy(update={"decode_timeout_s": 0.1})
+    store = IndexStore.open(tight.index, model_fingerprint=embedder.fingerprint)
+    app = create_app(tight, ServiceState(tight, embedder, store))
+    png, (_, jpeg) = slow_png(), query_jpeg
+    with serve_in_thread(app, tight) as url, httpx.Client(base_url=url, timeout=60) as http:
+        worker = app.state.lookalike.batcher.decode_process
+        deadline = time.monotonic() + 30
+        while worker.pid is None and time.monotonic() < deadline:  # it starts beside the app
+            time.sleep(0.05)
+        first_pid = worker.pid
+        answers: list[httpx.Response] = []
+        sender = threading.Thread(target=lambda: answers.append(http.post(
+            "/match", files={"image": ("big.png", png, "image/png")})))
+        sender.start()
+        time.sleep(0.05)  # the costly image is in the worker
+        started = time.perf_counter()
+        normal = http.post("/match", files={"image": ("q.jpg", jpeg, "image/jpeg")})
+        normal_s = time.perf_counter() - started
+        sender.join(60)
+        again = http.post("/match", files={"image": ("big.png", png, "image/png")})
+        replaced, second_pid = worker.replaced, worker.pid
+    store.close()
+    assert normal.status_code == 200 and normal_s < BOUND_S, (normal.text, normal_s)
+    (refused,) = answers
+    assert refused.status_code == 422, refused.text
+    assert "longer than 0.1 s to decode" in refused.json()["detail"]
+    assert again.status_code == 422 and "to decode" in again.json()["detail"], again.text
+    assert replaced == 2 and first_pid is not None and second_pid not in (None, first_pid)
+    assert not _alive(first_pid)

@@ -310,3 +310,34 @@ def test_concurrent_matches(client: TestClient, query_jpeg: tuple[str, bytes]) -
     with ThreadPoolExecutor(12) as pool:
         outcomes = list(pool.map(one, range(12)))
     assert outcomes == [(200, key)] * 12
+
+
+def test_the_large_image_lane_decodes_in_a_process_exactly_as_threads_do(
+    embedder: Embedder, small_image_dir: Path
+) -> None:
+    """With every image sent to the large-image lane (a lane threshold of 1 pixel) and a
+    deadline, uploads decode in the worker process: the vectors equal the in-thread path's, and
+    a decoding error still names its upload."""
+    paths = sorted(small_image_dir.rglob("*.jpg"))[:3]
+    uploads = [p.read_bytes() for p in paths]
+    expected = embedder.embed_arrays(np.stack(
+        [embedder.preprocessor(embedder.preprocessor.decode(data)) for data in uploads]))
+    cut = uploads[0][: len(uploads[0]) // 2]  # a JPEG cut short: the worker's decoder refuses it
+
+    async def run() -> tuple[np.ndarray, BaseException, int | None]:
+        batcher = MicroBatcher(embedder.embed_arrays, ServiceMetrics(), embedder.preprocessor,
+                               large_image_pixels=1, decode_timeout_s=60)
+        await batcher.start()
+        try:
+            vectors = await batcher.embed(uploads)
+            bad = (await asyncio.gather(batcher.embed([cut], names=["photo"]),
+                                        return_exceptions=True))[0]
+            assert batcher.decode_process is not None
+            return vectors, bad, batcher.decode_process.pid
+        finally:
+            await batcher.stop()
+
+    vectors, bad, pid = asyncio.run(run())
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    assert isinstance(bad, ImageDecodeError) and "upload 'photo'" in str(bad), bad
+    assert pid is not None
