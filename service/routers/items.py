@@ -86,6 +86,9 @@ ITEM_LINKS = {
     "GetItem": {"operationId": "get_item", "parameters": {"key": "$response.body#/key"}},
     "GetThumbnail": {"operationId": "thumbnail", "parameters": {"key": "$response.body#/key"}},
     "MatchItem": {"operationId": "match", "requestBody": {"query_key": "$response.body#/key"}},
+    "MatchAmongItem": {
+        "operationId": "match", "requestBody": {"candidates": ["$response.body#/key"]}
+    },
     "RemoveItem": {"operationId": "remove_item", "parameters": {"key": "$response.body#/key"}},
 }
 """OpenAPI links from an added item to the routes that take its key (clients and the stateful
