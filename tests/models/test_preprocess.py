@@ -25,6 +25,7 @@ from lookalike.models.preprocess import (
     Preprocessor,
     UnsupportedImageError,
     count_jpeg_scans,
+    declared_work,
     decode_image,
     make_thumbnail,
 )
@@ -343,3 +344,16 @@ def test_a_jpeg_cut_short_and_closed_with_an_end_marker_is_refused(
         closed = clean[: int(len(clean) * fraction)] + b"\xff\xd9"
         with pytest.raises(CorruptImageError, match="truncated or corrupt"):
             decode_image(closed)
+
+
+def test_declared_work_weighs_the_scans_of_progressive_jpegs(photo: Image.Image) -> None:
+    """The lane choice's cost estimate: pixels, times scans / 10 for a progressive JPEG with
+    more than 10 scans; read from the header and the segments, nothing decoded."""
+    assert declared_work(encode(photo.resize((1000, 800)), "JPEG")) == 800_000
+    assert declared_work(encode(photo.resize((1000, 800)), "JPEG", progressive=True)) == 800_000
+    assert declared_work(encode(photo.resize((300, 200)), "PNG")) == 60_000
+    hostile = many_scan_jpeg(photo, 50)  # 2000 x 2000, about 60 scans: under the scan limit
+    scans = count_jpeg_scans(hostile)
+    assert 50 < scans <= MAX_JPEG_SCANS
+    assert declared_work(hostile) == 4_000_000 * scans // 10
+    assert declared_work(b"not an image") == 0
