@@ -106,7 +106,7 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
         # before it is read); fields allow a /match's candidates and exclusions.
         form_limits={
             "max_files": settings.max_files_per_request,
-            "max_fields": 2 * settings.max_candidates + 16,
+            "max_fields": settings.max_form_fields,
         },
     )
     app.state.lookalike = None

@@ -72,7 +72,6 @@ class LimitsMiddleware:
             if settings.rate_limit_per_s > 0
             else None
         )
-        self.max_body = settings.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -91,15 +90,15 @@ class LimitsMiddleware:
         if refusal is not None:
             await refusal(scope, receive, send_secured)
             return
-        received = 0
+        received, limit = 0, self.settings.max_body_bytes_for(scope["path"])
 
         async def receive_counted() -> Message:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise BodyTooLargeError(self.max_body)
+                if received > limit:
+                    raise BodyTooLargeError(limit)
             return message
 
         deadline = asyncio.timeout(self.settings.request_timeout_s)
@@ -140,11 +139,12 @@ class LimitsMiddleware:
             return None
         if not length.isdigit():
             return JSONResponse({"detail": "invalid Content-Length header"}, status_code=400)
-        if int(length) > self.max_body:
+        limit = settings.max_body_bytes_for(scope["path"])
+        if int(length) > limit:
             return JSONResponse(
                 {
                     "detail": f"request body of {int(length):,} bytes is over the limit of "
-                    f"{self.max_body:,} bytes"
+                    f"{limit:,} bytes"
                 },
                 status_code=413,
             )

@@ -19,6 +19,13 @@ __all__ = ["Settings", "default_cache_dir", "MULTIPART_OVERHEAD"]
 
 MULTIPART_OVERHEAD = 64 * 1024
 """Room for form fields and multipart boundaries on top of the file bytes."""
+FORM_FIELD_BYTES = 2048 + 128
+"""Room for one form field of a route whose uploads are counted (a key of up to 512 characters
+in UTF-8, and its part's headers)."""
+ROUTE_UPLOADS = {"/match": 1, "/items": 1, "/compare": 2}
+"""Most image uploads each form route takes, so that its body limit is its own (a /match body
+over one upload is refused once it passes about one upload, not 64); other routes have
+``max_body_bytes``."""
 
 
 class Settings(BaseSettings):
@@ -140,6 +147,21 @@ class Settings(BaseSettings):
         """The largest request body: every allowed upload at its largest, plus room for the
         form fields and multipart boundaries."""
         return self.max_upload_bytes * self.max_files_per_request + MULTIPART_OVERHEAD
+
+    @property
+    def max_form_fields(self) -> int:
+        """Form fields a request may carry (a /match's candidates and exclusions)."""
+        return 2 * self.max_candidates + 16
+
+    def max_body_bytes_for(self, path: str) -> int:
+        """The largest body of a request to ``path``: for the routes of
+        :data:`ROUTE_UPLOADS`, their uploads at their largest and every form field they
+        allow; for any other path, :attr:`max_body_bytes`."""
+        uploads = ROUTE_UPLOADS.get(path)
+        if uploads is None:
+            return self.max_body_bytes
+        return (self.max_upload_bytes * uploads + MULTIPART_OVERHEAD
+                + self.max_form_fields * FORM_FIELD_BYTES)
 
     def model_options(self) -> ModelOptions:
         """The model part of these settings, as offline commands describe it."""

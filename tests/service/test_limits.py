@@ -51,10 +51,9 @@ def answer_within(sock: socket.socket, seconds: float) -> bytes | None:
     return sock.recv(65536) if readable else None
 
 
-def test_a_chunked_body_is_refused_while_it_streams(settings: Settings, embedder: Embedder):
-    """A chunked upload with no Content-Length: the 413 comes once the limit (here about
-    66 kB) is passed, long before the 64 MB the client would send."""
-    small = settings.model_copy(update={"max_upload_bytes": 1000, "max_files_per_request": 2})
+def stream_until_refused(url: str, most: int) -> tuple[int, bytes | None]:
+    """Send a chunked multipart /match upload with no Content-Length, 64 kB a chunk, until the
+    server answers or ``most`` bytes are sent: (bytes sent, the answer's first bytes)."""
     boundary = b"xyz"
     head = (
         b"POST /match HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
@@ -63,10 +62,10 @@ def test_a_chunked_body_is_refused_while_it_streams(settings: Settings, embedder
     part = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="image"; '
             b'filename="a.png"\r\nContent-Type: image/png\r\n\r\n')
     chunk = b"\0" * 65536
-    with served(small, embedder) as url, connect(url) as sock:
+    with connect(url) as sock:
         sock.sendall(head + f"{len(part):x}\r\n".encode() + part + b"\r\n")
         sent, answer = len(part), None
-        while sent < 64 * 2**20 and answer is None:
+        while sent < most and answer is None:
             try:
                 sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
             except (BrokenPipeError, ConnectionResetError):
@@ -74,9 +73,31 @@ def test_a_chunked_body_is_refused_while_it_streams(settings: Settings, embedder
                 break
             sent += len(chunk)
             answer = answer_within(sock, 0.02)
-        assert answer is not None and answer.startswith(b"HTTP/1.1 413"), (sent, answer)
-        assert b"over the limit" in answer
-        assert sent < 2 * 2**20  # refused after about 66 kB, not at the end of 64 MB
+    return sent, answer
+
+
+def test_a_chunked_body_is_refused_while_it_streams(settings: Settings, embedder: Embedder):
+    """A chunked upload with no Content-Length: the 413 comes once the limit (here about
+    66 kB) is passed, long before the 64 MB the client would send."""
+    small = settings.model_copy(update={"max_upload_bytes": 1000, "max_files_per_request": 2})
+    with served(small, embedder) as url:
+        sent, answer = stream_until_refused(url, 64 * 2**20)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 413"), (sent, answer)
+    assert b"over the limit" in answer
+    assert sent < 2 * 2**20  # refused after about 66 kB, not at the end of 64 MB
+
+
+def test_a_match_body_is_limited_to_one_upload(settings: Settings, embedder: Embedder):
+    """/match takes one image: its body is refused once it passes about one upload and its
+    form fields, not the 64 uploads of ``max_files_per_request`` (at the defaults, 1.3 GB read
+    and spooled to disk before the 413)."""
+    roomy = settings.model_copy(update={"max_upload_bytes": 100_000})
+    assert roomy.max_body_bytes > 6_000_000  # 64 uploads of 100 kB
+    assert roomy.max_body_bytes_for("/match") < 500_000
+    with served(roomy, embedder) as url:
+        sent, answer = stream_until_refused(url, 16 * 2**20)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 413"), (sent, answer)
+    assert sent < 2**20, sent
 
 
 def test_file_parts_are_counted_while_parsing(client: TestClient, settings: Settings) -> None:
