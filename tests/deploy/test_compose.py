@@ -7,6 +7,7 @@ engine answers, else ``podman-compose`` (``../shared/containers/setup.sh`` insta
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = "lookalike-test"
@@ -91,6 +93,14 @@ def test_compose_deployment_serves_and_survives_a_restart(deployment) -> None:
                             data={"k": "3"}).json()
         assert match["matches"][0]["key"] == query.stem
         assert match["matches"][0]["score"] > 0.999
+        # The same photo enlarged past large_image_pixels: it decodes in the container's
+        # decode worker process (the deadline's lane) and is found all the same.
+        large = io.BytesIO()
+        Image.open(query).resize((2400, 2400)).save(large, format="PNG")
+        found = client.post("/match", files={"image": ("q.png", large.getvalue())},
+                            data={"k": "1"})
+        assert found.status_code == 200, found.text
+        assert found.json()["matches"][0]["key"] == query.stem
 
     restart = subprocess.run([*base, "restart"], cwd=REPO, env=env, capture_output=True,
                              text=True, check=False, timeout=300)
