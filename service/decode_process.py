@@ -20,8 +20,10 @@ import multiprocessing
 import signal
 import threading
 from multiprocessing.connection import Connection
+from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from ..models.preprocess import CorruptImageError, ImageDecodeError, Preprocessor
 
@@ -35,30 +37,34 @@ class DecodeTimeoutError(ImageDecodeError):
 
 
 _READY = "ready"
+ARRAY, IMAGE = "array", "image"
+"""What a worker answers: the preprocessed model input, or the decoded image itself."""
 
 
 def _serve(conn: Connection, preprocessor: Preprocessor) -> None:
-    """The worker: decode and preprocess each image it is sent, answer ``("ok", array)`` or
-    ``("error", ImageDecodeError)``. Any other failure ends the process; the parent sees it."""
+    """The worker: decode each image it is sent (``(ARRAY or IMAGE, bytes)``), answer
+    ``("ok", array or image)`` or ``("error", ImageDecodeError)``. Any other failure ends the
+    process; the parent sees it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent stops us
     conn.send(_READY)
     while True:
         try:
-            data = conn.recv_bytes()
+            kind, data = conn.recv()
         except (EOFError, OSError):  # the parent closed the pipe: stop
             return
         try:
-            reply: tuple[str, object] = ("ok", preprocessor(preprocessor.decode(data)))
+            image = preprocessor.decode(data)
+            reply: tuple[str, object] = ("ok", preprocessor(image) if kind == ARRAY else image)
         except ImageDecodeError as exc:
             reply = ("error", exc)
         conn.send(reply)
 
 
 class DecodeProcess:
-    """Decode and preprocess one image at a time in a killable worker process, with a deadline.
+    """Decode one image at a time in a killable worker process, with a deadline.
 
-    Calls are serialised (the worker decodes one image at a time); the micro-batcher's
-    large-image thread is its one caller.
+    Calls are serialised (the worker decodes one image at a time): its callers are the
+    micro-batcher's large-image thread and the thread-pool decode of a costly ``POST /items``.
     """
 
     def __init__(self, preprocessor: Preprocessor, timeout_s: float) -> None:
@@ -76,37 +82,40 @@ class DecodeProcess:
         return self._process.pid if self._process is not None else None
 
     def start(self) -> None:
-        """Start the worker and wait until it is ready to decode (its imports take ~1 s)."""
-        parent, child = self._context.Pipe()
-        process = self._context.Process(
-            target=_serve, args=(child, self._preprocessor), name="lookalike-decode", daemon=True
-        )
-        process.start()
-        child.close()
-        if parent.recv() != _READY:
-            raise RuntimeError("the decode worker did not start")
-        self._process, self._conn = process, parent
+        """Start the worker, if it is not running, and wait until it is ready to decode (its
+        imports take about a second)."""
+        with self._lock:
+            if self._process is None:
+                self._start()
 
     def close(self) -> None:
-        if self._process is None:
-            return
-        assert self._conn is not None
-        self._conn.close()  # the worker's recv ends: it exits by itself
-        self._process.join(5)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
-        self._process = self._conn = None
+        with self._lock:
+            if self._process is None:
+                return
+            assert self._conn is not None
+            self._conn.close()  # the worker's recv ends: it exits by itself
+            self._process.join(5)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
+            self._process = self._conn = None
 
     def __call__(self, data: bytes) -> np.ndarray:
         """``data`` decoded and preprocessed -> float32 ``(3, S, S)``; raises the decoder's
         :class:`ImageDecodeError`, or :class:`DecodeTimeoutError` past the deadline."""
+        return self._run(ARRAY, data)
+
+    def decode(self, data: bytes) -> Image.Image:
+        """``data`` decoded to an RGB image (as ``Preprocessor.decode``), under the deadline."""
+        return self._run(IMAGE, data)
+
+    def _run(self, kind: str, data: bytes) -> Any:
         with self._lock:
             if self._process is None:
-                self.start()
+                self._start()
             assert self._conn is not None
             try:
-                self._conn.send_bytes(data)
+                self._conn.send((kind, data))
                 finished = self._conn.poll(self._timeout)
             except (BrokenPipeError, ConnectionResetError):  # the worker was gone already
                 finished = True
@@ -129,6 +138,17 @@ class DecodeProcess:
             raise value
         return value
 
+    def _start(self) -> None:
+        parent, child = self._context.Pipe()
+        process = self._context.Process(
+            target=_serve, args=(child, self._preprocessor), name="lookalike-decode", daemon=True
+        )
+        process.start()
+        child.close()
+        if parent.recv() != _READY:
+            raise RuntimeError("the decode worker did not start")
+        self._process, self._conn = process, parent
+
     def _replace(self, why: str) -> None:
         """Kill the worker (an image still decoding cannot be stopped any other way) and start a
         fresh one, so the next costly image has a worker and a whole deadline of its own."""
@@ -139,4 +159,4 @@ class DecodeProcess:
         self._conn.close()
         self._process = self._conn = None
         self.replaced += 1
-        self.start()
+        self._start()

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..index.store import IndexStore
 from ..models.embedder import Embedder
+from ..models.preprocess import declared_work
 from .batching import DirectEmbedder, MicroBatcher, Then
 from .schemas import ModelInfo
 from .settings import Settings
@@ -29,7 +30,12 @@ class ServiceState:
     """Set by the app's lifespan; routes embed through it."""
 
     async def decode(self, data: bytes) -> Image.Image:
-        """Decode an upload in the thread pool; raises :class:`ImageDecodeError` if unusable."""
+        """Decode an upload in the thread pool; raises :class:`ImageDecodeError` if unusable.
+        An image whose header promises more than ``large_image_pixels`` of work decodes in
+        the batcher's killable worker process, under the same deadline as ``/match``'s."""
+        worker = getattr(self.batcher, "decode_process", None)
+        if worker is not None and declared_work(data) > self.settings.large_image_pixels:
+            return await run_in_threadpool(worker.decode, data)
         return await run_in_threadpool(self.embedder.preprocessor.decode, data)
 
     async def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:

@@ -10,6 +10,7 @@ import threading
 import time
 
 import httpx
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from lookalike.index.store import IndexStore
@@ -133,3 +134,25 @@ def test_a_decode_past_its_deadline_gets_a_422_and_its_worker_is_replaced(
     assert again.status_code == 422 and "to decode" in again.json()["detail"], again.text
     assert replaced == 2 and first_pid is not None and second_pid not in (None, first_pid)
     assert not _alive(first_pid)
+
+
+def test_a_costly_add_decodes_under_the_same_deadline(
+    settings: Settings, embedder: Embedder
+) -> None:
+    """``POST /items`` decodes a costly image in the same worker: past the deadline it gets the
+    422 and stores nothing; a normal-size image is added as before."""
+    tight = settings.model_copy(update={"decode_timeout_s": 0.1})
+    store = IndexStore.open(tight.index, model_fingerprint=embedder.fingerprint)
+    normal = io.BytesIO()
+    Image.new("RGB", (300, 200), "white").save(normal, format="PNG")
+    with TestClient(create_app(tight, ServiceState(tight, embedder, store))) as client:
+        total = client.get("/items").json()["total"]
+        refused = client.post("/items", files={"image": ("big.png", slow_png())},
+                              data={"key": "big"})
+        added = client.post("/items", files={"image": ("small.png", normal.getvalue())},
+                            data={"key": "small"})
+        after = client.get("/items").json()["total"]
+    store.close()
+    assert refused.status_code == 422 and "to decode" in refused.json()["detail"], refused.text
+    assert added.status_code == 201, added.text
+    assert after == total + 1
