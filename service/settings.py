@@ -156,12 +156,13 @@ class Settings(BaseSettings):
     def max_body_bytes_for(self, path: str) -> int:
         """The largest body of a request to ``path``: for the routes of
         :data:`ROUTE_UPLOADS`, their uploads at their largest and every form field they
-        allow; for any other path, :attr:`max_body_bytes`."""
+        allow (never more than :attr:`max_body_bytes`); for any other path,
+        :attr:`max_body_bytes`."""
         uploads = ROUTE_UPLOADS.get(path)
         if uploads is None:
             return self.max_body_bytes
-        return (self.max_upload_bytes * uploads + MULTIPART_OVERHEAD
-                + self.max_form_fields * FORM_FIELD_BYTES)
+        return min(self.max_body_bytes, self.max_upload_bytes * uploads + MULTIPART_OVERHEAD
+                   + self.max_form_fields * FORM_FIELD_BYTES)
 
     def model_options(self) -> ModelOptions:
         """The model part of these settings, as offline commands describe it."""

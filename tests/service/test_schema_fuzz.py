@@ -144,11 +144,12 @@ def _stateful(server: str, query_jpeg: tuple[str, bytes], examples: int) -> None
     assert "POST /items 201" in calls, calls  # adds succeed, so the links have keys to follow
     assert {"GET /items/{key}", "GET /thumbnails/{key}", "DELETE /items/{key}"} <= followed
     answered = {(link, status) for link, status, _ in matched}
-    # Which links a short run follows to a 200 depends on the draws; the slow run meets both.
-    wanted = {(QUERY_BY_KEY, 200), (AMONG_ITEM, 200)}
-    assert wanted <= answered if examples >= 10 * STATEFUL_EXAMPLES else wanted & answered, (
-        matched
-    )
+    # schemathesis draws whether to apply a link's values with randomness of its own, so which
+    # links a short run follows to a 200 varies from run to run (0 to 6 seen); the short run
+    # asserts that both links are followed, the slow run that both are answered 200.
+    assert {link for link, _, _ in matched} == {QUERY_BY_KEY, AMONG_ITEM}, matched
+    if examples >= 10 * STATEFUL_EXAMPLES:
+        assert {(QUERY_BY_KEY, 200), (AMONG_ITEM, 200)} <= answered, matched
 
 
 def test_stateful_links_produce_no_server_errors(
