@@ -26,6 +26,7 @@ import numpy as np
 __all__ = [
     "AUTO",
     "DEFAULT_TARGET_RECALL",
+    "FILTER_EXACT_MAX",
     "FLAT_MAX_WORK",
     "TuneReport",
     "choose_factory",
@@ -42,6 +43,10 @@ FLAT_MAX_WORK = 1 << 24
 #: Memory the codes of an automatically chosen index may take (SQ8 is ``dim`` bytes a vector).
 DEFAULT_MEMORY_BUDGET = 8 << 30
 RERANK_FACTOR = 4
+#: A filtered search whose filter selects at most this many live ids scans exactly those
+#: vectors; above it, the index searches with an id selector (and falls back to the exact
+#: scan when that finds fewer than ``k``). The crossover measured by ``benchmarks/filters.py``.
+FILTER_EXACT_MAX = 20_000
 
 
 def choose_factory(count: int, dim: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> str:
