@@ -23,6 +23,7 @@ def _tag(path: Path, fingerprint: str) -> list[str]:
     store = IndexStore.open(path, model_fingerprint=fingerprint, background=False)
     keys = sorted(store.keys())
     store.add(keys, store.vectors(keys), replace=True,
+              thumbnails=[store.thumbnail(key) for key in keys],
               metadata=[{"side": key.split("/")[0], "n": i} for i, key in enumerate(keys)])
     store.save()
     store.close()
