@@ -72,21 +72,26 @@ class Condition:
                 return f"added IN ({','.join('?' * len(self.value))})", list(self.value)
             return f"added {OPERATORS[self.op]} ?", [self.value]
         path = '$."' + self.field + '"'
+        # Each json_* call parses the row's JSON again (SQLite < 3.45 keeps no parse cache),
+        # so the value is compared first and its JSON type checked only where that passed
+        # (SQLite stops an AND at the first false): one parse for most rows.
         if self.op in RANGE_OPERATORS:
-            return (f"(json_type(metadata, ?) IN ('integer', 'real') "
-                    f"AND json_extract(metadata, ?) {OPERATORS[self.op]} ?)",
-                    [path, path, self.value])
+            return (f"(json_extract(metadata, ?) {OPERATORS[self.op]} ? "
+                    "AND json_type(metadata, ?) IN ('integer', 'real'))",
+                    [path, self.value, path])
         values = self.value if self.op == "in" else (self.value,)
         parts, params = [], []
         for value in values:
-            kind, compare = _json_typed(value)
-            if compare is None:
+            if value is None or isinstance(value, bool):  # matched by JSON type alone
                 parts.append("json_type(metadata, ?) = ?")
-                params += [path, kind]
-            else:
-                parts.append("(json_type(metadata, ?) IN " + kind
-                             + " AND json_extract(metadata, ?) = ?)")
-                params += [path, path, compare]
+                params += [path, "null" if value is None else str(value).lower()]
+            elif isinstance(value, str):  # SQL text equals only text: no type check needed
+                parts.append("json_extract(metadata, ?) = ?")
+                params += [path, value]
+            else:  # a number: true/false read back as 1/0, so the type is checked too
+                parts.append("(json_extract(metadata, ?) = ? "
+                             "AND json_type(metadata, ?) IN ('integer', 'real'))")
+                params += [path, value, path]
         return "(" + " OR ".join(parts) + ")", params
 
     def matches(self, metadata: Mapping[str, Any], added: float) -> bool:
@@ -268,17 +273,6 @@ def _scalar_text(text: str) -> Scalar:
     except json.JSONDecodeError:
         return text
     return value if value is None or isinstance(value, str | int | float | bool) else text
-
-
-def _json_typed(value: Scalar) -> tuple[str, Any]:
-    """``(json_type set, compared value)``: booleans and null are matched by type alone."""
-    if value is None:
-        return "null", None
-    if isinstance(value, bool):
-        return ("true" if value else "false"), None
-    if isinstance(value, int | float):
-        return "('integer', 'real')", value
-    return "('text')", value
 
 
 def _same_json(a: Any, b: Scalar) -> bool:
