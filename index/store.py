@@ -66,6 +66,7 @@ from .tuning import (
     DEFAULT_MEMORY_BUDGET,
     DEFAULT_TARGET_RECALL,
     FILTER_EXACT_MAX,
+    FILTER_INDEX_MIN_FRACTION,
     FLAT_MAX_WORK,
     RERANK_FACTOR,
     TuneReport,
@@ -92,7 +93,7 @@ FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 DATABASE = "items.sqlite"
 #: Rows waiting outside the index before the background thread merges them.
-MERGE_MIN_ROWS = 1024
+MERGE_MIN_ROWS = 256
 #: Share of an HNSW index that may be tombstones before it is rebuilt without them.
 REBUILD_DEAD_FRACTION = 0.2
 #: Queries used to measure recall when a generation is tuned.
@@ -611,8 +612,8 @@ class IndexStore:
             ids = ids[~np.isin(ids, np.fromiter(excluded, np.int64))]
         if not len(ids):
             return [[] for _ in queries]
-        if len(ids) > FILTER_EXACT_MAX:
-            fraction = len(ids) / max(1, view.alive.count)
+        fraction = len(ids) / max(1, view.alive.count)
+        if len(ids) > FILTER_EXACT_MAX and fraction >= FILTER_INDEX_MIN_FRACTION:
             allowed = view.alive.subset(ids)
             scores, found = self._search_ids(
                 queries, k + 2, view, _widened(view.generation, fraction), allowed=allowed)

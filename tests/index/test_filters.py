@@ -95,6 +95,7 @@ def test_filtered_search_equals_brute_force(
     store, model, added = filled
     # selector=True sends every filter through the index with an id selector
     monkeypatch.setattr(store_module, "FILTER_EXACT_MAX", 0 if selector else 10**9)
+    monkeypatch.setattr(store_module, "FILTER_INDEX_MIN_FRACTION", 0.0)
     q = normalize_rows(np.random.default_rng(query).normal(size=(1, DIM)))
     excluded = {f"k{i}" for i in exclude}
     passing = [key for key, (_, meta) in model.items()
