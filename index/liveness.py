@@ -50,7 +50,7 @@ class AliveBitmap:
         subset = AliveBitmap(0)
         subset.bits = np.packbits(mask, bitorder="little") & self.bits
         subset.selector = faiss.IDSelectorBitmap(len(subset.bits), faiss.swig_ptr(subset.bits))
-        subset.count = int(np.unpackbits(subset.bits).sum())
+        subset.count = int(np.bitwise_count(subset.bits).sum())
         return subset
 
     def set(self, ids: np.ndarray) -> None:

@@ -614,7 +614,8 @@ class IndexStore:
             return [[] for _ in queries]
         fraction = len(ids) / max(1, view.alive.count)
         if len(ids) > FILTER_EXACT_MAX and fraction >= FILTER_INDEX_MIN_FRACTION:
-            allowed = view.alive.subset(ids)
+            # ids are live and unique: as many as the live set means they are the live set
+            allowed = view.alive if len(ids) == view.alive.count else view.alive.subset(ids)
             scores, found = self._search_ids(
                 queries, k + 2, view, _widened(view.generation, fraction), allowed=allowed)
             results = self._keyed(scores, found, k, excluded)
