@@ -61,18 +61,24 @@ function renderMatches(payload) {
   $("timing").textContent = `${payload.took_ms.toFixed(0)} ms · ${payload.model.name}`;
 }
 
+let searchCount = 0; // answers to searches that a newer one replaced are dropped
+
 async function match(form) {
+  const search = ++searchCount;
   showError("");
   form.append("k", $("k").value);
+  appendFilters(form); // filters.js
   $("timing").textContent = "searching…";
   const response = await fetch("/match", { method: "POST", body: form });
+  const payload = response.ok ? await response.json() : await errorText(response);
+  if (search !== searchCount) return; // settings changed while this one ran
   $("timing").textContent = "";
   if (!response.ok) {
-    showError(await errorText(response));
+    showError(payload);
     $("results").replaceChildren();
     return;
   }
-  renderMatches(await response.json());
+  renderMatches(payload);
 }
 
 function setPreview(src) {
@@ -113,6 +119,7 @@ async function loadGallery() {
     const li = tile(item);
     li.addEventListener("click", () => searchByKey(item.key, item.thumbnail_url));
     $("gallery").append(li);
+    noteFields(item.metadata); // filters.js
   }
   galleryOffset += page.items.length;
   $("count").textContent = `(${page.total} images)`;
@@ -153,4 +160,5 @@ function wireDropzone() {
 wireDropzone();
 $("more").addEventListener("click", loadGallery);
 $("k").addEventListener("change", () => lastQuery && lastQuery());
+wireFilters(() => lastQuery && lastQuery()); // filters.js
 loadStatus();
