@@ -18,8 +18,11 @@ candidate pairs (at most k per item) and one small signature per candidate item;
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +42,7 @@ __all__ = [
     "DEFAULT_DEDUP",
     "DedupParams",
     "DuplicateGroup",
+    "KeypointCache",
     "candidate_pairs",
     "find_duplicate_groups",
     "keypoint_signature",
@@ -157,7 +161,7 @@ def keypoint_signature(thumbnail: bytes) -> Keypoints:
     for image in (grey, np.ascontiguousarray(grey[:, ::-1])):
         found, described = sift.detectAndCompute(image, None)
         points.append(np.array([p.pt for p in found], np.float32).reshape(-1, 2))
-        descriptors.append(described)
+        descriptors.append(None if described is None else described.astype(np.uint8))
     return Keypoints((points[0], points[1]), (descriptors[0], descriptors[1]))
 
 
@@ -176,7 +180,8 @@ def keypoint_similarity(a: Keypoints, b: Keypoints) -> float:
     for points, descriptors in zip(b.points, b.descriptors, strict=True):
         if descriptors is None or len(descriptors) < 2:
             continue
-        pairs = matcher.knnMatch(a.descriptors[0], descriptors, k=2)
+        pairs = matcher.knnMatch(a.descriptors[0].astype(np.float32),
+                                 descriptors.astype(np.float32), k=2)
         good = [m[0] for m in pairs if len(m) == 2 and m[0].distance < RATIO_TEST * m[1].distance]
         if len(good) < 3:
             continue
@@ -189,23 +194,53 @@ def keypoint_similarity(a: Keypoints, b: Keypoints) -> float:
     return min(1.0, best / max(min(a.count, b.count), MIN_KEYPOINTS))
 
 
-def _signatures(store: IndexStore, keys: Sequence[str], progress: bool = False
-                ) -> dict[str, Keypoints | None]:
+class KeypointCache:
+    """Keypoints of recently seen thumbnails, by the thumbnail's digest (so a replaced image
+    is never judged by its predecessor's keypoints); least recently used go first.
+
+    Why: a service answers ``/duplicates`` page after page over the same images, and finding
+    keypoints is most of a request's time. About 80 KB an entry."""
+
+    def __init__(self, size: int = 2000) -> None:
+        self.size = size
+        self._entries: OrderedDict[bytes, Keypoints] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, thumbnail: bytes) -> Keypoints:
+        digest = hashlib.blake2b(thumbnail, digest_size=16).digest()
+        with self._lock:
+            if digest in self._entries:
+                self._entries.move_to_end(digest)
+                return self._entries[digest]
+        found = keypoint_signature(thumbnail)
+        with self._lock:
+            self._entries[digest] = found
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return found
+
+
+def _signatures(store: IndexStore, keys: Sequence[str], cache: KeypointCache | None,
+                progress: bool = False) -> dict[str, Keypoints | None]:
     signatures: dict[str, Keypoints | None] = {}
     for key in tqdm(keys, desc="keypoints", unit="img", disable=not progress or not keys):
         data = store.thumbnail(key)
-        signatures[key] = keypoint_signature(data) if data else None
+        if not data:
+            signatures[key] = None
+        else:
+            signatures[key] = cache.get(data) if cache else keypoint_signature(data)
     return signatures
 
 
 def judge_pairs(
     store: IndexStore, keys: Sequence[str], first: np.ndarray, second: np.ndarray,
     cosines: np.ndarray, params: DedupParams, progress: bool = False,
+    cache: KeypointCache | None = None,
 ) -> list[tuple[int, int, float, float]]:
     """The candidate pairs that are duplicates, as ``(i, j, score, cosine)``: the keypoint
     similarity decides where both items have thumbnails, the cosine where one has none."""
     involved = sorted({keys[int(i)] for i in np.concatenate([first, second])})
-    signatures = _signatures(store, involved, progress)
+    signatures = _signatures(store, involved, cache, progress)
     accepted = []
     for i, j, cosine in zip(first.tolist(), second.tolist(), cosines.tolist(), strict=True):
         a, b = signatures[keys[i]], signatures[keys[j]]
@@ -243,13 +278,14 @@ def group_pairs(
 
 def find_duplicate_groups(
     store: IndexStore, params: DedupParams = DEFAULT_DEDUP, *, batch_size: int = 1024,
-    progress: bool = False,
+    progress: bool = False, cache: KeypointCache | None = None,
 ) -> list[DuplicateGroup]:
     """The store's near-duplicate groups, ordered by their earliest-added member."""
     keys = store.keys()
     first, second, cosines = candidate_pairs(
         store, keys, params.candidate_cosine, params.k, batch_size, progress)
-    return group_pairs(keys, judge_pairs(store, keys, first, second, cosines, params, progress))
+    accepted = judge_pairs(store, keys, first, second, cosines, params, progress, cache)
+    return group_pairs(keys, accepted)
 
 
 def write_groups(groups: Sequence[DuplicateGroup], params: DedupParams, path: Path) -> Path:

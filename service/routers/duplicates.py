@@ -16,13 +16,17 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from ...core.errors import InvalidInputError
-from ...index.dedup import DedupParams, DuplicateGroup, find_duplicate_groups
+from ...index.dedup import DedupParams, DuplicateGroup, KeypointCache, find_duplicate_groups
 from ...models.model import DEDUP_KEY
 from ..deps import StateDep
 from ..presenters import item_out
 from ..schemas import DuplicateGroupOut, DuplicatePage, DuplicatePairOut, error_responses
 
 router = APIRouter(prefix="/duplicates", tags=["duplicates"])
+
+KEYPOINTS = KeypointCache()
+"""Shared by every request: the next page, or the same page after an add, finds the
+keypoints of the images it has seen already."""
 
 
 class StaleCursorError(InvalidInputError):
@@ -58,7 +62,7 @@ def list_duplicates(
     calibration = state.embedder.bundle.calibration
     params = DedupParams.from_calibration(calibration, threshold=threshold)
     store = state.store
-    groups = find_duplicate_groups(store, params)
+    groups = find_duplicate_groups(store, params, cache=KEYPOINTS)
     order = {key: position for position, key in enumerate(store.keys())}
     page, next_after = _page(groups, order, after, limit)
     items = store.get_many([key for group in page for key in group.keys])
