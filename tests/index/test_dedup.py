@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lookalike.core.errors import InvalidInputError
-from lookalike.evaluation.dedup import cross_validate, grouped_pairs, collect_scores, pair_metrics
+from lookalike.evaluation.dedup import collect_scores, cross_validate, grouped_pairs, pair_metrics
 from lookalike.evaluation.dedup_set import make_dedup_set, read_dedup_set
 from lookalike.index.dedup import (
     DedupParams,

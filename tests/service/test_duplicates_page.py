@@ -44,7 +44,8 @@ def test_keep_one_image_of_a_group_and_remove_the_others(
 ) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    first = httpx.get(f"{dup_server}/duplicates", params={"limit": 1}, timeout=120).json()["groups"][0]
+    page_one = httpx.get(f"{dup_server}/duplicates", params={"limit": 1}, timeout=120).json()
+    first = page_one["groups"][0]
     keys = [item["key"] for item in first["items"]]
     keep = keys[1]
     with sync_playwright() as playwright:
@@ -57,7 +58,8 @@ def test_keep_one_image_of_a_group_and_remove_the_others(
         box = page.locator(f'.dup-group[data-anchor="{first["anchor"]}"]')
         expect(box.locator(".dup-tile")).to_have_count(len(keys))
         expect(box.locator("h3")).to_contain_text("weakest pair")
-        loaded = box.locator("img").evaluate_all("imgs => imgs.map(i => i.complete && i.naturalWidth)")
+        loaded = box.locator("img").evaluate_all(
+            "imgs => imgs.map(i => i.complete && i.naturalWidth)")
         assert all(loaded), loaded
         page.screenshot(path=str(artifacts / "duplicates.png"), full_page=True)
 
@@ -65,8 +67,8 @@ def test_keep_one_image_of_a_group_and_remove_the_others(
         box.locator(f'input[value="{keep}"]').check()
         box.locator(".dup-resolve").click()
         expect(page.locator("#dup-error")).to_contain_text("API", timeout=15_000)
-        present = httpx.get(f"{dup_server}/items", params={"limit": 1000}, timeout=60).json()["items"]
-        assert set(keys) <= {item["key"] for item in present}
+        listed = httpx.get(f"{dup_server}/items", params={"limit": 1000}, timeout=60).json()
+        assert set(keys) <= {item["key"] for item in listed["items"]}
 
         # With it, the other images go and the chosen one stays.
         page.fill("#dup-api-key", API_KEY)
