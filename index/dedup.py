@@ -44,6 +44,7 @@ __all__ = [
     "DuplicateGroup",
     "KeypointCache",
     "candidate_pairs",
+    "check_output_name",
     "find_duplicate_groups",
     "keypoint_signature",
     "keypoint_similarity",
@@ -288,10 +289,18 @@ def find_duplicate_groups(
     return group_pairs(keys, accepted)
 
 
+def check_output_name(path: Path) -> str:
+    """The output format by suffix (``.json`` or ``.csv``); checked before any work is done."""
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".csv"):
+        raise InvalidInputError(f"--out must end in .json or .csv, not {path.name!r}")
+    return suffix
+
+
 def write_groups(groups: Sequence[DuplicateGroup], params: DedupParams, path: Path) -> Path:
     """Write ``groups`` as JSON (``{params, groups}``) or, for a ``.csv`` path, one row per
     item (``group, key, size, score``) for a spreadsheet; atomically."""
-    if path.suffix.lower() == ".csv":
+    if check_output_name(path) == ".csv":
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
         writer.writerow(["group", "key", "size", "score"])
@@ -299,7 +308,5 @@ def write_groups(groups: Sequence[DuplicateGroup], params: DedupParams, path: Pa
             writer.writerows([number, key, len(group.keys), f"{group.score:.4f}"]
                              for key in group.keys)
         return atomic_write(path, text.getvalue())
-    if path.suffix.lower() != ".json":
-        raise InvalidInputError(f"--out must end in .json or .csv, not {path.name!r}")
     document = {"params": asdict(params), "groups": [group.to_dict() for group in groups]}
     return atomic_write(path, json.dumps(document, indent=2) + "\n")

@@ -500,10 +500,11 @@ def dedup(
     Each image's nearest neighbours in the embedding propose pairs; their thumbnails' keypoints
     decide; linked pairs form groups. Memory grows with the store, never with its square.
     Example: lookalike dedup photos/ --out dups.csv --sheet dups.html"""
-    from ..index.dedup import DedupParams, find_duplicate_groups, write_groups
+    from ..index.dedup import DedupParams, check_output_name, find_duplicate_groups, write_groups
     from ..index.store import IndexStore
     from ..models.model import DEDUP_KEY
 
+    check_output_name(out)  # before an hour of indexing, not after
     options = ModelOptions.from_env(model=model, engine=engine)
     if (source / "manifest.json").is_file():
         store_path = source
