@@ -152,11 +152,25 @@ class Keypoints:
         return 0 if self.descriptors[0] is None else len(self.descriptors[0])
 
 
+BORDER_STD = 3.0
+"""Rows and columns at the edges flatter than this (grey levels) are a letterbox or a frame."""
+
+
+def _trim_borders(grey: np.ndarray) -> np.ndarray:
+    """``grey`` without flat bars at its edges: the corners where a black letterbox meets the
+    picture match between any two letterboxed images, so they must not count as evidence."""
+    rows = np.flatnonzero(grey.std(axis=1) > BORDER_STD)
+    cols = np.flatnonzero(grey.std(axis=0) > BORDER_STD)
+    if len(rows) < 16 or len(cols) < 16:
+        return grey
+    return np.ascontiguousarray(grey[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
+
+
 def keypoint_signature(thumbnail: bytes) -> Keypoints:
     """The thumbnail's SIFT keypoints, as is and mirrored (so that a flipped copy matches)."""
     import cv2
 
-    grey = np.asarray(decode_image(thumbnail).convert("L"), np.uint8)
+    grey = _trim_borders(np.asarray(decode_image(thumbnail).convert("L"), np.uint8))
     sift = cv2.SIFT_create(nfeatures=KEYPOINTS)
     points, descriptors = [], []
     for image in (grey, np.ascontiguousarray(grey[:, ::-1])):
@@ -188,8 +202,10 @@ def keypoint_similarity(a: Keypoints, b: Keypoints) -> float:
             continue
         source = a.points[0][[m.queryIdx for m in good]]
         target = points[[m.trainIdx for m in good]]
+        cv2.setRNGSeed(0)  # RANSAC samples at random: the same pair must get the same score
         _, inliers = cv2.estimateAffinePartial2D(
-            source, target, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PIXELS)
+            source, target, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PIXELS,
+            maxIters=4000, confidence=0.999)
         if inliers is not None:
             best = max(best, int(inliers.sum()))
     return min(1.0, best / max(min(a.count, b.count), MIN_KEYPOINTS))
