@@ -65,9 +65,9 @@ class DedupParams:
     """How pairs are proposed and judged; ``threshold`` applies to the keypoint similarity
     (the share of keypoints one transform maps onto each other)."""
 
-    threshold: float = 0.3
+    threshold: float = 0.42  # the keypoint check does not depend on the model: measured once
     candidate_cosine: float = 0.3
-    cosine_only_threshold: float = 0.8
+    cosine_only_threshold: float = 0.84
     k: int = 10
 
     def __post_init__(self) -> None:
