@@ -11,8 +11,10 @@ Items stored without a thumbnail are judged by
 cosine alone at ``cosine_only_threshold``. Both thresholds are chosen by cross-validation
 (``evaluation/dedup.py``) and stored in the model's calibration.
 
-Memory is bounded by the store: the keys, one batch of query vectors and results, the
-candidate pairs (at most k per item) and one small signature per candidate item; never N x N.
+Memory grows with the store, never N x N: the keys, one batch of query vectors and results,
+the candidate pairs (at most k per item) and the keypoints of every item in a candidate pair
+(about 77 KB each, held for the whole pass: 100k such items would need ~8 GB; judging the
+pairs in blocks through a bounded :class:`KeypointCache` is the next step at that scale).
 """
 
 from __future__ import annotations
