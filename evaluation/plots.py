@@ -28,6 +28,7 @@ __all__ = [
     "score_histogram",
     "embedding_map",
     "top_matches_grid",
+    "plot_curves",
 ]
 
 MATCH, OTHER = "#2a9d55", "#c0392b"
@@ -188,4 +189,21 @@ def top_matches_grid(rows: Sequence[GridRow], path: Path) -> Path:
                 spine.set_visible(is_answer)
                 spine.set_color(MATCH)
                 spine.set_linewidth(3)
+    return _save(figure, path)
+
+
+def plot_curves(
+    lines: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path, *, xlabel: str,
+    ylabel: str, title: str, mark: float | None = None,
+) -> Path:
+    """Named ``(x, y)`` lines on one chart (solid for names ending in ``precision``, dashed
+    otherwise), with a vertical line at ``mark`` (the chosen threshold)."""
+    figure = _figure(6.5, 4.5)
+    axes = figure.add_subplot()
+    for name, (x, y) in lines.items():
+        axes.plot(x, y, label=name, linestyle="-" if name.endswith("precision") else "--")
+    if mark is not None:
+        axes.axvline(mark, color="grey", linestyle=":", label=f"chosen {mark:.2f}")
+    axes.set(xlabel=xlabel, ylabel=ylabel, title=title, ylim=(0, 1.01))
+    axes.legend(loc="lower left", fontsize="small")
     return _save(figure, path)

@@ -11,7 +11,6 @@ The calibration is written to ``calibration.json`` beside the bundle, never into
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -21,8 +20,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from ..core.files import atomic_write
-from ..models.bundle import CALIBRATION_FILE, ModelBundle
+from ..models.bundle import ModelBundle
+from ..models.model import update_calibration
 from .errors import EvaluationError
 
 __all__ = [
@@ -136,5 +135,4 @@ def write_calibration(bundle: ModelBundle, calibration: Calibration) -> Path:
         raise EvaluationError(f"model {bundle.name} has no bundle directory to calibrate")
     if calibration.model_fingerprint != bundle.fingerprint:
         raise EvaluationError("this calibration was measured with another model")
-    target = Path(bundle.path) / CALIBRATION_FILE
-    return atomic_write(target, json.dumps(calibration.to_dict(), indent=2, sort_keys=True) + "\n")
+    return update_calibration(Path(bundle.path), bundle.fingerprint, calibration.to_dict())

@@ -17,15 +17,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from ..core.files import atomic_write
 from .errors import BundleError
 
-__all__ = ["CALIBRATION_FILE", "Model", "ModelFacts", "load_calibration"]
+__all__ = [
+    "CALIBRATION_FILE", "DEDUP_KEY", "Model", "ModelFacts", "load_calibration",
+    "update_calibration",
+]
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration.json"
 """Verification threshold measured by ``lookalike evaluate --write-calibration``. Kept out of
 the fingerprinted files, so calibrating a model never orphans the indexes built with it."""
+
+DEDUP_KEY = "dedup"
+"""The near-duplicate parameters (``threshold``, ``candidate_cosine``,
+``cosine_only_threshold``, ``k``) measured by ``lookalike dedup-evaluate
+--write-calibration``, kept beside the verification threshold because they too hold only for
+the weights they were measured with."""
 
 
 @dataclass(frozen=True)
@@ -84,4 +94,39 @@ def load_calibration(directory: Path, fingerprint: str) -> dict[str, Any] | None
     if calibration.get("model_fingerprint") != fingerprint:
         log.warning("ignoring %s: it was measured with other weights; re-run calibration", file)
         return None
+    if DEDUP_KEY in calibration:
+        _check_dedup(file, calibration[DEDUP_KEY])
     return {**calibration, "threshold": threshold}
+
+
+def _check_dedup(file: Path, dedup: Any) -> None:
+    """Reject a damaged ``dedup`` entry when the model loads, not in a request."""
+    scores = ("threshold", "candidate_cosine", "cosine_only_threshold")
+    valid = isinstance(dedup, dict) and all(
+        isinstance(dedup.get(name), int | float) and -1.0 <= dedup[name] <= 1.0
+        for name in scores) and isinstance(dedup.get("k"), int) and 1 <= dedup["k"] <= 1000
+    if not valid:
+        raise BundleError(
+            f"{file} has a damaged {DEDUP_KEY!r} entry ({dedup!r}): re-run "
+            "'lookalike dedup-evaluate --write-calibration'")
+
+
+def update_calibration(directory: Path, fingerprint: str, values: dict[str, Any]) -> Path:
+    """Merge ``values`` into the model's ``calibration.json`` (atomically) and return its path:
+    the one writer, so that each measurement replaces its own keys and keeps the others'."""
+    file = Path(directory) / CALIBRATION_FILE
+    current: dict[str, Any] = {}
+    if file.is_file():
+        try:
+            current = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            log.warning("replacing damaged %s", file)
+        if current.get("model_fingerprint") != fingerprint:
+            current = {}  # measured with other weights: none of it holds any more
+    merged = {**current, **values, "model_fingerprint": fingerprint}
+    if "threshold" not in merged:
+        raise BundleError(
+            f"{file} needs the verification threshold first: run "
+            "'lookalike evaluate --write-calibration' with this model")
+    text = json.dumps(merged, indent=2, sort_keys=True) + "\n"
+    return atomic_write(file, text)

@@ -494,6 +494,129 @@ def evaluate(
     if write_calibration:
         typer.echo(f"calibration: {save_calibration(embedder.bundle, result.calibration)}")
 
+@command(app, "dedup")
+def dedup(
+    source: Annotated[
+        Path, typer.Argument(help="An index store directory, or a folder of images to index first.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Groups file: .json (groups, pairs, scores) or "
+                           ".csv (one row per image: group, key, size, score).")
+    ],
+    threshold: Annotated[
+        float | None,
+        typer.Option(min=-1.0, max=1.0, help="Keypoint similarity a candidate pair needs (higher = "
+                     "stricter) [default: the model's calibration, chosen by cross-validation; "
+                     "see benchmarks/figures/dedup-curve.png]."),
+    ] = None,
+    sheet: Annotated[
+        Path | None, typer.Option(help="Also write an HTML contact sheet of the groups here.")
+    ] = None,
+    index: Annotated[
+        Path | None,
+        typer.Option("--index", "-i", help="For a folder: where to keep its index (re-runs reuse "
+                     "it) [default: SOURCE/.lookalike-index]."),
+    ] = None,
+    k: Annotated[int | None, typer.Option("-k", min=1, max=1000,
+                                          help="Neighbours checked per image.")] = None,
+    model: ModelOpt = None,
+    engine: EngineOpt = DEFAULT_ENGINE,
+    progress: ProgressOpt = True,
+) -> None:
+    """Find groups of near-duplicate images (resized, cropped, re-compressed, flipped,
+    colour-shifted or slightly rotated copies), leaving mere look-alikes apart.
+
+    Each image's nearest neighbours in the embedding propose pairs; their thumbnails' keypoints
+    decide; linked pairs form groups. Memory grows with the store, never with its square.
+    Example: lookalike dedup photos/ --out dups.csv --sheet dups.html"""
+    from ..index.dedup import DedupParams, check_output_name, find_duplicate_groups, write_groups
+    from ..index.store import IndexStore
+    from ..models.model import DEDUP_KEY
+
+    check_output_name(out)  # before an hour of indexing, not after
+    options = ModelOptions.from_env(model=model, engine=engine)
+    if (source / "manifest.json").is_file():
+        store_path = source
+    else:
+        from ..index.build import build_index, discover_images
+
+        images = discover_images(source)
+        store_path = index or source / ".lookalike-index"
+        build_index(images, store_path, create_embedder(options), progress=progress)
+    resolved = options.resolve()
+    params = DedupParams.from_calibration(resolved.calibration, threshold=threshold, k=k)
+    if threshold is None and DEDUP_KEY not in (resolved.calibration or {}):
+        typer.echo(f"note: model {resolved.name} has no dedup calibration; using the built-in "
+                   f"threshold {params.threshold}", err=True)
+    store = IndexStore.open(store_path, model_fingerprint=resolved.fingerprint, background=False)
+    try:
+        groups = find_duplicate_groups(store, params, progress=progress)
+        write_groups(groups, params, out)
+        if sheet is not None:
+            from .contact_sheet import write_contact_sheet
+
+            write_contact_sheet(store, groups, params, sheet)
+    finally:
+        store.close()
+    images = sum(len(group.keys) for group in groups)
+    typer.echo(f"{out}: {len(groups)} groups of near-duplicates ({images} images) at threshold "
+               f"{params.threshold:.2f}" + (f"; sheet: {sheet}" if sheet else ""))
+
+
+@command(app, "dedup-evaluate")
+def dedup_evaluate(
+    pairs: Annotated[Path, typer.Argument(help="TLL pairs CSV with left/ and right/ beside it.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the set, its index, "
+                                      "dedup-metrics.json and dedup-curve.png.")],
+    originals: Annotated[int, typer.Option(min=5, help="Originals that get planted copies.")] = 150,
+    others: Annotated[int | None, typer.Option(min=0, help="Unrelated images [default: as many "
+                                               "as originals].")] = None,
+    folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds over groups.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the planted edits and the folds.")] = 0,
+    floor: Annotated[float, typer.Option(min=-1.0, max=1.0, help="Cosine a pair needs to be a "
+                                         "candidate.")] = 0.3,
+    k: Annotated[int, typer.Option("-k", min=1, max=1000, help="Neighbours per image.")] = 10,
+    write_calibration: Annotated[
+        bool, typer.Option("--write-calibration", help="Save the chosen parameters in the "
+                           "model's calibration.json (key 'dedup'), the default of "
+                           "'lookalike dedup' and GET /duplicates."),
+    ] = False,
+    model: ModelOpt = None,
+    engine: EngineOpt = DEFAULT_ENGINE,
+    progress: ProgressOpt = True,
+) -> None:
+    """Measure near-duplicate detection on a planted set (edited copies of originals beside
+    their look-alike TLL partners and unrelated images) and choose the threshold by
+    cross-validation over disjoint groups of originals; optionally store it with the model."""
+    from ..evaluation.dedup import evaluate_dedup
+    from ..evaluation.dedup_set import make_dedup_set
+    from ..index.build import build_index
+    from ..index.store import IndexStore
+    from ..models.model import DEDUP_KEY, update_calibration
+
+    data = make_dedup_set(pairs, out / "images", originals, others=others, seed=seed)
+    embedder = create_embedder(ModelOptions.from_env(model=model, engine=engine))
+    build_index(data.folder, out / "index", embedder, progress=progress)
+    store = IndexStore.open(out / "index", model_fingerprint=embedder.fingerprint,
+                            background=False)
+    try:
+        report = evaluate_dedup(data, store, out, floor=floor, k=k, folds=folds, seed=seed)
+    finally:
+        store.close()
+    for method, found in report["methods"].items():
+        typer.echo(f"{method:7s} precision {found['precision']['mean']:.3f} ± "
+                   f"{found['precision']['se']:.3f}  recall {found['recall']['mean']:.3f} ± "
+                   f"{found['recall']['se']:.3f}  threshold {found['threshold_all']:.2f}")
+    typer.echo(f"report: {out / 'dedup-metrics.json'}, plot: {report['plot']}")
+    if write_calibration:
+        model_path = embedder.bundle.path
+        if model_path is None:
+            raise LookalikeError(f"model {embedder.bundle.name} has no directory to calibrate")
+        written = update_calibration(Path(model_path), embedder.fingerprint,
+                                     {DEDUP_KEY: report["params"]})
+        typer.echo(f"calibration: {written}")
+
+
 def _train(config: Path | None = None, **options: Any) -> None:
     """Train a Siamese embedding model on look-alike pairs and write a model bundle.
 

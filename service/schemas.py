@@ -163,3 +163,26 @@ class CompareResponse(BaseModel):
     )
     took_ms: float
     model: ModelInfo
+
+
+class DuplicatePairOut(BaseModel):
+    a: str
+    b: str
+    score: float = Field(description="Keypoint similarity of the two thumbnails (or the cosine "
+                         "where one has no thumbnail): what the threshold applies to.")
+    cosine: float = Field(description="Cosine similarity of the two embeddings.")
+
+
+class DuplicateGroupOut(BaseModel):
+    anchor: str = Field(description="The group's earliest-added image: its place in the order.")
+    score: float = Field(description="The weakest accepted pair of the group.")
+    items: list[ItemOut] = Field(description="The group's images, earliest-added first.")
+    pairs: list[DuplicatePairOut]
+
+
+class DuplicatePage(BaseModel):
+    groups: list[DuplicateGroupOut]
+    next_after: str | None = Field(
+        description="Pass as `after` for the next page; null on the last page.")
+    threshold: float
+    calibrated: bool = Field(description="True: the threshold comes from the model's calibration.")

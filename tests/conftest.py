@@ -82,3 +82,22 @@ def store_copy(small_store_path: Path, tmp_path: Path) -> Path:
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def planted_set(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path):  # noqa: ANN201
+    """Near-duplicate test data: 8 demo originals with 2 edited copies each, their TLL
+    look-alike partners and 4 unrelated images (36 images, generated from seed 0)."""
+    from lookalike.evaluation.dedup_set import make_dedup_set
+
+    return make_dedup_set(demo_dir / "pairs.csv", tmp_path_factory.mktemp("planted"), 8,
+                          others=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def planted_store_path(
+    tmp_path_factory: pytest.TempPathFactory, planted_set, embedder: Embedder  # noqa: ANN001
+) -> Path:
+    path = tmp_path_factory.mktemp("stores") / "planted"
+    build_index(planted_set.folder, path, embedder, progress=False)
+    return path
