@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ...index.store import Match, UnknownKeyError
 from ..deps import StateDep, read_upload
+from ..explaining import explain_matches, stored_image
 from ..presenters import match_payload
 from ..schemas import MatchOut, MatchResponse, error_responses
 
@@ -52,6 +53,10 @@ async def match(
     exclude: Annotated[
         list[str] | None, Form(description="Keys to leave out of the results.")
     ] = None,
+    explain: Annotated[
+        bool, Form(description="Explain the top matches too (settings.explain_top; see "
+                   "POST /explain).")
+    ] = False,
 ) -> MatchResponse:
     started = time.perf_counter()
     settings, store = state.settings, state.store
@@ -89,6 +94,10 @@ async def match(
             raise HTTPException(404, str(exc)) from exc
         exclude.append(query_key)
         matches = await run_in_threadpool(find, vectors)
+    if explain:
+        query = ((data, "upload") if image is not None
+                 else await run_in_threadpool(stored_image, state, query_key))
+        matches = await explain_matches(state, query, matches)
     return MatchResponse(
         matches=matches,
         took_ms=round((time.perf_counter() - started) * 1000, 2),
