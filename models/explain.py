@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from .model import Model
 from .serving import EXPLAIN_FACTS, EXPLAIN_ONNX
 
 __all__ = ["EXACT", "EXPLAIN_FACTS", "EXPLAIN_ONNX", "OCCLUSION", "Explainer", "Explanation",
-           "RegionPair", "mask_regions", "split"]
+           "RegionPair", "explainer_for", "mask_regions", "split"]
 
 log = logging.getLogger(__name__)
 
@@ -211,3 +212,17 @@ def _onnx_terms(model: Model, cache_dir: str | Path | None) -> tuple[Any, np.nda
         facts = json.loads(facts_file.read_text())
         return (ort_runner(onnx, threads=2), np.asarray(facts["bias"], np.float64),
                 int(facts["grid"]))
+
+
+_explainers: weakref.WeakKeyDictionary[Embedder, Explainer] = weakref.WeakKeyDictionary()
+_explainers_lock = threading.Lock()
+
+
+def explainer_for(embedder: Embedder, cache_dir: str | Path | None = None) -> Explainer:
+    """The embedder's one explainer, built on first use: deriving the split (torch) or loading
+    ``explain.onnx`` costs seconds, converting a bundle's once per model and cache."""
+    with _explainers_lock:
+        explainer = _explainers.get(embedder)
+        if explainer is None:
+            explainer = _explainers[embedder] = Explainer(embedder, cache_dir)
+        return explainer

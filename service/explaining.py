@@ -8,37 +8,23 @@ overlays) runs in the thread pool, never on the event loop.
 
 from __future__ import annotations
 
-import threading
-import weakref
-
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from ..core.errors import InvalidInputError
-from ..models.embedder import Embedder
-from ..models.explain import Explainer, Explanation
+from ..models.explain import Explainer, Explanation, explainer_for
 from ..models.explain_picture import overlay_data_url
 from .deps import ServiceState
 from .schemas import ExplanationOut, MatchOut, RegionPairOut
 
-__all__ = ["ExplainSource", "explain_matches", "explain_pair", "explainer_for", "stored_image"]
-
-_explainers: weakref.WeakKeyDictionary[Embedder, Explainer] = weakref.WeakKeyDictionary()
-_lock = threading.Lock()
+__all__ = ["ExplainSource", "explain_matches", "explain_pair", "stored_image"]
 
 ExplainSource = tuple[bytes, str]
 """Image bytes and where they came from (``upload`` or ``thumbnail``)."""
 
 
-def explainer_for(state: ServiceState) -> Explainer:
-    """The embedder's explainer, built on first use (deriving or loading the split costs
-    seconds once; converting a bundle's ``explain.onnx`` happens once per model and cache)."""
-    with _lock:
-        explainer = _explainers.get(state.embedder)
-        if explainer is None:
-            explainer = Explainer(state.embedder, state.settings.cache_dir)
-            _explainers[state.embedder] = explainer
-        return explainer
+def _explainer(state: ServiceState) -> Explainer:
+    return explainer_for(state.embedder, state.settings.cache_dir)
 
 
 def stored_image(state: ServiceState, key: str) -> ExplainSource:
@@ -56,7 +42,7 @@ async def explain_pair(
     state: ServiceState, query: ExplainSource, match: ExplainSource, overlays: bool = True
 ) -> ExplanationOut:
     """Explain the cosine of two images (decoding errors are the usual 4xx)."""
-    explainer = await run_in_threadpool(explainer_for, state)
+    explainer = await run_in_threadpool(_explainer, state)
 
     def work() -> ExplanationOut:
         preprocessor = state.embedder.preprocessor
