@@ -150,16 +150,18 @@ class Explainer:
         self.grid = OCCLUSION_GRID
         torch_engine = embedder.engine_name.startswith("torch")
         self.engine = "torch" if torch_engine else "onnx"
+        self.method, self.reason = OCCLUSION, "occlusion was asked for"
+        if occlusion:
+            self.engine = embedder.engine_name
+            return
         try:
-            if occlusion:
-                raise EngineError("occlusion was asked for")
             if torch_engine:
                 self._terms, self.bias, self.grid = _torch_terms(embedder.bundle)
             else:
                 self._terms, self.bias, self.grid = _onnx_terms(embedder.bundle, cache_dir)
             self.method = EXACT
         except EngineError as exc:
-            self.method, self.engine, self.reason = OCCLUSION, embedder.engine_name, str(exc)
+            self.engine, self.reason = embedder.engine_name, str(exc)
             log.warning("explanations of %s use occlusion (an approximation): %s",
                         embedder.bundle.name, exc)
 

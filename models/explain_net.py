@@ -219,7 +219,7 @@ class LocationTerms(nn.Module):
                 self.register_buffer(f"{name}w", torch.from_numpy(stage.weights[kind]))
                 self.register_buffer(f"{name}l", torch.from_numpy(where))
                 self.register_buffer(f"{name}s", torch.from_numpy(
-                    np.ascontiguousarray(stage.spread[:, where])))
+                    np.ascontiguousarray(stage.spread[:, where].T)))
                 names.append((f"{name}w", f"{name}l", f"{name}s"))
             self.groups.append(names)
 
@@ -234,15 +234,17 @@ class LocationTerms(nn.Module):
                     term = self._terms(self.keys.index((t, i)), x)
                     total = term if total is None else total + term
         assert total is not None
-        return total
+        return total.transpose(1, 2)
 
     def _terms(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """``(B, D, G*G)`` for one stage: per location type, ``W @ x`` then the spread (plain
+        MatMuls, which ONNX Runtime runs much faster than Einsum)."""
         flat = x.float().flatten(2)  # (B, C, L)
         total = None
         for weights, where, spread in self.groups[index]:
             chosen = flat.index_select(2, getattr(self, where))  # (B, C, l)
-            per_location = torch.einsum("dc,bcl->bld", getattr(self, weights), chosen)
-            term = torch.einsum("ml,bld->bmd", getattr(self, spread), per_location)
+            per_location = torch.matmul(getattr(self, weights), chosen)  # (B, D, l)
+            term = torch.matmul(per_location, getattr(self, spread))  # (B, D, M)
             total = term if total is None else total + term
         assert total is not None
         return total
