@@ -25,9 +25,18 @@ from ..core.files import atomic_write
 from .errors import EngineError
 from .model import CALIBRATION_FILE, Model
 from .runtime import VERIFY_IMAGES, ort_runner, quiet, reference_images, torch_runner, verify
-from .serving import INT8_FILE, ONNX_FILE, SERVING_FILE, ServingModel, load_serving_model
+from .serving import (
+    EXPLAIN_FACTS,
+    EXPLAIN_ONNX,
+    INT8_FILE,
+    ONNX_FILE,
+    SERVING_FILE,
+    ServingModel,
+    load_serving_model,
+)
 
-__all__ = ["FP32_TOLERANCE", "INT8_TOLERANCE", "conversion_dir", "export_onnx",
+__all__ = ["EXPLAIN_TOLERANCE", "FP32_TOLERANCE", "INT8_TOLERANCE", "conversion_dir",
+           "explain_files", "export_explain", "export_onnx",
            "export_serving_model", "onnx_conversions", "onnx_file", "require"]
 
 log = logging.getLogger(__name__)
@@ -36,6 +45,9 @@ FP32_TOLERANCE = 1e-5
 """Largest cosine distance of the fp32 ONNX export from eager PyTorch on real photos."""
 INT8_TOLERANCE = 0.05
 """Largest cosine distance of the int8 model from its reference on real photos."""
+EXPLAIN_TOLERANCE = 1e-4
+"""Largest error of the exported per-location terms from PyTorch's, relative to the largest
+embedding value, on real photos."""
 EXPORT_PACKAGES = (("torch", "torch"), ("onnxscript", "onnxscript"))
 
 
@@ -124,6 +136,63 @@ def export_onnx(model: Model, target: Path) -> None:
     verify(model, ort_runner(target, threads=1), torch_runner(net), "onnx", FP32_TOLERANCE)
 
 
+def explain_files(model: Model, directory: Path) -> tuple[Path, Path]:
+    """The model's ``explain.onnx`` and ``explain.json``: its own export's, or converted once
+    per fingerprint into ``directory`` (needs torch; :class:`EngineError` when it cannot be,
+    e.g. a model outside the exact family)."""
+    if model.path is not None and (model.path / EXPLAIN_ONNX).is_file():
+        return model.path / EXPLAIN_ONNX, model.path / EXPLAIN_FACTS
+    onnx = directory / f"{model.fingerprint}.{EXPLAIN_ONNX}"
+    facts = directory / f"{model.fingerprint}.{EXPLAIN_FACTS}"
+    if not (onnx.is_file() and facts.is_file()):
+        for module, package in EXPORT_PACKAGES:
+            require("onnx", module, package)
+        export_explain(model, onnx, facts)
+    return onnx, facts
+
+
+def export_explain(model: Model, onnx_target: Path, facts_target: Path) -> None:
+    """Export the per-location terms (:class:`~.explain_net.LocationTerms`) to ONNX, check
+    them against PyTorch on real photos, and write the constant term and grid beside them."""
+    import torch
+
+    from .explain_net import LocationTerms, derive_readout
+
+    log.info("exporting the explanation terms of model %s to ONNX (once per model)", model.name)
+    net = model.torch_net().eval()
+    images = reference_images(model, VERIFY_IMAGES)
+    readout = derive_readout(net, torch.from_numpy(images[:2]))
+    module = LocationTerms(net, readout).eval()
+    size = model.facts.input_size
+    batch = torch.export.Dim("batch", min=1, max=65536)
+
+    def build(target: Path) -> None:
+        try:
+            with quiet(), torch.no_grad():
+                program = torch.onnx.export(
+                    module, (torch.zeros(2, 3, size, size),), input_names=["images"],
+                    output_names=["terms"], dynamic_shapes=({0: batch},), dynamo=True,
+                    optimize=True, verbose=False,
+                )
+                program.save(str(target))
+        except Exception as exc:  # the exporter raises many types for unsupported modules
+            raise EngineError(f"cannot export the explanation of {model.name}: {exc}") from exc
+        with torch.inference_mode():
+            expected = module(torch.from_numpy(images)).numpy()
+        got = ort_runner(target, threads=1)(images)
+        scale = float(np.abs(expected.sum(1) + readout.bias).max())
+        error = float(np.abs(got - expected).max()) / scale
+        log.info("explain.onnx of %s: largest error %.2e of the embedding scale", model.name, error)
+        if not error <= EXPLAIN_TOLERANCE:
+            raise EngineError(f"the ONNX explanation terms of {model.name} drift from PyTorch: "
+                              f"{error:.2e} > {EXPLAIN_TOLERANCE:.0e}")
+
+    _cached(onnx_target, build)
+    facts = {"grid": readout.grid, "bias": [float(v) for v in readout.bias],
+             "fingerprint": model.fingerprint}
+    atomic_write(facts_target, json.dumps(facts))
+
+
 CALIBRATION_IMAGES = 112
 """Demo photos for int8: the first VERIFY_IMAGES are held out for the check, the other 96 set
 the activation ranges (48, 96 and 184 photos gave the same drift; calibration runs ~60 ms
@@ -204,6 +273,7 @@ def export_serving_model(
             atomic_write(out / INT8_FILE, lambda target: shutil.copyfile(q8, target))
     if not int8:
         (out / INT8_FILE).unlink(missing_ok=True)
+    _export_explain_into(model, out, cache_dir)
     facts = model.facts
     serving = {
         "name": model.name,
@@ -218,6 +288,22 @@ def export_serving_model(
         calibration = _portable(model.calibration)
         atomic_write(out / CALIBRATION_FILE, json.dumps(calibration, indent=2, sort_keys=True))
     return load_serving_model(out)
+
+
+def _export_explain_into(model: Model, out: Path, cache_dir: str | Path | None) -> None:
+    """Copy the exact explanation's files into the export, so the torch-free service explains
+    exactly; a model outside the family gets none (it will explain by occlusion, and says so)."""
+    with conversion_dir(Path(cache_dir) if cache_dir else None) as directory:
+        try:
+            onnx, facts = explain_files(model, directory)
+        except EngineError as exc:
+            log.warning("no exact explanation for %s (it will use occlusion): %s", model.name, exc)
+            (out / EXPLAIN_ONNX).unlink(missing_ok=True)
+            (out / EXPLAIN_FACTS).unlink(missing_ok=True)
+            return
+        if onnx.parent != out:
+            atomic_write(out / EXPLAIN_ONNX, lambda target: shutil.copyfile(onnx, target))
+            atomic_write(out / EXPLAIN_FACTS, lambda target: shutil.copyfile(facts, target))
 
 
 def _portable(value: Any) -> Any:

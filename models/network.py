@@ -207,12 +207,22 @@ class EmbeddingNet(nn.Module):
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Standardisation, head and L2 normalisation ``(B, F) -> (B, D)``."""
+        return F.normalize(self.unnormalized(features), dim=1)
+
+    def unnormalized(self, features: torch.Tensor) -> torch.Tensor:
+        """Standardisation and head without the L2 normalisation ``(B, F) -> (B, D)``: the
+        vector whose per-location split :mod:`.explain_net` computes."""
         x = features.float()
         if self.standardize is not None:
             x = self.standardize(x)
         if self.dropout is not None:
             x = self.dropout(x)
-        return F.normalize(self.head(x), dim=1)
+        return self.head(x)
+
+    @property
+    def stages(self) -> list[list[nn.Module]]:
+        """Each trunk's stages in order (the modules :meth:`features` runs and pools)."""
+        return self._stages
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.project(self.features(images))

@@ -21,12 +21,16 @@ from typing import Any
 from .errors import BundleError, EngineError
 from .model import ModelFacts, load_calibration
 
-__all__ = ["INT8_FILE", "ONNX_FILE", "SERVING_FILE", "ServingModel", "is_serving_model",
-           "load_serving_model"]
+__all__ = ["EXPLAIN_FACTS", "EXPLAIN_ONNX", "INT8_FILE", "ONNX_FILE", "SERVING_FILE",
+           "ServingModel", "is_serving_model", "load_serving_model"]
 
 SERVING_FILE = "serving.json"
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+EXPLAIN_ONNX = "explain.onnx"
+"""Per-location embedding terms for exact explanations (see models/explain.py), when the
+model's family allows them."""
+EXPLAIN_FACTS = "explain.json"
 
 
 @dataclass(frozen=True)

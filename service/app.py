@@ -35,7 +35,7 @@ from ..models.resolve import create_embedder
 from .batching import DirectEmbedder, MicroBatcher
 from .deps import ServiceState
 from .metrics import MetricsMiddleware, ServiceMetrics
-from .routers import compare, duplicates, health, items, match, rank
+from .routers import compare, duplicates, explain, health, items, match, rank
 from .security import LimitsMiddleware
 from .settings import Settings
 
@@ -118,8 +118,7 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
         )
     for router in (
         health.router, match.router, rank.router, compare.router, items.router,
-        items.thumbnails,
-        duplicates.router,
+        items.thumbnails, duplicates.router, explain.router,
     ):
         app.include_router(router)
     _add_error_handlers(app)

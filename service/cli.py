@@ -246,6 +246,58 @@ def search(
     Console().print(table)
 
 
+@command(app, "explain")
+def explain(
+    image_a: Annotated[Path, typer.Argument(help="The query image.")],
+    image_b: Annotated[Path, typer.Argument(help="The image it is compared with.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write a side-by-side picture (PNG).")
+    ] = None,
+    pairs: Annotated[int, typer.Option(min=0, max=20, help="Region pairs to link.")] = 5,
+    model: ModelOpt = None,
+    engine: EngineOpt = DEFAULT_ENGINE,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the maps as JSON.")] = False,
+) -> None:
+    """Explain why IMAGE_A and IMAGE_B score what they do: a heat map over each (red regions
+    add to the cosine, blue ones take from it) and the strongest region pairs.
+
+    The default model's cosine splits exactly into region-to-region terms (constant +
+    query map + match map = cosine); a model whose head or pooling is not linear gets an
+    occlusion approximation, and the output says which. Example:
+
+        lookalike explain demo/tll/left/fum.jpg demo/tll/right/cbi.jpg --out pair.png
+    """
+    from ..models.explain import Explainer
+    from ..models.explain_picture import side_by_side
+
+    options = ModelOptions.from_env(model=model, engine=engine)
+    embedder = create_embedder(options)
+    explainer = Explainer(embedder, options.cache_dir)
+    preprocessor = embedder.preprocessor
+    images = [preprocessor.decode(path.read_bytes()) for path in (image_a, image_b)]
+    explanation = explainer.explain(*(preprocessor(image) for image in images))
+    if out is not None:
+        side_by_side(*images, explanation, links=pairs).save(out)
+    if as_json:
+        typer.echo(json.dumps({
+            "method": explanation.method, "engine": explanation.engine,
+            "score": explanation.score, "constant": explanation.constant,
+            "query_map": explanation.query_map.round(6).tolist(),
+            "match_map": explanation.match_map.round(6).tolist(),
+            "pairs": [p.__dict__ for p in explanation.top_pairs(pairs)],
+            "note": explanation.note,
+        }, indent=2))
+        return
+    typer.echo(f"cosine {explanation.score:.4f} ({explanation.method}, engine "
+               f"{explanation.engine}): {explanation.note}")
+    for number, pair in enumerate(explanation.top_pairs(pairs), start=1):
+        typer.echo(f"  {number}. query region (row {pair.query[0]}, col {pair.query[1]}) <-> "
+                   f"match region (row {pair.match[0]}, col {pair.match[1]}): "
+                   f"{pair.contribution:+.4f}")
+    if out is not None:
+        typer.echo(f"wrote {out}")
+
+
 def _serve(**values: Any) -> None:
     """Serve with the HTTP settings: ``values`` from the command line, the rest from
     ``LOOKALIKE_*`` variables and ``.env`` (only the service reads those)."""

@@ -15,6 +15,9 @@ class MatchOut(BaseModel):
     rank: int = Field(ge=1, description="1 for the best match.")
     metadata: dict[str, Any] = Field(default_factory=dict)
     thumbnail_url: str | None = Field(None, description="URL of a small JPEG of the image.")
+    explanation: ExplanationOut | None = Field(
+        None, description="Why it matches (POST /match with explain=true, top matches only)."
+    )
 
 
 class ModelInfo(BaseModel):
@@ -186,3 +189,47 @@ class DuplicatePage(BaseModel):
         description="Pass as `after` for the next page; null on the last page.")
     threshold: float
     calibrated: bool = Field(description="True: the threshold comes from the model's calibration.")
+
+
+class RegionPairOut(BaseModel):
+    query: tuple[int, int] = Field(description="[row, column] of the query's region.")
+    match: tuple[int, int] = Field(description="[row, column] of the match's region.")
+    contribution: float = Field(description="What this pair of regions adds to the score.")
+
+
+class ExplanationOut(BaseModel):
+    """Why two images score what they do, region by region (see models/explain.py)."""
+
+    method: str = Field(description="'exact' (the cosine split exactly) or 'occlusion' "
+                        "(an approximation, for models whose head or pooling is not linear).")
+    exact: bool
+    engine: str = Field(description="What computed it: 'torch' or 'onnx' (fp32).")
+    score: float = Field(description="The cosine that is explained.")
+    grid: int = Field(description="Maps are grid x grid regions over the centre square of "
+                      "each image (what the model sees), row-major.")
+    constant: float | None = Field(
+        None, description="Exact method: the constant term; constant + sum(query_map) + "
+        "sum(match_map) = score."
+    )
+    query_map: list[list[float]]
+    match_map: list[list[float]]
+    pairs: list[RegionPairOut] = Field(description="The strongest region pairs, strongest first.")
+    sources: dict[str, str] = Field(
+        description="Where each image came from: 'upload', or 'thumbnail' for an indexed key "
+        "(the store keeps no originals, so a key's score may differ slightly from /match's)."
+    )
+    note: str
+    query_overlay: str | None = Field(None, description="PNG heat map (data URL) to lay over "
+                                      "the query's centre square.")
+    match_overlay: str | None = None
+
+
+class ExplainResponse(BaseModel):
+    explanation: ExplanationOut
+    took_ms: float
+    model: ModelInfo
+
+
+# MatchOut names ExplanationOut, defined after it.
+MatchOut.model_rebuild()
+MatchResponse.model_rebuild()

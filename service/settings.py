@@ -141,6 +141,10 @@ class Settings(BaseSettings):
         "default model's 1% false-match point on the TLL validation pairs (0.689); other "
         "models score on other scales: calibrate with 'lookalike evaluate --write-calibration'.",
     )
+    explain_top: int = Field(
+        3, ge=1, le=20, description="Matches explained by POST /match with explain=true (each "
+        "costs about one forward pass of both images; see README 'Measured').",
+    )
 
     @property
     def max_body_bytes(self) -> int:

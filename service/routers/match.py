@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from ...index.filters import Filter
 from ...index.store import Match, UnknownKeyError
 from ..deps import StateDep, read_upload
+from ..explaining import explain_matches, stored_image
 from ..presenters import match_payload
 from ..schemas import MatchOut, MatchResponse, error_responses
 
@@ -66,6 +67,10 @@ async def match(
         float | None,
         Form(ge=-1.0, le=1.0, description="Leave out matches whose cosine is below this."),
     ] = None,
+    explain: Annotated[
+        bool, Form(description="Explain the top matches too (settings.explain_top; see "
+                   "POST /explain).")
+    ] = False,
 ) -> MatchResponse:
     started = time.perf_counter()
     settings, store = state.settings, state.store
@@ -106,6 +111,10 @@ async def match(
             raise HTTPException(404, str(exc)) from exc
         exclude.append(query_key)
         matches = await run_in_threadpool(find, vectors)
+    if explain:
+        query = ((data, "upload") if image is not None
+                 else await run_in_threadpool(stored_image, state, query_key))
+        matches = await explain_matches(state, query, matches)
     return MatchResponse(
         matches=matches,
         took_ms=round((time.perf_counter() - started) * 1000, 2),

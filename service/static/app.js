@@ -6,6 +6,7 @@ const PAGE_SIZE = 60;
 const $ = (id) => document.getElementById(id);
 let galleryOffset = 0;
 let lastQuery = null; // re-runs the last search, e.g. when k changes
+let currentQuery = null; // {file, src} or {key, src}: what a clicked match is explained against
 
 function showError(message) {
   const box = $("error");
@@ -53,7 +54,7 @@ function renderMatches(payload) {
     const li = tile(match, score);
     li.append(bar);
     li.title = `#${match.rank} ${match.key}: cosine ${match.score.toFixed(4)}`;
-    li.addEventListener("click", () => searchByKey(match.key, match.thumbnail_url));
+    li.addEventListener("click", () => explainMatch(currentQuery, match));
     list.append(li);
   }
   $("results-title").hidden = false;
@@ -89,7 +90,9 @@ function setPreview(src) {
 
 function searchFile(file) {
   if (!file) return;
-  setPreview(URL.createObjectURL(file));
+  const src = URL.createObjectURL(file);
+  setPreview(src);
+  currentQuery = { file, src };
   lastQuery = () => {
     const form = new FormData();
     form.append("image", file, file.name);
@@ -100,6 +103,7 @@ function searchFile(file) {
 
 function searchByKey(key, thumbnailUrl) {
   if (thumbnailUrl) setPreview(thumbnailUrl);
+  currentQuery = { key, src: thumbnailUrl };
   lastQuery = () => {
     const form = new FormData();
     form.append("query_key", key);

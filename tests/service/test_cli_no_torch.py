@@ -30,6 +30,10 @@ if args[0] == "app":
     settings = Settings(index=args[1], model=args[2], engine="onnx-int8", cache_dir=args[3])
     with TestClient(create_app(settings)) as client:
         ok = client.get("/ready").status_code == 200
+        if len(args) > 4:  # also explain two indexed images
+            answer = client.post("/explain", data={"key_a": args[4], "key_b": args[5]})
+            ok = ok and answer.status_code == 200
+            out.write(answer.text)
     code = 0 if ok else 1
 else:
     from lookalike.service.cli import app
@@ -98,3 +102,26 @@ def test_serving_app_imports_no_torch(
     result = probe(cache_dir, "app", str(small_store_path), str(exported), str(cache_dir))
     assert result["code"] == 0
     assert result["torch"] is False
+
+
+def test_explain_imports_no_torch(
+    exported: Path, cache_dir: Path, small_store_path: Path, small_image_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """The export carries explain.onnx: the CLI and the app explain exactly without torch."""
+    left, right = (sorted((small_image_dir / side).glob("*.jpg"))[0] for side in ("left", "right"))
+    picture = tmp_path / "pair.png"
+    result = probe(cache_dir, "explain", str(left), str(right), "--model", str(exported),
+                   "--json", "--out", str(picture))
+    assert result["code"] == 0 and result["torch"] is False
+    explanation = json.loads(str(result["out"]))
+    assert explanation["method"] == "exact" and explanation["engine"] == "onnx"
+    total = explanation["constant"] + sum(map(sum, explanation["query_map"])) + sum(
+        map(sum, explanation["match_map"]))
+    assert abs(total - explanation["score"]) < 1e-4
+    assert picture.stat().st_size > 10_000
+    result = probe(cache_dir, "app", str(small_store_path), str(exported), str(cache_dir),
+                   f"left/{left.stem}", f"right/{right.stem}")
+    assert result["code"] == 0 and result["torch"] is False
+    answer = json.loads(str(result["out"]))["explanation"]
+    assert answer["method"] == "exact" and answer["engine"] == "onnx"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -143,3 +144,44 @@ def test_page_filters_and_min_score_slider(
         expect(results).to_have_count(0)
         browser.close()
     store.close()
+
+
+def test_page_explains_a_clicked_match(
+    server: str, browser_path: str, demo_pairs: list[tuple[str, str]], artifacts: Path
+) -> None:
+    """Clicking a match shows query and match side by side with heat maps and linked region
+    pairs (a real TLL pair: a left image and its own partner); the toggle hides them."""
+    from playwright.sync_api import expect, sync_playwright
+
+    left, right = demo_pairs[0]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browser_path,
+                                             args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(server)
+        page.locator(f'#gallery .tile[data-key="left/{left}"]').click()
+        partner = page.locator(f'#results .tile[data-key="right/{right}"]')
+        expect(partner).to_have_count(1, timeout=30_000)
+        partner.click()
+        panel = page.locator("#explain")
+        # The first explanation builds the model's split (seconds, once per model).
+        expect(page.locator("#explain-score")).to_contain_text("cosine", timeout=180_000)
+        expect(page.locator("#explain-method")).to_contain_text("exact split")
+        heat = page.locator("#explain-query-heat")
+        assert heat.get_attribute("src").startswith("data:image/png;base64,")
+        expect(page.locator("#explain-links line")).to_have_count(5)
+        expect(page.locator("#explain-match-caption")).to_have_text(f"right/{right}")
+        expect(heat).to_be_visible()
+        panel.screenshot(path=str(artifacts / "explain.png"))
+
+        page.locator("#explain-toggle").uncheck()
+        expect(heat).to_be_hidden()
+        expect(page.locator("#explain-links line").first).to_be_hidden()
+        page.locator("#explain-toggle").check()
+        expect(heat).to_be_visible()
+
+        # From the panel, the match can become the next query.
+        page.locator("#explain-search").click()
+        expect(page.locator("#preview")).to_have_attribute(
+            "src", re.compile(f"/thumbnails/right/{right}$"), timeout=30_000)
+        browser.close()
