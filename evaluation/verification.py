@@ -131,10 +131,21 @@ def calibrate(
 
 
 def write_calibration(bundle: ModelBundle, calibration: Calibration) -> Path:
-    """Write ``calibration.json`` into the bundle directory (atomically); returns its path."""
+    """Write ``calibration.json`` into the bundle directory (atomically); returns its path.
+
+    Keys of an existing file that a :class:`Calibration` does not hold (e.g. another
+    threshold kept beside the verification one) are kept."""
     if bundle.path is None:
         raise EvaluationError(f"model {bundle.name} has no bundle directory to calibrate")
     if calibration.model_fingerprint != bundle.fingerprint:
         raise EvaluationError("this calibration was measured with another model")
     target = Path(bundle.path) / CALIBRATION_FILE
-    return atomic_write(target, json.dumps(calibration.to_dict(), indent=2, sort_keys=True) + "\n")
+    kept: dict[str, Any] = {}
+    if target.is_file():
+        try:
+            kept = json.loads(target.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            kept = {}  # a damaged file has nothing worth keeping
+        kept = kept if isinstance(kept, dict) else {}
+    written = {**kept, **calibration.to_dict()}
+    return atomic_write(target, json.dumps(written, indent=2, sort_keys=True) + "\n")
