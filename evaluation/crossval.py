@@ -12,7 +12,8 @@ standard error (standard deviation over folds / sqrt(K)).
 A frozen trunk's features of every image are computed once and shared by all folds (the
 :class:`~lookalike.models.feature_cache.FeatureCache` of the whole data), so a recipe's CV
 costs a few minutes of head training. Each finished fold is saved as ``fold-K.json`` with
-its out-of-fold verification scores (``fold-K.npz``); a rerun with the same settings skips
+its out-of-fold verification scores and validation vectors with their candidate sets
+(``fold-K.npz``, for re-rankers measured on the same folds); a rerun with the same settings skips
 it, so an interrupted CV resumes at the fold it stopped in.
 
 Then the recipe's model is trained on all the pairs for the same epochs (what ships: the
@@ -34,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..core.files import atomic_write
+from ..models.curves import plot_history
 from ..models.device import hardware
 from ..models.train_config import TrainConfig
 from .errors import EvaluationError
@@ -100,6 +102,20 @@ def fold_metrics(
     return metrics, positive, negative
 
 
+def _mean_history(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The folds' validation curves averaged epoch by epoch (what the bundle's training
+    curve shows: a cross-validated model has no validation of its own)."""
+    length = min(len(r["history"]) for r in records)
+    mean = []
+    for epoch in range(length):
+        entries = [r["history"][epoch] for r in records]
+        losses = [e["loss"] for e in entries if e["loss"] is not None]
+        mean.append({"epoch": epoch, "loss": float(np.mean(losses)) if losses else None,
+                     **{k: float(np.mean([e[k] for e in entries]))
+                        for k in ("top1", "top5", "mrr")}})
+    return mean
+
+
 def _summary(folds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     summary = {}
     for key in CV_METRICS:
@@ -117,8 +133,8 @@ def _fold_config(config: TrainConfig, directory: Path, fold: int) -> TrainConfig
                                feature_cache=config.feature_cache, resume=False)
 
 
-def _run_fold(config: TrainConfig, fold: int, folds: int) -> tuple[dict[str, Any], np.ndarray,
-                                                                    np.ndarray]:
+def _run_fold(config: TrainConfig, fold: int, folds: int) -> tuple[dict[str, Any],
+                                                                    dict[str, np.ndarray]]:
     from ..models.train import Trainer
 
     started = time.perf_counter()
@@ -129,18 +145,21 @@ def _run_fold(config: TrainConfig, fold: int, folds: int) -> tuple[dict[str, Any
     scores = trainer.evaluator(vectors)
     metrics, positive, negative = fold_metrics(vectors, val.queries, val.candidates,
                                                val.answers, scores)
-    history = [entry["top1"] for entry in trainer.state["history"]]
-    record = {"fold": fold + 1, **metrics, "history_top1": history,
+    history = [{k: entry[k] for k in ("epoch", "loss", "top1", "top5", "mrr")}
+               for entry in trainer.state["history"]]
+    record = {"fold": fold + 1, **metrics, "history": history,
               "train_pairs": len(trainer.train_pairs.first),
+              "images": [str(path) for path in val.images],
               "minutes": round((time.perf_counter() - started) / 60, 2)}
-    return record, positive, negative
+    arrays = {"positive": positive, "negative": negative, "vectors": vectors,
+              "queries": val.queries, "candidates": val.candidates, "answers": val.answers}
+    return record, arrays
 
 
-def _save_scores(path: Path, positive: np.ndarray, negative: np.ndarray) -> None:
+def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:  # a handle: np.savez would add ".npz" to a name
-            np.savez(handle, positive=positive.astype(np.float32),
-                     negative=negative.astype(np.float32))
+            np.savez(handle, **arrays)
 
     atomic_write(path, write)
 
@@ -187,23 +206,24 @@ def cross_validate(config: TrainConfig) -> CrossValidation:
             with np.load(scores) as arrays:
                 positive, negative = arrays["positive"], arrays["negative"]
         else:
-            record, positive, negative = _run_fold(_fold_config(config, directory, fold),
-                                                   fold, folds)
+            record, arrays = _run_fold(_fold_config(config, directory, fold), fold, folds)
             record["settings"] = settings
-            _save_scores(scores, positive, negative)
+            _save_arrays(scores, arrays)
             atomic_write(saved, json.dumps(record, indent=1))
+            positive, negative = arrays["positive"], arrays["negative"]
         records.append(record)
         positives.append(positive)
         negatives.append(negative)
         bar.set_postfix(top1=f"{np.mean([r['top1'] for r in records]):.3f}")
     bar.close()
-    length = min(len(r["history_top1"]) for r in records)
-    curve = [float(np.mean([r["history_top1"][e] for r in records])) for e in range(length)]
+    history = _mean_history(records)
+    curve = [entry["top1"] for entry in history]
     positive, negative = np.concatenate(positives), np.concatenate(negatives)
     summary = _summary(records)
     facts = {"folds": folds, "summary": summary, "mean_top1_by_epoch": curve,
              "fold_minutes": [r["minutes"] for r in records]}
     bundle = _train_final(config, facts, positive, negative)
+    plot_history(history, bundle / "training-curve.png")
     result = CrossValidation(records, summary, curve, directory, bundle, positive, negative)
     atomic_write(directory / "cv.json", json.dumps(result.to_dict(config), indent=1))
     atomic_write(directory / "cv.md", MARKDOWN_HEADER + markdown_row(

@@ -53,8 +53,9 @@ def test_every_pair_is_validated_once_and_summarised_with_its_standard_error(
         assert result.summary[key]["mean"] == pytest.approx(values.mean())
         assert result.summary[key]["se"] == pytest.approx(values.std(ddof=1) / np.sqrt(3))
     # Each fold keeps its last epoch, and its history has every epoch.
-    assert all(len(fold["history_top1"]) == 3 for fold in result.folds)
-    assert all(fold["top1"] == fold["history_top1"][-1] for fold in result.folds)
+    assert all(len(fold["history"]) == 3 for fold in result.folds)
+    assert all(fold["top1"] == fold["history"][-1]["top1"] for fold in result.folds)
+    assert result.curve[-1] == pytest.approx(result.summary["top1"]["mean"])
     saved = json.loads((config.work_dir / "cv" / "cv.json").read_text())
     assert saved["summary"] == result.summary and saved["folds"] == 3
     assert "± " in (config.work_dir / "cv" / "cv.md").read_text()
@@ -66,6 +67,7 @@ def test_the_recipe_model_trains_on_every_pair_and_is_calibrated_out_of_fold(res
     assert extra["data"]["train_pairs"] == 30 and extra["data"]["validation_sets"] == 0
     assert "validation" not in extra and "fit_on_training_pairs" in extra["training"]
     assert extra["cross_validation"]["summary"] == result.summary
+    assert (result.bundle / "training-curve.png").stat().st_size > 1000
     calibration = bundle.calibration
     assert calibration is not None and calibration["model_fingerprint"] == bundle.fingerprint
     assert calibration["measured_on"]["positives"] == 30
