@@ -130,7 +130,10 @@ def calibrate(
 
 
 def write_calibration(bundle: ModelBundle, calibration: Calibration) -> Path:
-    """Write ``calibration.json`` into the bundle directory (atomically); returns its path."""
+    """Write ``calibration.json`` into the bundle directory (atomically); returns its path.
+
+    Keys of an existing file that a :class:`Calibration` does not hold (e.g. another
+    threshold kept beside the verification one) are kept."""
     if bundle.path is None:
         raise EvaluationError(f"model {bundle.name} has no bundle directory to calibrate")
     if calibration.model_fingerprint != bundle.fingerprint:

@@ -34,6 +34,7 @@ from ..core.pairs import (
     CandidateSet,
     Pair,
     PairsError,
+    fold_pairs,
     make_candidate_sets,
     read_pairs,
     split_pairs,
@@ -74,6 +75,12 @@ class PairData:
     first_paths: dict[str, Path]
     second_paths: dict[str, Path]
     source: str
+
+    @property
+    def images(self) -> list[Path]:
+        """Every image file of the data, once each, in a fixed order: the rows of the one
+        feature cache that every split and fold of this data indexes into."""
+        return list(dict.fromkeys([*self.first_paths.values(), *self.second_paths.values()]))
 
     def summary(self) -> dict[str, object]:
         positives = sum(self.targets)
@@ -232,17 +239,27 @@ class _Groups:
 
 
 def split(
-    data: PairData, val_fraction: float = 0.2, foils: int = 19, seed: int = 0
+    data: PairData, val_fraction: float = 0.2, foils: int = 19, seed: int = 0,
+    fold: tuple[int, int] | None = None, hold_out: bool = True,
 ) -> tuple[TrainPairs, ValidationSets]:
     """Hold out ``val_fraction`` of the positive pairs (seeded) as candidate sets; train on
-    every other pair that shares no image with them."""
+    every other pair that shares no image with them. ``fold = (k, K)`` holds out fold ``k``
+    of a ``K``-fold cross-validation (:func:`~lookalike.core.pairs.fold_pairs`) instead.
+    ``hold_out=False`` trains on every pair (a cross-validated recipe's final model); its
+    candidate sets are then made of training pairs and measure the fit, not validation."""
     positives = [pair for pair, target in zip(data.pairs, data.targets, strict=True) if target]
     try:
-        _, val = split_pairs(positives, val_fraction, seed=seed)
+        if not hold_out:
+            val = positives
+        elif fold is None:
+            _, val = split_pairs(positives, val_fraction, seed=seed)
+        else:
+            _, val = fold_pairs(positives, fold[1], fold[0], seed=seed)
         sets = make_candidate_sets(val, foils, seed=seed)
     except PairsError as exc:
         raise DataError(f"cannot hold out a validation split: {exc}") from exc
-    held = {data.first_paths[a] for a, _ in val} | {data.second_paths[b] for _, b in val}
+    held = ({data.first_paths[a] for a, _ in val} | {data.second_paths[b] for _, b in val}
+            if hold_out else set())
     kept = [
         ((a, b), target)
         for (a, b), target in zip(data.pairs, data.targets, strict=True)

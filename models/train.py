@@ -91,16 +91,39 @@ def load_data(config: TrainConfig) -> PairData:
 class Trainer:
     """Train an :class:`EmbeddingNet` on look-alike pairs; see the module docstring."""
 
-    def __init__(self, config: TrainConfig, evaluator: Evaluator | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        evaluator: Evaluator | None = None,
+        fold: tuple[int, int] | None = None,
+        hold_out: bool = True,
+        facts: dict[str, Any] | None = None,
+    ) -> None:
         """``evaluator`` scores the validation images' vectors after every epoch; by
-        default the seeded candidate sets of the validation split."""
+        default the seeded candidate sets of the validation split.
+
+        ``fold = (k, K)`` validates on fold ``k`` of a ``K``-fold cross-validation instead
+        of the ``val_fraction`` split, and keeps the *last* epoch (no early stopping): a
+        cross-validated figure must not come from an epoch chosen on the fold it reports.
+        A fold is resumed whole (:mod:`lookalike.evaluation.crossval`), so it writes no
+        per-epoch checkpoint or curve: on a loaded 2-core machine those cost more than
+        the head's training steps.
+
+        ``hold_out=False`` trains on every pair for the recipe's epochs and keeps the last
+        (the final model of a cross-validated recipe, whose figures are the CV's); ``facts``
+        are recorded in the bundle's ``extra`` (e.g. those CV figures).
+        """
         config.validate()
         self.config = config
         self.device = device_for(config.device)
         self.data = load_data(config)
         self.train_pairs, self.val = split(
-            self.data, config.val_fraction, config.foils, seed=config.split_seed
+            self.data, config.val_fraction, config.foils, seed=config.split_seed, fold=fold,
+            hold_out=hold_out,
         )
+        self.keep_last = fold is not None or not hold_out
+        self.hold_out = hold_out
+        self.facts = facts or {}
         self.evaluator = evaluator or CandidateSetEvaluator(
             self.val.queries, self.val.candidates, self.val.answers
         )
@@ -157,11 +180,17 @@ class Trainer:
     def _prepare(self) -> None:
         """Cache features (frozen trunk) and fit the standardisation on training images."""
         if self.frozen:
-            self.val_features = self.cache.get(self.val.images, 1, "val")[0]
-            if not self.config.epochs and self.net.standardize is None:
-                return  # only evaluating the untrained model: no training features needed
-            images, views = self.train_pairs.images, self.config.views
-            self.train_features = self.cache.get(images, views, "train")
+            # One cache of every image of the data, so every split and cross-validation
+            # fold indexes the same features instead of computing its own.
+            evaluating_only = not self.config.epochs and self.net.standardize is None
+            views = 1 if evaluating_only else self.config.views
+            images = self.data.images
+            features = self.cache.get(images, views, "all")
+            rows = {path: row for row, path in enumerate(images)}
+            self.val_features = features[0, [rows[path] for path in self.val.images]]
+            if evaluating_only:
+                return  # the untrained model: no training features needed
+            self.train_features = features[:, [rows[path] for path in self.train_pairs.images]]
             plain = self.train_features[0].float()
         else:
             plain = self.cache.compute(self.train_pairs.images, augment=False, seed=0,
@@ -254,6 +283,10 @@ class Trainer:
         }
         atomic_write(self.work_dir / "checkpoint.pt", lambda tmp: torch.save(checkpoint, tmp))
 
+    def _checkpoint(self) -> None:
+        if not self.keep_last:
+            self.save_checkpoint()
+
     def _fixed_settings(self) -> dict[str, Any]:
         return {k: v for k, v in self.config.to_dict().items() if k not in TrainConfig.RESUMABLE}
 
@@ -286,7 +319,14 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
+        """Train, then write the kept epoch's weights as a bundle measured end to end."""
+        self.train_epochs()
+        return self._finish()
+
+    def train_epochs(self) -> None:
+        """The training loop: epochs of steps, validation and a checkpoint after each."""
         started = time.perf_counter()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
         self._prepare()
         if self.config.resume:
             self.load_checkpoint()
@@ -314,21 +354,22 @@ class Trainer:
             bar.close()
             self.state["seconds"] = seconds_before + time.perf_counter() - started
             if stopped and self.state["batch"] < len(batches):
-                self.save_checkpoint()
+                self._checkpoint()
                 break
             self.state.update(epoch=epoch, batch=0, batches=[])
             self._record(epoch, float(np.mean(losses)) if losses else None, self.validate())
-            self.save_checkpoint()
-            if self.state["stale"] >= config.patience:
+            self._checkpoint()
+            if self.state["stale"] >= config.patience and not self.keep_last:
                 break
         self.state["seconds"] = seconds_before + time.perf_counter() - started
-        return self._finish()
 
     def _record(self, epoch: int, loss: float | None, metrics: dict[str, float]) -> None:
         entry = {"epoch": epoch, "step": self.state["step"], "loss": loss,
                  "minutes": self.state["seconds"] / 60, **metrics}
         self.state["history"].append(entry)
-        if metrics["top1"] > self.state["best"]:
+        if self.keep_last:  # the weights in memory are the ones kept
+            self.state.update(best=metrics["top1"], best_epoch=epoch, stale=0)
+        elif metrics["top1"] > self.state["best"]:
             self.state.update(best=metrics["top1"], best_epoch=epoch, stale=0)
             self._save_best()
         else:
@@ -338,12 +379,13 @@ class Trainer:
             tqdm.write(f"epoch {epoch}: loss {shown}  val top1 {metrics['top1']:.3f}  "
                        f"top5 {metrics['top5']:.3f}  mrr {metrics['mrr']:.3f}")
         atomic_write(self.work_dir / "history.json", json.dumps(self.state["history"], indent=1))
-        plot_history(self.state["history"], self.work_dir / "training-curve.png")
+        if not self.keep_last:
+            plot_history(self.state["history"], self.work_dir / "training-curve.png")
 
     def _finish(self) -> TrainResult:
         """Write the best weights as a bundle, then measure it end to end and record that."""
-        best = load_file(str(self.work_dir / "best.safetensors"))
-        self.net.load_state_dict(best)
+        if not self.keep_last:
+            self.net.load_state_dict(load_file(str(self.work_dir / "best.safetensors")))
         history = self.state["history"]
         best_entry = next(h for h in history if h["epoch"] == self.state["best_epoch"])
         minutes = self.state["seconds"] / 60
@@ -353,7 +395,7 @@ class Trainer:
                 **self.data.summary(),
                 "train_pairs": len(self.train_pairs.first),
                 "train_images": len(self.train_pairs.images),
-                "validation_sets": len(self.val.sets),
+                "validation_sets": len(self.val.sets) if self.hold_out else 0,
                 "candidates_per_set": self.config.foils + 1,
             },
             "training": {
@@ -362,8 +404,17 @@ class Trainer:
                 "hardware": hardware(),
                 "validation_during_training": {k: best_entry[k] for k in ("top1", "top5", "mrr")},
             },
+            **self.facts,
         }
         out = self.config.out
+        if not self.hold_out:
+            # Nothing was held out: the sets are training pairs, a measure of fit only.
+            extra["training"]["fit_on_training_pairs"] = extra["training"].pop(
+                "validation_during_training")
+            self.net.config = dataclasses.replace(self.net.config, extra=extra)
+            fingerprint = save_bundle(self.net, out, half=self.config.fp16)
+            return TrainResult(out, fingerprint, extra["training"]["fit_on_training_pairs"],
+                               self.state["best_epoch"], self.state["step"], minutes)
         model = dataclasses.replace(self.net.config, extra=extra)
         self.net.config = model
         save_bundle(self.net, out, half=self.config.fp16)

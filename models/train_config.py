@@ -88,6 +88,11 @@ class TrainConfig:
     val_fraction: float = _opt(0.2, "Fraction of positive pairs held out for validation.")
     foils: int = _opt(19, "Wrong candidates per validation set (19 = 20-candidate sets).")
     split_seed: int = _opt(0, "Seed of the validation split and candidate sets.")
+    cv: int = _opt(0, "Cross-validate over K folds instead of one split: K models, each "
+                   "validated on one fold of the pairs (every pair once) at its last epoch; "
+                   "writes WORK_DIR/cv/cv.json and cv.md, resumable per fold; then OUT is "
+                   "trained on all pairs, calibrated on the out-of-fold scores (0: off).",
+                   "--cv", bounds=Bounds(0))
 
     backbones: list[str] = _opt(["efficientnet_lite0"], "Backbones, comma-separated; two or "
                                 "more are fused (features concatenated before the head).")

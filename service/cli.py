@@ -675,17 +675,35 @@ def _train(config: Path | None = None, **options: Any) -> None:
     Validation: the seeded split and 20-candidate sets that 'lookalike evaluate' scores;
     the best epoch by top-1 is kept. Example (the shipped default model):
     lookalike train --config models/recipes/default.toml
+
+    With --cv K it cross-validates the recipe instead (K models, every pair validated
+    once; mean and standard error over the folds): lookalike train --config R --cv 5
     """
     from ..models.train import train as run_training
 
     given = {key: value for key, value in options.items() if value is not None}
     settings = (TrainConfig.from_file(config, **given) if config
                 else TrainConfig.from_dict(given, origin="options"))
+    if settings.cv:
+        _cross_validate(settings)
+        return
     result = run_training(settings)
     metrics = result.metrics
     typer.echo(f"{result.bundle}: val top1 {metrics['top1']:.3f} top5 {metrics['top5']:.3f} "
                f"mrr {metrics['mrr']:.3f} on {metrics['n']} sets (best epoch {result.best_epoch}, "
                f"{result.steps} steps, {result.minutes:.1f} min); fingerprint {result.fingerprint}")
+
+
+def _cross_validate(settings: TrainConfig) -> None:
+    """``lookalike train --cv K``: print each metric's mean ± standard error over the folds."""
+    from ..evaluation.crossval import CV_METRICS, MARKDOWN_HEADER, cross_validate, markdown_row
+
+    result = cross_validate(settings)
+    for key in CV_METRICS:
+        typer.echo(f"{key:>10}  {result.summary[key]['mean']:.4f} ± {result.summary[key]['se']:.4f}"
+                   f"  (folds: {', '.join(f'{fold[key]:.3f}' for fold in result.folds)})")
+    typer.echo(MARKDOWN_HEADER + markdown_row(str(settings.out), result.summary, settings.epochs))
+    typer.echo(f"cv: {result.directory / 'cv.json'}; model trained on all pairs: {result.bundle}")
 
 
 def _train_signature() -> inspect.Signature:

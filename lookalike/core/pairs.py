@@ -25,6 +25,7 @@ __all__ = [
     "PairsError",
     "read_pairs",
     "split_pairs",
+    "fold_pairs",
     "Split",
     "select_split",
     "make_candidate_sets",
@@ -83,6 +84,21 @@ def split_pairs(
     random.Random(seed).shuffle(order)
     n_val = max(1, round(len(order) * val_fraction))
     return order[n_val:], order[:n_val]
+
+
+def fold_pairs(
+    pairs: Sequence[Pair], folds: int, fold: int, seed: int = 0
+) -> tuple[list[Pair], list[Pair]]:
+    """(train, validation) of fold ``fold`` of ``folds``: one seeded shuffle cut into ``folds``
+    near-equal parts, so over the folds every pair is validated on exactly once."""
+    if not 2 <= folds <= len(pairs):
+        raise PairsError(f"cross-validation needs 2 to {len(pairs)} folds, got {folds}")
+    if not 0 <= fold < folds:
+        raise PairsError(f"fold must be in [0, {folds}), got {fold}")
+    order = list(pairs)
+    random.Random(seed).shuffle(order)
+    start, stop = (fold * len(order)) // folds, ((fold + 1) * len(order)) // folds
+    return order[:start] + order[stop:], order[start:stop]
 
 
 class Split(StrEnum):

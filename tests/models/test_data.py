@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike.core.pairs import make_candidate_sets, read_pairs, split_pairs
+from lookalike.core.pairs import (
+    PairsError,
+    fold_pairs,
+    make_candidate_sets,
+    read_pairs,
+    split_pairs,
+)
 from lookalike.models.data import (
     Augment,
     DataError,
@@ -106,3 +112,21 @@ def test_augment_and_dataset_give_model_inputs(demo_dir: Path) -> None:
     assert plain.shape == augmented.shape == (3, 224, 224)
     assert not np.allclose(plain.numpy(), augmented.numpy())
     assert np.allclose(plain.numpy(), preprocessor(image), atol=1e-6), "view 0 = inference input"
+
+
+def test_cross_validation_folds_validate_every_pair_exactly_once(demo_dir: Path) -> None:
+    data = load_tll_pairs(demo_dir / "pairs.csv")
+    pairs = read_pairs(demo_dir / "pairs.csv")
+    seen: list[tuple[str, str]] = []
+    for fold in range(3):
+        train, val = split(data, foils=19, seed=4, fold=(fold, 3))
+        expected_train, expected_val = fold_pairs(pairs, 3, fold, seed=4)
+        assert val.sets == make_candidate_sets(expected_val, 19, seed=4)
+        assert len(expected_val) in (33, 34) and len(train.first) == len(expected_train)
+        assert not set(train.images) & set(val.images), "no held-out image is trained on"
+        seen += expected_val
+    assert sorted(seen) == sorted(pairs)
+    assert fold_pairs(pairs, 3, 0, seed=4) != fold_pairs(pairs, 3, 0, seed=5)
+    for folds, fold in ((1, 0), (3, 3), (101, 0)):
+        with pytest.raises(PairsError):
+            fold_pairs(pairs, folds, fold)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The cross-validated ablation of benchmarks/RESULTS.md (issue 14): the default recipe with one
+# thing changed per row, each row 5-fold cross-validated over the 1,500 shared pairs
+# ('lookalike train --cv 5': every pair validated once, mean ± standard error over the folds).
+# Rows share one feature cache of all 3,000 images, so a row that changes only the head's
+# training costs minutes. A row already done (or half done) resumes per fold.
+# Run from the repository root:  bash models/recipes/cv-ablation.sh [ROW ...]
+set -euo pipefail
+LOOKALIKE=${LOOKALIKE:-.venv/bin/lookalike}
+OUT=${OUT:-data/train/cv}
+RECIPE=models/recipes/default.toml
+
+declare -A ROWS=(
+  [default]=""
+  [epochs-30]="--epochs 30"
+  [temperature-0.05]="--temperature 0.05"
+  [faiss-hard-negatives]="--hard-negatives"
+  [dropout-0.5]="--dropout 0.5"
+)
+ORDER=(default epochs-30 temperature-0.05 faiss-hard-negatives dropout-0.5)
+
+for row in "${@:-${ORDER[@]}}"; do
+  echo "== $row" >&2
+  # shellcheck disable=SC2086
+  $LOOKALIKE train --config "$RECIPE" --cv 5 --out "$OUT/$row/model" --no-progress ${ROWS[$row]}
+  uptime >&2
+done
+
+.venv/bin/python - "$OUT" "${@:-${ORDER[@]}}" <<'PY'
+import json, sys
+from pathlib import Path
+from lookalike.evaluation.crossval import MARKDOWN_HEADER, markdown_row
+out, rows = Path(sys.argv[1]), sys.argv[2:]
+print(MARKDOWN_HEADER, end="")
+for row in rows:
+    cv = json.loads((out / row / "model.work" / "cv" / "cv.json").read_text())
+    print(markdown_row(row, cv["summary"], cv["recipe"]["epochs"]))
+PY
