@@ -121,8 +121,8 @@ def update_calibration(directory: Path, fingerprint: str, values: dict[str, Any]
             current = json.loads(file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             log.warning("replacing damaged %s", file)
-        if current.get("model_fingerprint") != fingerprint:
-            current = {}  # measured with other weights: none of it holds any more
+        if not isinstance(current, dict) or current.get("model_fingerprint") != fingerprint:
+            current = {}  # damaged, or measured with other weights: none of it holds any more
     merged = {**current, **values, "model_fingerprint": fingerprint}
     if "threshold" not in merged:
         raise BundleError(

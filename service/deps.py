@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import Depends, HTTPException, Request, UploadFile
+from fastapi import Depends, File, Form, HTTPException, Request, UploadFile
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
@@ -90,6 +90,10 @@ async def get_state(request: Request) -> ServiceState:
 
 
 StateDep = Annotated[ServiceState, Depends(get_state)]
+
+# One side of a two-image route (/compare, /explain): an upload or the key of an indexed image.
+ImageOpt = Annotated[UploadFile | None, File(description="An image (JPEG, PNG, WebP, BMP, GIF).")]
+KeyOpt = Annotated[str | None, Form(description="Or the key of an indexed image.")]
 
 
 async def read_upload(upload: UploadFile, settings: Settings) -> bytes:

@@ -33,6 +33,17 @@ def demo_pairs(demo_dir: Path) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory: pytest.TempPathFactory, demo_pairs: list[tuple[str, str]]) -> Path:
+    """A pairs CSV of 30 real demo pairs (for training: 24 train, 6 held out)."""
+    path = tmp_path_factory.mktemp("pairs-data") / "pairs.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["left", "right"])
+        writer.writerows(demo_pairs[:30])
+    return path
+
+
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("lookalike-cache")
 

@@ -8,13 +8,12 @@ one falls back to the service's ``compare_threshold`` and says so (``calibrated:
 from __future__ import annotations
 
 import time
-from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+from fastapi import APIRouter, HTTPException, UploadFile
 
 from ...evaluation.ranking import cosine_scores
-from ..deps import ServiceState, StateDep, read_upload
+from ..deps import ImageOpt, KeyOpt, ServiceState, StateDep, read_upload
 from ..schemas import CompareResponse, error_responses
 
 router = APIRouter(tags=["search"])
@@ -28,10 +27,6 @@ ERRORS = error_responses(
         422: "Not exactly one image or key per side, or an undecodable image.",
     }
 )
-
-ImageOpt = Annotated[UploadFile | None, File(description="An image (JPEG, PNG, WebP, BMP, GIF).")]
-KeyOpt = Annotated[str | None, Form(description="Or the key of an indexed image.")]
-
 
 async def _vectors(
     state: ServiceState, sides: dict[str, tuple[UploadFile | None, str | None]]

@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+from fastapi import APIRouter, Form, HTTPException
 from starlette.concurrency import run_in_threadpool
 
-from ..deps import StateDep, read_upload
+from ..deps import ImageOpt, KeyOpt, StateDep, read_upload
 from ..explaining import ExplainSource, explain_pair, stored_image
 from ..schemas import ExplainResponse, error_responses
 
@@ -29,10 +29,6 @@ ERRORS = error_responses(
         "a stored thumbnail.",
     }
 )
-
-ImageOpt = Annotated[UploadFile | None, File(description="An image (JPEG, PNG, WebP, BMP, GIF).")]
-KeyOpt = Annotated[str | None, Form(description="Or the key of an indexed image.")]
-
 
 @router.post(
     "/explain",

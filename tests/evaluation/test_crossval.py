@@ -4,7 +4,6 @@ summary is the folds' mean and standard error, a rerun resumes from the saved fo
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -16,16 +15,6 @@ from lookalike.evaluation.crossval import CV_METRICS, cross_validate
 from lookalike.models.bundle import load_bundle
 from lookalike.models.train import TrainConfig
 from lookalike.service.cli import app
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory: pytest.TempPathFactory, demo_pairs: list[tuple[str, str]]) -> Path:
-    path = tmp_path_factory.mktemp("cv-data") / "pairs.csv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["left", "right"])
-        writer.writerows(demo_pairs[:30])
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -94,7 +94,8 @@ def test_calibration_is_written_beside_the_bundle_and_loaded(own_bundle: ModelBu
 
 def test_rewriting_a_calibration_keeps_keys_it_does_not_hold(own_bundle: ModelBundle) -> None:
     file = own_bundle.path / CALIBRATION_FILE
-    file.write_text(json.dumps({"threshold": 0.5, "duplicate_threshold": 0.93}))
+    file.write_text(json.dumps({"threshold": 0.5, "duplicate_threshold": 0.93,
+                                "model_fingerprint": own_bundle.fingerprint}))
     calibration = calibrate(np.ones(3), np.zeros(300), 0.01, own_bundle, {})
     write_calibration(own_bundle, calibration)
     written = json.loads(file.read_text())

@@ -7,7 +7,6 @@ images, real FAISS; long training is not a test.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -22,17 +21,6 @@ from lookalike.models.embedder import Embedder
 from lookalike.models.resolve import resolve_model
 from lookalike.models.train import TrainConfig, TrainConfigError, Trainer, train
 from lookalike.service.cli import app
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory: pytest.TempPathFactory, demo_pairs: list[tuple[str, str]]) -> Path:
-    """30 real pairs: 24 train (3 steps of 8 per epoch) and 6 held out as 6-candidate sets."""
-    path = tmp_path_factory.mktemp("train-data") / "pairs.csv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["left", "right"])
-        writer.writerows(demo_pairs[:30])
-    return path
 
 
 @pytest.fixture(scope="module")
