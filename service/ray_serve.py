@@ -26,9 +26,9 @@ imports this module.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +134,19 @@ class ShardedStore:
 
     def __init__(self, shards: Sequence[Any]) -> None:
         self.shards = list(shards)
+        # A handle's result() refuses to block an event loop's thread; a few routes make
+        # quick store calls on the loop (as they may with the in-process store), so the
+        # fan-out always waits in a thread of its own.
+        self._waiter = ThreadPoolExecutor(4, thread_name_prefix="shards")
 
     def _all(self, method: str, *args: Any) -> list[Any]:
+        return self._waiter.submit(self._fan_out, method, *args).result()
+
+    def _one(self, number: int, method: str, *args: Any) -> Any:
+        call = getattr(self.shards[number], method)
+        return self._waiter.submit(lambda: self._result(number, call.remote(*args))).result()
+
+    def _fan_out(self, method: str, *args: Any) -> list[Any]:
         pending = [getattr(shard, method).remote(*args) for shard in self.shards]
         return [self._result(number, response) for number, response in enumerate(pending)]
 
@@ -210,13 +221,13 @@ class ShardedStore:
         """A page of items: shard after shard (not in the unsharded id order)."""
         page: list[Item] = []
         counts = self._all("count")
-        for number, (shard, count) in enumerate(zip(self.shards, counts, strict=True)):
+        for number, count in enumerate(counts):
             if len(page) >= limit:
                 break
             if offset >= count:
                 offset -= count
                 continue
-            page.extend(self._result(number, shard.page.remote(offset, limit - len(page))))
+            page.extend(self._one(number, "page", offset, limit - len(page)))
             offset = 0
         return page
 
@@ -281,8 +292,11 @@ def build_application(
     options = settings.model_options()
     fingerprint = options.resolve().fingerprint
 
+    def app_builder() -> FastAPI:  # Serve takes a builder only if it is a plain function
+        return _ingress_app(settings, len(shard_paths))
+
     @serve.deployment(name="ingress", ray_actor_options={"num_cpus": 0})
-    @serve.ingress(functools.partial(_ingress_app, settings, len(shard_paths)))
+    @serve.ingress(app_builder)
     class Ingress:
         def __init__(self, *deployments: Any) -> None:
             """Takes the handles only so that the graph deploys them."""
