@@ -206,7 +206,11 @@ def ray_session(options: RayOptions) -> Iterator[None]:
 
 
 def _pool(options: RayOptions) -> tuple[int, float, float]:
-    """(actors, CPUs per actor, GPUs per actor) for the cluster Ray is connected to."""
+    """(actors, CPUs per actor, GPUs per actor) for the cluster Ray is connected to.
+
+    With GPUs each actor reserves one, so that actors spread one per GPU; the engines of
+    :mod:`lookalike.models.engines` run on the CPU today, so a GPU speeds nothing up until a
+    CUDA engine is registered there."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if gpus:
