@@ -12,17 +12,19 @@ model) start without loading torch. Offline commands read a
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import json
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from ..core.errors import LookalikeError
+from ..core.errors import LookalikeError, MissingExtraError
 from ..core.pairs import Split, make_candidate_sets, read_pairs, select_split
 from ..models.engines import DEFAULT_ENGINE, ENGINES
 from ..models.resolve import ModelOptions, create_embedder
@@ -94,6 +96,19 @@ IndexOpt = Annotated[
 ]
 
 
+def _ray_module(name: str) -> ModuleType:
+    """Import one of lookalike's Ray modules (``.ray_serve``, ``..index.ray_build``), or say
+    how to get Ray: it is an optional extra."""
+    try:
+        return importlib.import_module(name, __package__)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in ("ray", "pyarrow", "pandas"):
+            raise
+        raise MissingExtraError(
+            f"--ray needs Ray ({exc.name} is not installed): pip install 'lookalike[ray]'"
+        ) from exc
+
+
 def _embedder(model: str | None, engine: str) -> Embedder:
     return create_embedder(ModelOptions.from_env(model=model, engine=engine))
 
@@ -161,11 +176,10 @@ def index_build(
 
     images = discover_images(source)  # a bad source fails before the model loads
     if ray:
-        from ..index.ray_build import RayOptions, build_index_on_ray
-
-        report = build_index_on_ray(
+        ray_build = _ray_module("..index.ray_build")
+        report = ray_build.build_index_on_ray(
             images, out, ModelOptions.from_env(model=model, engine=engine),
-            RayOptions(address=address, actors=actors, shard_size=shard_size),
+            ray_build.RayOptions(address=address, actors=actors, shard_size=shard_size),
             batch_size=batch_size, factory=factory, pca_dim=pca, thumbnails=thumbnails,
             prune=prune,
         )
@@ -298,11 +312,12 @@ def serve(
     if not ray:
         _serve(index=index, model=model, engine=engine, host=host, port=port)
         return
-    from .ray_serve import run_ray
     from .settings import Settings
 
-    run_ray(Settings(index=index, model=model, engine=engine, host=host, port=port),
-            shards, replicas, embed_replicas, address)
+    _ray_module(".ray_serve").run_ray(
+        Settings(index=index, model=model, engine=engine, host=host, port=port),
+        shards, replicas, embed_replicas, address,
+    )
 
 
 @command(app, "demo")
