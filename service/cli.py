@@ -148,10 +148,10 @@ def index_build(
         bool,
         typer.Option(
             "--ray",
-            help="Embed on Ray (needs 'lookalike[ray]'): shards of --shard-size images go to "
-            "an actor pool, one model per actor; finished shards are kept on disk, so an "
-            "interrupted build resumes without redoing them. SOURCE may also be a Parquet "
-            "file with a 'path' column.",
+            help="Embed on Ray (needs the extra: pip install 'lookalike\\[ray]'): shards "
+            "of --shard-size images go to an actor pool, one model per actor; finished "
+            "shards are kept on disk, so an interrupted build resumes without redoing them. "
+            "SOURCE may also be a Parquet file with a 'path' column.",
         ),
     ] = False,
     address: Annotated[
@@ -290,9 +290,10 @@ def serve(
         bool,
         typer.Option(
             "--ray",
-            help="Serve on Ray Serve (needs 'lookalike[ray]'): the index split into --shards "
-            "shard deployments of --replicas replicas each, every query sent to all shards "
-            "and merged by score, the model in a deployment of its own. Read-only.",
+            help="Serve on Ray Serve (needs the extra: pip install 'lookalike\\[ray]'): the "
+            "index split into --shards shard deployments of --replicas replicas each, every "
+            "query sent to all shards and merged by score, the model in a deployment of its "
+            "own. Read-only.",
         ),
     ] = False,
     shards: Annotated[int, typer.Option(min=1, help="With --ray: index shards.")] = 2,
