@@ -15,7 +15,7 @@ import numpy as np
 from .liveness import AliveBitmap
 from .vectors import VectorFile
 
-__all__ = ["BLOCK_ROWS", "exact_search", "merge_top", "rescore"]
+__all__ = ["BLOCK_ROWS", "exact_search", "exact_search_ids", "merge_top", "rescore"]
 
 #: Rows scanned per ``faiss.knn`` call: large enough for BLAS, small enough to stay in cache
 #: for float16 conversion.
@@ -73,6 +73,30 @@ def exact_search(
             ids = np.where(live[rows], ids, -1)
         found_scores.append(scores)
         found_ids.append(ids)
+    return merge_top(found_scores, found_ids, k)
+
+
+def exact_search_ids(
+    vectors: VectorFile,
+    queries: np.ndarray,
+    ids: np.ndarray,
+    k: int,
+    array: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` among the given ``ids`` (a filter's selection): only their rows are
+    read, so a selective filter costs what it selects, not what the store holds."""
+    source = vectors.array if array is None else array
+    nq = len(queries)
+    found_scores = [np.full((nq, 0), -np.inf, np.float32)]
+    found_ids = [np.full((nq, 0), -1, np.int64)]
+    for block_start in range(0, len(ids), BLOCK_ROWS):
+        chunk = np.asarray(ids[block_start : block_start + BLOCK_ROWS], np.int64)
+        rows = np.ascontiguousarray(source[chunk], dtype=np.float32)
+        scores, positions = faiss.knn(
+            queries, rows, min(k, len(chunk)), metric=faiss.METRIC_INNER_PRODUCT
+        )
+        found_scores.append(scores)
+        found_ids.append(np.where(positions >= 0, chunk[positions], -1))
     return merge_top(found_scores, found_ids, k)
 
 

@@ -41,6 +41,18 @@ class AliveBitmap:
         bigger.count = self.count
         return bigger
 
+    def subset(self, ids: np.ndarray) -> AliveBitmap:
+        """A new bitmap of the live ids among ``ids`` (a filter's selection), for FAISS's
+        selector and the exact scan; this one is not changed."""
+        ids = np.asarray(ids, dtype=np.int64)
+        mask = np.zeros(8 * len(self.bits), bool)
+        mask[ids[(ids >= 0) & (ids < len(mask))]] = True
+        subset = AliveBitmap(0)
+        subset.bits = np.packbits(mask, bitorder="little") & self.bits
+        subset.selector = faiss.IDSelectorBitmap(len(subset.bits), faiss.swig_ptr(subset.bits))
+        subset.count = int(np.bitwise_count(subset.bits).sum())
+        return subset
+
     def set(self, ids: np.ndarray) -> None:
         ids = np.asarray(ids, dtype=np.int64)
         before = self.contains(ids)

@@ -37,7 +37,8 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,8 @@ from lookalike.core.files import atomic_write, file_sha256
 from lookalike.core.metadata import check_metadata
 
 from .database import connect, has_vector_column, migrate_vectors_out
-from .exact import exact_search, merge_top, rescore
+from .exact import exact_search, exact_search_ids, merge_top, rescore
+from .filters import Filter
 from .generations import (
     MERGE_CHUNK,
     Generation,
@@ -63,6 +65,8 @@ from .tuning import (
     AUTO,
     DEFAULT_MEMORY_BUDGET,
     DEFAULT_TARGET_RECALL,
+    FILTER_EXACT_MAX,
+    FILTER_INDEX_MIN_FRACTION,
     FLAT_MAX_WORK,
     RERANK_FACTOR,
     TuneReport,
@@ -89,12 +93,14 @@ FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 DATABASE = "items.sqlite"
 #: Rows waiting outside the index before the background thread merges them.
-MERGE_MIN_ROWS = 1024
+MERGE_MIN_ROWS = 256
 #: Share of an HNSW index that may be tombstones before it is rebuilt without them.
 REBUILD_DEAD_FRACTION = 0.2
 #: Queries used to measure recall when a generation is tuned.
 TUNE_SAMPLE = 200
 MAINTENANCE_INTERVAL_S = 2.0
+#: Selected ids kept for repeated filters, all filters together (8 bytes each).
+FILTER_CACHE_IDS = 4_000_000
 #: FAISS threads of the background thread: one, so merges and rebuilds leave the other core
 #: to searches (OpenMP thread counts are per calling thread; ``save`` and ``maintain`` run in
 #: the caller's thread with the caller's setting).
@@ -189,6 +195,8 @@ class IndexStore:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
+        self._filter_cache: OrderedDict[Filter, tuple[int, np.ndarray]] = OrderedDict()
+        self._filter_lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         if background:
@@ -525,27 +533,64 @@ class IndexStore:
         return np.asarray(view.array[ids], np.float32).reshape(len(keys), self.dim)
 
     def search(
-        self, queries: np.ndarray, k: int = 10, exclude: Iterable[str] = ()
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        exclude: Iterable[str] = (),
+        *,
+        where: Filter | Mapping[str, Any] | str | None = None,
+        min_score: float | None = None,
     ) -> list[list[Match]]:
-        """Top-``k`` live items for each query ``(Q, dim)``, scored exactly by cosine."""
+        """Top-``k`` live items for each query ``(Q, dim)``, scored exactly by cosine.
+
+        ``where`` (a :class:`~.filters.Filter` or its JSON form) keeps only the items it
+        matches, and the search still returns ``k`` of them when ``k`` exist: the ids come
+        from SQLite first, then a selective filter is searched exactly over its vectors and a
+        broad one through the index with an id selector. ``min_score`` drops matches scoring
+        below it (so fewer than ``k`` may come back).
+        """
         queries = normalize_rows(queries)
         self._check_dim(queries)
+        spec = Filter.parse(where)
+        if min_score is not None and not -1.0 <= min_score <= 1.0:
+            raise StoreInputError(f"min_score is a cosine between -1 and 1, got {min_score}")
         view = self._view
         if k <= 0 or view.alive.count == 0:
             return [[] for _ in queries]
         excluded = set(self._ids_of(list(exclude), self._reader()).values())
-        want = k + len(excluded) + 2  # +2: room for an id removed while this search runs
-        for _ in range(3):  # an HNSW walk through tombstones, or a race, can fall short
-            results = self._search_keys(queries, want, k, excluded, view)
-            if all(len(r) >= min(k, len(self) - len(excluded)) for r in results):
-                break
-            view, want = self._view, want * 4
+        if spec:
+            results = self._filtered_search(queries, k, excluded, spec, view)
+        else:
+            want = k + len(excluded) + 2  # +2: room for an id removed while this search runs
+            for _ in range(3):  # an HNSW walk through tombstones, or a race, can fall short
+                results = self._keyed(*self._search_ids(queries, want, view), k, excluded)
+                if all(len(r) >= min(k, len(self) - len(excluded)) for r in results):
+                    break
+                view, want = self._view, want * 4
+        if min_score is not None:
+            results = [[m for m in row if m.score >= min_score] for row in results]
         return results
 
-    def _search_keys(
-        self, queries: np.ndarray, want: int, k: int, excluded: set[int], view: _View
+    def matching(self, keys: Sequence[str], where: Filter | Mapping[str, Any] | str | None
+                 ) -> list[str]:
+        """The ``keys`` (in their order) whose items pass ``where``; unknown keys raise."""
+        spec = Filter.parse(where)
+        found = self._ids_of(keys, self._reader())
+        missing = [key for key in keys if key not in found]
+        if missing:
+            raise UnknownKeyError(missing)
+        if not spec:
+            return list(keys)
+        condition, params = spec.sql()
+        passed = {key for (key,) in _select_in(
+            self._reader(), f"SELECT key FROM items WHERE ({condition}) AND key IN",
+            list(keys), params)}
+        return [key for key in keys if key in passed]
+
+    def _keyed(
+        self, scores: np.ndarray, ids: np.ndarray, k: int, excluded: set[int]
     ) -> list[list[Match]]:
-        scores, ids = self._search_ids(queries, want, view)
+        """The first ``k`` ids of each row that still have a key and are not excluded."""
         names = self._keys_of(np.unique(ids[ids >= 0]))
         results = []
         for row_scores, row_ids in zip(scores, ids, strict=True):
@@ -556,6 +601,53 @@ class IndexStore:
             results.append(_matches([key for key, _ in chosen],
                                     np.array([s for _, s in chosen], np.float32)))
         return results
+
+    def _filtered_search(
+        self, queries: np.ndarray, k: int, excluded: set[int], spec: Filter, view: _View
+    ) -> list[list[Match]]:
+        """Top-``k`` among the live ids ``spec`` selects (less ``excluded``), never fewer than
+        ``k`` when ``k`` of them exist."""
+        ids = self._selected(spec, view)
+        if excluded:
+            ids = ids[~np.isin(ids, np.fromiter(excluded, np.int64))]
+        if not len(ids):
+            return [[] for _ in queries]
+        fraction = len(ids) / max(1, view.alive.count)
+        if len(ids) > FILTER_EXACT_MAX and fraction >= FILTER_INDEX_MIN_FRACTION:
+            # ids are live and unique: as many as the live set means they are the live set
+            allowed = view.alive if len(ids) == view.alive.count else view.alive.subset(ids)
+            scores, found = self._search_ids(
+                queries, k + 2, view, _widened(view.generation, fraction), allowed=allowed)
+            results = self._keyed(scores, found, k, excluded)
+            if all(len(r) >= min(k, len(ids)) for r in results):
+                return results
+        scores, found = exact_search_ids(self._vectors, queries, ids, k + 2, view.array)
+        return self._keyed(scores, found, k, excluded)
+
+    def _selected(self, spec: Filter, view: _View) -> np.ndarray:
+        """The live ids below ``view.next_id`` that ``spec`` selects, sorted.
+
+        Ids never change their item (a replaced key gets a new id), so the ids a filter
+        selected below some ``next_id`` stay right: later calls ask SQLite only about the
+        ids added since, and removals are masked by the live bitmap.
+        """
+        with self._filter_lock:
+            upto, ids = self._filter_cache.pop(spec, (0, np.zeros(0, np.int64)))
+        if upto < view.next_id:
+            condition, params = spec.sql()
+            new = np.fromiter(
+                (i for (i,) in self._reader().execute(
+                    f"SELECT id FROM items WHERE id >= ? AND id < ? AND ({condition}) "
+                    "ORDER BY id", [upto, view.next_id, *params])),
+                np.int64)
+            ids, upto = np.concatenate([ids, new]), view.next_id
+        with self._filter_lock:
+            self._filter_cache[spec] = (upto, ids)
+            while (len(self._filter_cache) > 1 and sum(
+                    len(v[1]) for v in self._filter_cache.values()) > FILTER_CACHE_IDS):
+                self._filter_cache.popitem(last=False)
+        ids = ids[: np.searchsorted(ids, view.next_id)]
+        return ids[view.alive.contains(ids)]
 
     def rank(self, query: np.ndarray, candidates: Sequence[str]) -> list[Match]:
         """All ``candidates`` sorted by exact cosine to ``query`` ``(dim,)``."""
@@ -571,9 +663,11 @@ class IndexStore:
     def _search_ids(
         self, queries: np.ndarray, want: int, view: _View, knobs: dict[str, int] | None = None,
         generation: Generation | None = None, end: int | None = None,
+        allowed: AliveBitmap | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Exactly scored top-``want`` live ids: the generation's re-ranked shortlist for the
-        ids it covers, an exact scan for the rows after them."""
+        """Exactly scored top-``want`` live ids (among ``allowed``, a subset of the live ids,
+        when given): the generation's re-ranked shortlist for the ids it covers, an exact
+        scan for the rows after them."""
         generation = generation if generation is not None else view.generation
         found_scores, found_ids = [], []
         covered = 0
@@ -582,16 +676,20 @@ class IndexStore:
             with generation.lock.read():
                 covered = generation.covered
                 shortlist = generation.search(
-                    queries, want * RERANK_FACTOR, view.alive, {**(knobs or {}), **fixed}
+                    queries, want * RERANK_FACTOR, allowed or view.alive,
+                    {**(knobs or {}), **fixed}
                 )
             view = self._view  # at least as new as the rows the generation covered
-            shortlist = np.where(view.alive.contains(shortlist), shortlist, -1)
+            keep = view.alive.contains(shortlist)
+            if allowed is not None:
+                keep &= allowed.contains(shortlist)
+            shortlist = np.where(keep, shortlist, -1)
             found_scores.append(rescore(self._vectors, queries, shortlist, view.array))
             found_ids.append(shortlist)
         end = view.next_id if end is None else end
         if covered < end:
             scores, ids = exact_search(
-                self._vectors, view.alive, queries, want, covered, end, view.array
+                self._vectors, allowed or view.alive, queries, want, covered, end, view.array
             )
             found_scores.append(scores)
             found_ids.append(ids)
@@ -915,12 +1013,30 @@ def _load_generation(
     )
 
 
-def _select_in(connection: sqlite3.Connection, select: str, values: list[Any]) -> Iterator[Any]:
+def _select_in(
+    connection: sqlite3.Connection, select: str, values: list[Any], before: Sequence[Any] = ()
+) -> Iterator[Any]:
     """The rows of ``select (values...)``, 500 values a query (under SQLite's limit on bound
-    parameters)."""
+    parameters); ``before`` binds the placeholders ``select`` itself holds."""
     for start in range(0, len(values), 500):
         chunk = values[start : start + 500]
-        yield from connection.execute(f"{select} ({','.join('?' * len(chunk))})", chunk)
+        yield from connection.execute(f"{select} ({','.join('?' * len(chunk))})",
+                                      [*before, *chunk])
+
+
+def _widened(generation: Generation | None, fraction: float) -> dict[str, int]:
+    """Knobs for a search where only ``fraction`` of the ids pass a filter: ``nprobe`` or
+    ``efSearch`` grown by ``1 / fraction``, so about as many passing candidates are seen as
+    an unfiltered search sees."""
+    if generation is None or fraction >= 1:
+        return {}
+    widened = {}
+    for name, value in generation.params.items():
+        grown = int(np.ceil(value / max(fraction, 1e-6)))
+        if name == "nprobe":
+            grown = min(grown, faiss.extract_index_ivf(generation.index).nlist)
+        widened[name] = min(grown, 4096)
+    return widened
 
 
 def _maintenance_loop(ref: weakref.ref[IndexStore], wake: threading.Event) -> None:

@@ -26,6 +26,8 @@ import numpy as np
 __all__ = [
     "AUTO",
     "DEFAULT_TARGET_RECALL",
+    "FILTER_EXACT_MAX",
+    "FILTER_INDEX_MIN_FRACTION",
     "FLAT_MAX_WORK",
     "TuneReport",
     "choose_factory",
@@ -42,6 +44,15 @@ FLAT_MAX_WORK = 1 << 24
 #: Memory the codes of an automatically chosen index may take (SQ8 is ``dim`` bytes a vector).
 DEFAULT_MEMORY_BUDGET = 8 << 30
 RERANK_FACTOR = 4
+#: A filtered search scans exactly the vectors its filter selects when they are at most
+#: ``FILTER_EXACT_MAX`` or less than ``FILTER_INDEX_MIN_FRACTION`` of the store; otherwise the
+#: index searches with an id selector and ``nprobe``/``efSearch`` grown by 1 / fraction (and
+#: the exact scan still runs when that finds fewer than ``k``). Measured by
+#: ``benchmarks/filters.py`` at 100k (RESULTS.md, issue 13): the exact scan costs about its
+#: share of a full scan and always has recall 1; the selector path is flat in time but its
+#: recall@10 fell to 0.76-0.91 at 2-10% selectivity and was 0.998 at 20%.
+FILTER_EXACT_MAX = 20_000
+FILTER_INDEX_MIN_FRACTION = 0.2
 
 
 def choose_factory(count: int, dim: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> str:

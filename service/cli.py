@@ -245,18 +245,47 @@ def search(
     model: ModelOpt = None,
     engine: EngineOpt = DEFAULT_ENGINE,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    where: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--where", "-w", metavar="FIELD=VALUE",
+            help="Only items whose metadata pass; repeat to AND them: album=holiday, "
+            "'year>=2020' (also >, <, <=), 'album in holiday,work', 'added>=2026-11-25' or "
+            "'added>=-7d' (added in the last week). Values read as JSON when they can: "
+            "year=2020 is a number, year='\"2020\"' the text.",
+        ),
+    ] = None,
+    min_score: Annotated[
+        float | None,
+        typer.Option(min=-1.0, max=1.0, help="Leave out matches whose cosine is below this."),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(metavar="KEY", help="Leave out this key (repeatable).")
+    ] = None,
 ) -> None:
-    """Find the indexed images that look most like IMAGE."""
+    """Find the indexed images that look most like IMAGE.
+
+    Examples:
+
+      lookalike search q.jpg -k 5 --where album=holiday --where 'year>=2020'
+
+      lookalike search q.jpg --where 'added>=-7d' --min-score 0.6 --json
+    """
     from rich.console import Console
     from rich.table import Table
 
+    from ..index.filters import Filter
     from ..index.store import IndexStore
 
+    spec = Filter.from_expressions(where or [])  # a bad --where fails before the model loads
     embedder = _embedder(model, engine)
     store = IndexStore.open(index, model_fingerprint=embedder.fingerprint)
     vector = embedder.embed_bytes(image.read_bytes())
-    (matches,) = store.search(vector[None], k)
-    store.close()
+    try:
+        (matches,) = store.search(vector[None], k, exclude or (), where=spec,
+                                  min_score=min_score)
+    finally:
+        store.close()
     if as_json:
         typer.echo(json.dumps([m.__dict__ for m in matches], indent=2))
         return

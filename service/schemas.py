@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..index.filters import Filter
 
 
 class MatchOut(BaseModel):
@@ -93,6 +95,21 @@ class RankQuery(BaseModel):
     query: Key | ImageRef
     candidates: list[Key | ImageRef] = Field(min_length=1)
     k: int | None = Field(None, ge=1, description="Return only the k best candidates.")
+    where: dict[str, Any] | None = Field(
+        None,
+        description='Metadata filter on the indexed candidates, as in /match: {"album": "a"}, '
+        '{"year": {"gte": 2020}}, {"added": {"gte": "-7d"}}. Candidates it does not keep (an '
+        "upload has no metadata) are left out before scoring and assignment.",
+    )
+    min_score: float | None = Field(
+        None, ge=-1.0, le=1.0, description="Leave out candidates whose cosine is below this."
+    )
+
+    @field_validator("where")
+    @classmethod
+    def _valid_filter(cls, where: dict[str, Any] | None) -> dict[str, Any] | None:
+        Filter.parse(where)  # a FilterError (a ValueError) becomes a 422 that names the field
+        return where
 
 
 class RankRequest(BaseModel):

@@ -9,6 +9,7 @@ import numpy as np
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from ...index.filters import Filter
 from ...index.store import Match, UnknownKeyError
 from ..deps import StateDep, read_upload
 from ..presenters import match_payload
@@ -22,7 +23,8 @@ ERRORS = error_responses(
         404: "Unknown query_key.",
         413: "Upload or image too large.",
         415: "Not an image in a supported format.",
-        422: "Bad parameters, unknown candidate keys or an undecodable image.",
+        422: "Bad parameters (a bad filter or min_score too), unknown candidate keys or an "
+        "undecodable image.",
     }
 )
 
@@ -52,6 +54,18 @@ async def match(
     exclude: Annotated[
         list[str] | None, Form(description="Keys to leave out of the results.")
     ] = None,
+    where: Annotated[
+        str | None,
+        Form(description='Metadata filter as JSON, all conditions must hold: '
+             '{"album": "holiday"} (equality), {"album": {"in": ["a", "b"]}}, '
+             '{"year": {"gte": 2020, "lt": 2024}} (gt, gte, lt, lte on numbers), '
+             '{"added": {"gte": "2026-11-25"}} or {"added": {"gte": "-7d"}} (when the '
+             "image was added). Still returns k matches when k items pass."),
+    ] = None,
+    min_score: Annotated[
+        float | None,
+        Form(ge=-1.0, le=1.0, description="Leave out matches whose cosine is below this."),
+    ] = None,
 ) -> MatchResponse:
     started = time.perf_counter()
     settings, store = state.settings, state.store
@@ -65,16 +79,19 @@ async def match(
             422, f"{len(candidates)} candidates; the limit is {settings.max_candidates}"
         )
     exclude = list(exclude or [])
+    spec = Filter.parse(where)  # a bad filter is refused before any model work
 
     def find(vectors: np.ndarray) -> list[MatchOut]:
         """The matches of one query vector ``(1, D)``; runs off the event loop."""
         if not candidates:
-            return match_payload(store, store.search(vectors, k, exclude)[0])
+            found = store.search(vectors, k, exclude, where=spec, min_score=min_score)
+            return match_payload(store, found[0])
         try:
-            ranked = store.rank(vectors[0], candidates)
+            ranked = store.rank(vectors[0], store.matching(candidates, spec))
         except UnknownKeyError as exc:
             raise HTTPException(422, f"candidates: {exc}") from exc
-        kept = [m for m in ranked if m.key not in exclude][:k]
+        kept = [m for m in ranked if m.key not in exclude
+                and (min_score is None or m.score >= min_score)][:k]
         matches = [Match(m.key, m.score, rank) for rank, m in enumerate(kept, start=1)]
         return match_payload(store, matches)
 

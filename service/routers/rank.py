@@ -31,6 +31,7 @@ from ..deps import ServiceState, StateDep, read_upload
 from ..schemas import (
     ImageRef,
     RankedCandidate,
+    RankQuery,
     RankRequest,
     RankResponse,
     RankResult,
@@ -196,7 +197,7 @@ async def rank(request: Request, state: StateDep) -> Response:
     return await run_in_threadpool(_answer, state, spec, queries, by_key, by_upload, started)
 
 
-Queries = list[tuple[ImageRef, list[ImageRef]]]
+Queries = list[tuple[ImageRef, list[ImageRef], list[int]]]
 
 
 def _checked_spec(
@@ -209,7 +210,23 @@ def _checked_spec(
     refs = [ref for query, candidates in queries for ref in (query, *candidates)]
     _check(spec, refs, uploads, state.settings)
     keys = list(dict.fromkeys(ref.key for ref in refs if ref.key is not None))
-    return spec, queries, dict(zip(keys, state.store.vectors(keys), strict=True))
+    by_key = dict(zip(keys, state.store.vectors(keys), strict=True))
+    return spec, [_filtered(state, q, query) for q, query in zip(spec.queries, queries,
+                                                               strict=True)], by_key
+
+
+def _filtered(
+    state: ServiceState, request_query: RankQuery, query: tuple[ImageRef, list[ImageRef]]
+) -> tuple[ImageRef, list[ImageRef], list[int]]:
+    """The query, the candidates its ``where`` keeps (an upload has no metadata, so a filter
+    never keeps it) and their positions in the request's list."""
+    ref, candidates = query
+    if not request_query.where:
+        return ref, candidates, list(range(len(candidates)))
+    keys = [c.key for c in candidates if c.key is not None]
+    passed = set(state.store.matching(keys, request_query.where))
+    positions = [i for i, c in enumerate(candidates) if c.key in passed]
+    return ref, [candidates[i] for i in positions], positions
 
 
 def _answer(
@@ -227,9 +244,10 @@ def _answer(
 
     scores = [
         cosine_scores(vector(query), np.stack([vector(c) for c in candidates]))
-        for query, candidates in queries
+        if candidates else np.zeros(0, np.float32)
+        for query, candidates, _ in queries
     ]
-    identities = [[(c.key, c.upload) for c in candidates] for _, candidates in queries]
+    identities = [[(c.key, c.upload) for c in candidates] for _, candidates, _ in queries]
     try:
         chosen = assign(identities, scores) if spec.assign else [-1] * len(scores)
     except AssignmentUnavailableError as exc:
@@ -237,18 +255,19 @@ def _answer(
     except EvaluationError as exc:
         raise HTTPException(422, str(exc)) from exc
     results = []
-    for request_query, (query, candidates), row, pick in zip(
+    for request_query, (query, candidates, positions), row, pick in zip(
         spec.queries, queries, scores, chosen, strict=True
     ):
-        order = list(ranked_order(row))
-        if pick >= 0:
+        floor = request_query.min_score
+        order = [i for i in ranked_order(row) if floor is None or row[i] >= floor]
+        if pick >= 0 and pick in order:
             order.remove(pick)
             order.insert(0, pick)
         ranked = [
             RankedCandidate(
                 key=candidates[i].key,
                 upload=candidates[i].upload,
-                position=int(i),
+                position=positions[i],
                 score=float(row[i]),
                 rank=rank,
                 assigned=bool(i == pick),

@@ -64,6 +64,7 @@ function renderMatches(payload) {
 async function match(form) {
   showError("");
   form.append("k", $("k").value);
+  appendFilters(form); // filters.js
   $("timing").textContent = "searching…";
   const response = await fetch("/match", { method: "POST", body: form });
   $("timing").textContent = "";
@@ -113,6 +114,7 @@ async function loadGallery() {
     const li = tile(item);
     li.addEventListener("click", () => searchByKey(item.key, item.thumbnail_url));
     $("gallery").append(li);
+    noteFields(item.metadata); // filters.js
   }
   galleryOffset += page.items.length;
   $("count").textContent = `(${page.total} images)`;
@@ -153,4 +155,5 @@ function wireDropzone() {
 wireDropzone();
 $("more").addEventListener("click", loadGallery);
 $("k").addEventListener("change", () => lastQuery && lastQuery());
+wireFilters(() => lastQuery && lastQuery()); // filters.js
 loadStatus();

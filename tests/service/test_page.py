@@ -8,6 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from lookalike.index.store import IndexStore
+from lookalike.models.embedder import Embedder
+from lookalike.service.app import create_app
+from lookalike.service.deps import ServiceState
+from lookalike.service.settings import Settings
+
+from .conftest import serve_in_thread
+
 pytestmark = pytest.mark.browser
 
 CHROMIUM = next(
@@ -79,3 +87,59 @@ def test_page_search_by_click_upload_and_error(
         expect(page.locator("#error")).to_contain_text("supported format", timeout=15_000)
         expect(results).to_have_count(0)
         browser.close()
+
+
+def test_page_filters_and_min_score_slider(
+    settings: Settings, embedder: Embedder, browser_path: str, artifacts: Path
+) -> None:
+    """The filter row and the minimum-score slider narrow the matches, and a bad filter shows
+    the server's reason."""
+    from playwright.sync_api import expect, sync_playwright
+
+    store = IndexStore.open(settings.index, model_fingerprint=embedder.fingerprint)
+    right = [key for key in store.keys() if key.startswith("right/")]
+    store.add(right, store.vectors(right), replace=True,
+              thumbnails=[store.thumbnail(key) for key in right],
+              metadata=[{"side": "right", "n": i} for i in range(len(right))])
+    app = create_app(settings, ServiceState(settings, embedder, store))
+    with serve_in_thread(app, settings) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browser_path,
+                                             args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(url)
+        gallery = page.locator("#gallery .tile")
+        expect(gallery).to_have_count(24, timeout=15_000)
+        expect(page.locator("#filter-fields option")).to_have_count(2)  # side, n
+        results = page.locator("#results .tile")
+
+        def keys() -> list[str]:
+            return results.evaluate_all("tiles => tiles.map(t => t.dataset.key)")
+
+        page.fill("#filter-field", "side")
+        page.fill("#filter-value", "right")
+        page.locator("#gallery .tile[data-key^='left/']").first.click()
+        expect(results).to_have_count(10, timeout=15_000)
+        assert all(key.startswith("right/") for key in keys())
+
+        page.fill("#filter-field", "n")
+        page.select_option("#filter-op", "gte")
+        page.fill("#filter-value", "6")
+        page.locator("#filter-value").dispatch_event("change")
+        expect(results).to_have_count(6, timeout=15_000)
+        assert set(keys()) == set(right[6:])
+
+        scores = [float(s) for s in page.locator("#results .score").all_inner_texts()]
+        floor = round((scores[1] + scores[2]) / 2, 2)  # the slider's step is 0.01
+        assert scores[2] < floor < scores[1]  # so exactly two matches stay
+        page.locator("#min-score").fill(f"{floor:.2f}")
+        expect(page.locator("#min-score-value")).to_have_text(f"{floor:.2f}")
+        expect(results).to_have_count(2, timeout=15_000)
+        assert set(keys()) < set(right[6:])
+        page.screenshot(path=str(artifacts / "page-filters.png"), full_page=True)
+
+        page.fill("#filter-value", "six")
+        page.locator("#filter-value").dispatch_event("change")
+        expect(page.locator("#error")).to_contain_text("compares numbers", timeout=15_000)
+        expect(results).to_have_count(0)
+        browser.close()
+    store.close()
