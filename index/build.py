@@ -190,11 +190,14 @@ def _sha256(path: Path) -> str | None:
 
 
 def open_store(
-    store_path: Path, model: Model, factory: str = "auto", pca_dim: int | None = None
+    store_path: Path, model: Model, factory: str = "auto", pca_dim: int | None = None,
+    background: bool = True,
 ) -> IndexStore:
-    """Open the store at ``store_path`` (refusing another model's store) or create it."""
+    """Open the store at ``store_path`` (refusing another model's store) or create it;
+    ``background=False`` leaves all index work to ``save`` (or to an adopted index)."""
     if (store_path / "manifest.json").exists():
-        return IndexStore.open(store_path, model_fingerprint=model.fingerprint)
+        return IndexStore.open(store_path, model_fingerprint=model.fingerprint,
+                               background=background)
     return IndexStore.create(
         store_path,
         dim=model.facts.embedding_dim,
@@ -202,6 +205,7 @@ def open_store(
         model_name=model.name,
         factory=factory,
         pca_dim=pca_dim,
+        background=background,
     )
 
 

@@ -8,8 +8,14 @@ GPUs). Each actor writes its shard as one Parquet file (keys, paths, sha256, met
 vectors, thumbnails, and the images that failed with their reason) by atomic rename, so a
 shard is either whole on disk or absent: after a crash or Ctrl-C a re-run skips every
 finished shard. The FAISS side stays the store's own: the driver adds shard after shard (each
-an ``add`` of the :class:`~.store.IndexStore`), and the store's generation build trains on a
-sample of the vectors and fills the index chunk by chunk, as the single-process build does.
+an ``add`` of the :class:`~.store.IndexStore`). For an IVF index the FAISS build is spread
+too, the way FAISS's own distributed recipe does it: the driver trains the IVF once on a
+sample (the store's own training step), Ray tasks fill copies of the trained empty index with
+one slice of the store's ids each (``add_with_ids``), the driver merges them list by list
+(``faiss.merge_into``, what ``faiss.contrib.ondisk.merge_ondisk`` does on disk) and the store
+adopts the result as its next generation (:meth:`~.store.IndexStore.adopt_index`: checked,
+tuned, swapped in). Flat and HNSW are built by the store itself, as the single-process build
+does (an HNSW graph cannot be merged).
 
 Shards are cut from the source's image list (not from what is left to embed) and named by a
 hash of the work they hold, so a re-run after a crash in the store phase finds the same names
@@ -27,12 +33,13 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -51,9 +58,16 @@ from .build import (
     plan_build,
     store_batch,
 )
+from .generations import (
+    NotTrainableError,
+    describe_family,
+    new_faiss_index,
+    trained_index,
+)
+from .store import IndexStore
 
-__all__ = ["RayOptions", "Shard", "build_index_on_ray", "plan_shards", "ray_session",
-           "read_shard"]
+__all__ = ["RayOptions", "Shard", "build_index_on_ray", "merged_ivf", "plan_shards",
+           "ray_session", "read_shard"]
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +266,61 @@ def _embed_shards(
     bar.close()
 
 
+@ray.remote
+def _fill_ivf(empty: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """One shard's part of the index: a copy of the trained empty IVF, filled with its rows."""
+    index = faiss.deserialize_index(empty)
+    index.add_with_ids(vectors, ids)
+    return faiss.serialize_index(index)
+
+
+def merged_ivf(
+    factory: str, live_ids: np.ndarray, take: Callable[[np.ndarray], np.ndarray],
+    shard_size: int, in_flight: int | None = None,
+) -> faiss.Index | None:
+    """An :data:`~.store.IndexBuilder` for IVF factories: train once on a sample, fill one copy
+    of the empty index per slice of ``shard_size`` ids in Ray tasks (at most ``in_flight`` at
+    a time, default two per cluster CPU), merge the copies into one; ``None`` for types that
+    do not merge (Flat, HNSW) or too few vectors to train, which the store then handles."""
+    dim = take(live_ids[:0]).shape[1]
+    if describe_family(new_faiss_index(dim, factory)) != "ivf":
+        return None
+    try:
+        empty = trained_index(factory, dim, live_ids, take)
+    except NotTrainableError:
+        return None
+    started = time.perf_counter()
+    blob = ray.put(faiss.serialize_index(empty))
+    in_flight = in_flight or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    slices = [live_ids[start:start + shard_size] for start in range(0, len(live_ids), shard_size)]
+    pending: list[Any] = []
+    for ids in slices:  # results merge in order, so the lists hold ids in the store's order
+        pending.append(_fill_ivf.remote(blob, ids, take(ids)))
+        if len(pending) >= in_flight:
+            faiss.merge_into(empty, faiss.deserialize_index(ray.get(pending.pop(0))), False)
+    for part in pending:
+        faiss.merge_into(empty, faiss.deserialize_index(ray.get(part)), False)
+    log.info("filled %s in %d shards on Ray and merged them in %.2f s", factory, len(slices),
+             time.perf_counter() - started)
+    return empty
+
+
+def _adopt_merged_ivf(store: IndexStore, options: RayOptions, session: ExitStack) -> None:
+    """Give the store a per-shard, merged IVF when it serves none yet (a first build); a store
+    already serving a generation merges the new rows into it, as in a single-process build."""
+    if (store.manifest["index"] or {}).get("family") != "exact":
+        return
+
+    def build(factory: str, live_ids: np.ndarray, take: Callable[[np.ndarray], np.ndarray]
+              ) -> faiss.Index | None:
+        if describe_family(new_faiss_index(store.dim, factory)) != "ivf":
+            return None  # no Ray start for a type the store builds itself
+        session.enter_context(ray_session(options))
+        return merged_ivf(factory, live_ids, take, options.shard_size)
+
+    store.adopt_index(build)
+
+
 def build_index_on_ray(
     source: str | Path | Sequence[ImageSource],
     store_path: str | Path,
@@ -271,8 +340,9 @@ def build_index_on_ray(
     ray_options = ray_options or RayOptions()
     images = discover_images(source) if isinstance(source, str | Path) else list(source)
     store_path = Path(store_path)
-    store = open_store(store_path, model.resolve(), factory, pca_dim)
+    store = open_store(store_path, model.resolve(), factory, pca_dim, background=False)
     report = BuildReport()
+    session = ExitStack()  # one local Ray for embedding and index, started when first needed
     try:
         todo = plan_build(images, store, report, prune)
         shards = plan_shards(images, todo, ray_options.shard_size)
@@ -283,17 +353,19 @@ def build_index_on_ray(
             log.info("%d of %d shards are already embedded", len(shards) - len(missing),
                      len(shards))
         if missing:
-            with ray_session(ray_options):
-                _embed_shards(missing, shard_dir, model, ray_options, batch_size, thumbnails,
-                              progress)
+            session.enter_context(ray_session(ray_options))
+            _embed_shards(missing, shard_dir, model, ray_options, batch_size, thumbnails,
+                          progress)
         for shard in tqdm(shards, desc="storing", unit="shard", disable=not progress or not shards):
             chosen, vectors, thumbs, failed = read_shard(shard_dir / shard.name)
             for key, reason in failed.items():
                 report.failed[key] = reason
                 log.warning("skipped %s: %s", key, reason)
             store_batch(store, chosen, vectors, thumbs if thumbnails else None, report)
+        _adopt_merged_ivf(store, ray_options, session)
         finish_build(store, report, images)
         shutil.rmtree(shard_dir)
     finally:
         store.close()
+        session.close()
     return report

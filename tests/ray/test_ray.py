@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import faiss
 import httpx
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ from lookalike.index.ray_build import (  # noqa: E402
     ray_session,
 )
 from lookalike.index.sharding import split_store  # noqa: E402
-from lookalike.index.store import IndexStore  # noqa: E402
+from lookalike.index.store import IndexStore, StoreInputError  # noqa: E402
 from lookalike.models.engines import DEFAULT_ENGINE, ENGINES  # noqa: E402
 from lookalike.models.resolve import ModelOptions, create_embedder  # noqa: E402
 from lookalike.service.app import create_app  # noqa: E402
@@ -151,6 +152,103 @@ def test_shards_are_named_by_their_work(demo_dir: Path) -> None:
     assert [s.name for s in later] == [s.name for s in first[1:]]
     changed = [(image, "changed" if i == 9 else sha) for i, (image, sha) in enumerate(todo)]
     assert plan_shards(images, changed, 4)[2].name != first[2].name
+
+
+#: An IVF the 200 demo images can train (the store asks 39 vectors a list: 156).
+IVF = "IVF4,Flat"
+
+
+@pytest.fixture(scope="module")
+def ivf_ray_store(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path,
+                  options: ModelOptions, single_store: Path, local_ray: None) -> Path:
+    """A Ray build with an explicit IVF factory: filled per shard in Ray tasks and merged."""
+    path = tmp_path_factory.mktemp("ray-ivf") / "index"
+    merges: list[int] = []
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        index = real_merged_ivf(*args, **kwargs)
+        merges.append(index.ntotal)
+        return index
+
+    real_merged_ivf = ray_build.merged_ivf
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ray_build, "merged_ivf", spy)
+        report = build_index_on_ray(demo_dir, path, options, RayOptions(shard_size=SHARD_SIZE),
+                                    factory=IVF, progress=False)
+    assert report.total == 200 and merges == [200]  # the store adopted the merged index
+    return path
+
+
+def exact_top10(store: IndexStore, queries: np.ndarray) -> list[list[str]]:
+    return [[m.key for m in row] for row in store.search(queries, 10)]
+
+
+def test_a_ray_ivf_build_merges_per_shard_indexes_into_the_single_build_s_answers(
+    single_store: Path, ivf_ray_store: Path, tmp_path: Path
+) -> None:
+    exact = IndexStore.open(single_store, background=False)  # auto: 200 items are Flat
+    on_ray = IndexStore.open(ivf_ray_store, background=False)
+    # The single-machine build with the same factory, from the same vectors.
+    keys = exact.keys()
+    local = IndexStore.create(tmp_path / "local", dim=exact.dim, factory=IVF,
+                              model_fingerprint=exact.model_fingerprint, background=False)
+    try:
+        local.add(keys, exact.vectors(keys))
+        local.save()
+        index = on_ray.manifest["index"]
+        assert (index["factory"], index["family"], index["indexed"]) == (IVF, "ivf", 200)
+        assert index["recall_at_10"] >= on_ray.manifest["target_recall"]
+        assert on_ray.keys() == keys
+        queries = exact.vectors(keys)[::5]
+        truth = exact_top10(exact, queries)
+        hits = [len(set(a) & set(b)) for a, b in zip(exact_top10(on_ray, queries), truth,
+                                                     strict=True)]
+        assert sum(hits) / (10 * len(truth)) >= on_ray.manifest["target_recall"]
+        for store in (on_ray, local):  # every list probed: exactly the exact answers
+            store.tune(target_recall=1.0)
+            assert store.manifest["index"]["params"] == {"nprobe": 4}
+            assert exact_top10(store, queries) == truth
+    finally:
+        exact.close()
+        on_ray.close()
+        local.close()
+
+
+def test_adopting_a_bad_index_is_refused_and_changes_nothing(
+    ivf_ray_store: Path, tmp_path: Path, local_ray: None
+) -> None:
+    path = tmp_path / "index"
+    shutil.copytree(ivf_ray_store, path)
+    store = IndexStore.open(path, background=False)
+    try:
+        before = (store.manifest["index"], (path / "manifest.json").read_bytes())
+        queries = store.vectors(store.keys()[::20])
+        answers = store.search(queries, 10)
+
+        def missing_ids(factory, ids, take):  # type: ignore[no-untyped-def]
+            return ray_build.merged_ivf(factory, ids[:-5], take, SHARD_SIZE)
+
+        def wrong_dim(factory, ids, take):  # type: ignore[no-untyped-def]
+            return faiss.index_factory(store.dim + 1, factory, faiss.METRIC_INNER_PRODUCT)
+
+        def wrong_type(factory, ids, take):  # type: ignore[no-untyped-def]
+            return ray_build.merged_ivf("IVF8,Flat", ids, take, SHARD_SIZE)
+
+        refusals = ((missing_ids, r"5 missing \(e\.g\. \[195, 196, 197\]\)"),
+                    (wrong_dim, f"dimension {store.dim + 1}, the store holds {store.dim}"),
+                    (wrong_type, f"not a trained {IVF} index"))
+        for build, reason in refusals:
+            with pytest.raises(StoreInputError, match=reason):
+                store.adopt_index(build)
+            assert (store.manifest["index"], (path / "manifest.json").read_bytes()) == before
+            assert store.search(queries, 10) == answers
+        # A type that does not merge (the store's plan for small stores) is left to the store.
+        def zeros(ids: np.ndarray) -> np.ndarray:
+            return np.zeros((len(ids), store.dim), np.float32)
+
+        assert ray_build.merged_ivf("Flat", np.arange(200), zeros, SHARD_SIZE) is None
+    finally:
+        store.close()
 
 
 @pytest.fixture(scope="module")
