@@ -232,7 +232,7 @@ def test_adopting_a_bad_index_is_refused_and_changes_nothing(
             return faiss.index_factory(store.dim + 1, factory, faiss.METRIC_INNER_PRODUCT)
 
         def wrong_type(factory, ids, take):  # type: ignore[no-untyped-def]
-            return ray_build.merged_ivf("IVF8,Flat", ids, take, SHARD_SIZE)
+            return ray_build.merged_ivf("IVF2,Flat", ids, take, SHARD_SIZE)
 
         refusals = ((missing_ids, r"5 missing \(e\.g\. \[195, 196, 197\]\)"),
                     (wrong_dim, f"dimension {store.dim + 1}, the store holds {store.dim}"),
