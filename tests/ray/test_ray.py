@@ -2,7 +2,8 @@
 against the unsharded app, on a real local Ray instance (2 CPUs) and the 200 demo images.
 
 One Ray instance serves the whole module (starting one takes ~15 s on 2 cores). Not marked
-slow: CI runs it (about a minute and a half on the 2-core machine).
+slow: CI runs it (about a minute and a half on the quiet 2-core machine, 4 minutes under a
+load of 10, most of it embedding the demo images three times: single, Ray, Ray with IVF).
 """
 
 from __future__ import annotations
