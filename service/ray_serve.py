@@ -101,9 +101,16 @@ class IndexShard:
                 **{key: manifest[key] for key in ("factory", "pca_dim", "dim", "metric")},
                 "index": manifest["index"]}
 
-    def search(self, queries: np.ndarray, k: int, exclude: list[str]) -> list[list[tuple]]:
+    def search(self, queries: np.ndarray, k: int, exclude: list[str], where: Any = None,
+               min_score: float | None = None) -> list[list[tuple]]:
         return [[(m.key, m.score) for m in found]
-                for found in self.store.search(queries, k, exclude)]
+                for found in self.store.search(queries, k, exclude, where=where,
+                                               min_score=min_score)]
+
+    def matching(self, keys: list[str], where: Any) -> tuple[list[str], list[str]]:
+        """(the ``keys`` this shard holds, those of them that pass ``where``)."""
+        known = [key for key in keys if key in self.store.get_many(keys)]
+        return known, (self.store.matching(known, where) if known else [])
 
     def scores(self, query: np.ndarray, keys: list[str]) -> dict[str, float]:
         known = [key for key in keys if key in self.store.get_many(keys)]
@@ -172,10 +179,25 @@ class ShardedStore:
                 "count": sum(shard["items"] for shard in shards), "shards": shards}
 
     def search(
-        self, queries: np.ndarray, k: int = 10, exclude: Iterable[str] = ()
+        self, queries: np.ndarray, k: int = 10, exclude: Iterable[str] = (), *,
+        where: Any = None, min_score: float | None = None,
     ) -> list[list[Match]]:
-        answers = self._all("search", queries, k, list(exclude))
+        """Each shard's top ``k`` passing ``where`` and ``min_score``, merged by score: the
+        global top ``k`` is among them."""
+        answers = self._all("search", queries, k, list(exclude), where, min_score)
         return [merge_matches([answer[q] for answer in answers], k) for q in range(len(queries))]
+
+    def matching(self, keys: Sequence[str], where: Any) -> list[str]:
+        """The ``keys`` (in their order) whose items pass ``where``; unknown keys raise."""
+        known: set[str] = set()
+        passed: set[str] = set()
+        for held, passing in self._all("matching", list(keys), where):
+            known.update(held)
+            passed.update(passing)
+        missing = [key for key in keys if key not in known]
+        if missing:
+            raise UnknownKeyError(missing)
+        return [key for key in keys if key in passed]
 
     def rank(self, query: np.ndarray, candidates: Sequence[str]) -> list[Match]:
         """All ``candidates`` by exact cosine, ties in candidate order (as the store ranks)."""

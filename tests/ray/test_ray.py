@@ -296,6 +296,8 @@ def assert_same_matches(sharded: httpx.Response, single: httpx.Response) -> None
     {"k": "10"},
     {"k": "5", "exclude": ["left/fum", "right/cbi"]},
     {"candidates": ["right/cbi", "left/bpp", "right/zoh", "left/abh"]},
+    {"k": "5", "where": '{"added": {"gte": "2000-01-01"}}', "min_score": "0.3"},
+    {"candidates": ["right/cbi", "left/bpp"], "where": '{"added": {"lt": "2000-01-01"}}'},
 ])
 def test_sharded_match_equals_unsharded(
     sharded_service: str, unsharded: TestClient, demo_dir: Path, form: dict
