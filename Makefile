@@ -20,6 +20,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
+# The tests need the optional Ray extra too (tests/ray); `make serve` does not.
+$(VENV)/.installed-ray: $(VENV)/.installed
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,ray]'
+	touch $@
+
 demo-index: $(VENV)/.installed
 	$(BIN)/lookalike demo --index $(INDEX) --no-serve
 
@@ -27,13 +32,13 @@ serve: $(VENV)/.installed
 	$(BIN)/lookalike demo --index $(INDEX) --host $(HOST) --port $(PORT)
 
 # pytest exits 5 when it collected nothing: treat that as a failure, not a pass.
-test: $(VENV)/.installed
+test: $(VENV)/.installed-ray
 	$(BIN)/python scripts/ensure_browser.py
 	$(BIN)/python -m pytest $(PYTEST_ARGS); status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; \
 	  exit $$status
 
-test-slow: $(VENV)/.installed
+test-slow: $(VENV)/.installed-ray
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed

@@ -32,7 +32,10 @@ __all__ = [
     "NotTrainableError",
     "build_generation",
     "describe_family",
+    "index_ids",
     "new_faiss_index",
+    "same_structure",
+    "trained_index",
     "training_minimum",
 ]
 
@@ -202,6 +205,69 @@ class Generation:
         }
 
 
+def trained_index(
+    factory: str, dim: int, live_ids: np.ndarray, take: Callable[[np.ndarray], np.ndarray],
+    seed: int = 0,
+) -> faiss.Index:
+    """An empty ``factory`` index trained on a sample of ``live_ids`` (``take`` reads their
+    vectors). Every generation is trained here, whether the store fills it or a cluster
+    fills copies of it shard by shard (:meth:`~.store.IndexStore.adopt_index`), so both
+    get the same centroids from the same sample. Raises :class:`NotTrainableError` when
+    there are too few vectors for ``factory``."""
+    need = training_minimum(dim, factory)
+    if len(live_ids) < need:
+        raise NotTrainableError(f"{factory} needs {need} vectors to train, the store has "
+                                f"{len(live_ids)}")
+    index = new_faiss_index(dim, factory)
+    if not index.is_trained:
+        ivf = _ivf(index)
+        sample_size = len(live_ids)
+        if ivf is not None:
+            sample_size = min(sample_size, max(need, _TRAIN_SAMPLE_PER_LIST * ivf.nlist))
+            ivf.cp.max_points_per_centroid = max(1, sample_size // ivf.nlist + 1)
+        rng = np.random.default_rng(seed)
+        sample = np.sort(rng.choice(live_ids, size=min(sample_size, len(live_ids)), replace=False))
+        index.train(take(sample))
+    return index
+
+
+def index_ids(index: faiss.Index) -> np.ndarray:
+    """The ids an index holds (sorted), read from its inverted lists or its id map; what
+    :meth:`~.store.IndexStore.adopt_index` checks against the store's live ids."""
+    ivf = _ivf(index)
+    if ivf is not None:
+        lists = ivf.invlists
+        parts = [faiss.rev_swig_ptr(lists.get_ids(number), lists.list_size(number)).copy()
+                 for number in range(ivf.nlist) if lists.list_size(number)]
+    else:
+        inner = faiss.downcast_index(index)
+        if not isinstance(inner, faiss.IndexIDMap):  # IndexIDMap2 is one
+            raise ValueError(f"a {type(inner).__name__} has no ids to read: wrap it in an "
+                             "IndexIDMap2 or use an IVF index")
+        parts = [faiss.vector_to_array(inner.id_map)]
+    return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+
+def same_structure(index: faiss.Index, factory: str) -> bool:
+    """Whether ``index`` is what ``new_faiss_index(index.d, factory)`` makes: the same index
+    classes, and for IVF the same list count and code size."""
+    reference = new_faiss_index(index.d, factory)
+
+    def shape(candidate: faiss.Index) -> tuple[Any, ...]:
+        ivf = _ivf(candidate)
+        top = faiss.downcast_index(candidate)
+        if ivf is not None:
+            layout: tuple[Any, ...] = (type(faiss.downcast_index(ivf)).__name__, ivf.nlist,
+                                       ivf.code_size)
+        elif isinstance(top, faiss.IndexIDMap):
+            layout = (type(faiss.downcast_index(top.index)).__name__,)
+        else:
+            layout = ()
+        return (type(top).__name__, *layout)
+
+    return shape(index) == shape(reference)
+
+
 def build_generation(
     number: int,
     factory: str,
@@ -219,20 +285,7 @@ def build_generation(
     """
     started = time.perf_counter()
     live_ids = np.flatnonzero(alive.range(0, end)).astype(np.int64)
-    need = training_minimum(vectors.dim, factory)
-    if len(live_ids) < need:
-        raise NotTrainableError(f"{factory} needs {need} vectors to train, the store has "
-                                f"{len(live_ids)}")
-    index = new_faiss_index(vectors.dim, factory)
-    if not index.is_trained:
-        ivf = _ivf(index)
-        sample_size = len(live_ids)
-        if ivf is not None:
-            sample_size = min(sample_size, max(need, _TRAIN_SAMPLE_PER_LIST * ivf.nlist))
-            ivf.cp.max_points_per_centroid = max(1, sample_size // ivf.nlist + 1)
-        rng = np.random.default_rng(seed)
-        sample = np.sort(rng.choice(live_ids, size=min(sample_size, len(live_ids)), replace=False))
-        index.train(vectors.take(sample))
+    index = trained_index(factory, vectors.dim, live_ids, vectors.take, seed)
     generation = Generation(number, factory, index, covered=end, built_count=len(live_ids))
     for offset in range(0, len(live_ids), _BUILD_CHUNK):
         if cancelled():

@@ -38,7 +38,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,9 @@ from .generations import (
     Generation,
     NotTrainableError,
     build_generation,
+    index_ids,
     new_faiss_index,
+    same_structure,
 )
 from .liveness import AliveBitmap
 from .tuning import (
@@ -77,6 +79,7 @@ from .tuning import (
 from .vectors import VECTOR_DTYPES, VectorFile, vector_file_name
 
 __all__ = [
+    "IndexBuilder",
     "IndexStore",
     "Item",
     "Match",
@@ -105,6 +108,12 @@ FILTER_CACHE_IDS = 4_000_000
 #: to searches (OpenMP thread counts are per calling thread; ``save`` and ``maintain`` run in
 #: the caller's thread with the caller's setting).
 MAINTENANCE_THREADS = 1
+
+
+#: Builds an index outside the store: ``(factory, live_ids, take) -> index`` (see
+#: :meth:`IndexStore.adopt_index`); ``take(ids)`` reads those items' float32 vectors.
+IndexBuilder = Callable[[str, np.ndarray, Callable[[np.ndarray], np.ndarray]],
+                        "faiss.Index | None"]
 
 
 class StoreError(LookalikeError):
@@ -466,6 +475,59 @@ class IndexStore:
                                   [{"params": {}, "recall": 1.0, "exact": True}])
             return self._tune(generation, sample)
 
+    def adopt_index(self, build: IndexBuilder) -> dict[str, Any] | None:
+        """Serve an index built outside the store (e.g. per shard on a cluster, then merged
+        with FAISS's own tools) as a new generation over the store's current live items.
+
+        ``build(factory, live_ids, take)`` gets the factory the store would build now, the
+        live ids (int64, sorted) and a function reading their vectors, and returns the
+        filled index, labels = the ids, or ``None`` when it cannot build that type (the
+        store then builds it itself, as always). Before anything changes the index is
+        checked: its dimension, its structure against ``factory``, and that its ids are
+        exactly ``live_ids``; a mismatch raises :class:`StoreInputError` and the serving
+        generation stays as it was. Then, as for a generation the store builds, rows added
+        meanwhile are merged, removals marked, knobs tuned for the target recall, the view
+        swapped in one step, and the index file and manifest written. Returns the new
+        generation's manifest entry (``None`` when ``build`` declined).
+        """
+        with self._maintenance_lock:
+            self._check_open()
+            view = self._view
+            plan = self._planned_factory(view.alive.count)
+            live = np.flatnonzero(view.alive.range(0, view.next_id)).astype(np.int64)
+            index = build(plan, live, self._vectors.take)
+            if index is None:
+                return None
+            self._check_adoptable(index, plan, live)
+            previous = view.generation
+            number = (previous.number + 1) if previous else int(
+                (self._manifest.get("index") or {}).get("generation", 0)) + 1
+            generation = Generation(number, plan, index, covered=view.next_id,
+                                    built_count=len(live))
+            self._swap_in(generation, live, view.next_id)
+            with self._write_lock:
+                self._write_snapshot()
+            return self._index_info()
+
+    def _check_adoptable(self, index: faiss.Index, plan: str, live: np.ndarray) -> None:
+        if index.d != self.dim:
+            raise StoreInputError(
+                f"the index to adopt has dimension {index.d}, the store holds {self.dim}")
+        if not index.is_trained or not same_structure(index, plan):
+            raise StoreInputError(
+                f"the index to adopt is not a trained {plan} index (what the store plans)")
+        try:
+            held = index_ids(index)
+        except ValueError as exc:
+            raise StoreInputError(f"the index to adopt: {exc}") from exc
+        if not np.array_equal(held, live):
+            wrong = {"missing": np.setdiff1d(live, held), "not live": np.setdiff1d(held, live),
+                     "repeated": np.unique(held[1:][held[1:] == held[:-1]])}
+            raise StoreInputError(
+                f"the index to adopt holds {len(held)} ids, the store has {len(live)} live "
+                "items: " + ", ".join(f"{len(ids)} {what} (e.g. {ids[:3].tolist()})"
+                                      for what, ids in wrong.items() if len(ids)))
+
     def save(self) -> None:
         """Bring the index up to date, write its file and the manifest, each by atomic rename."""
         with self._maintenance_lock:
@@ -775,17 +837,23 @@ class IndexStore:
         generation, held = build_generation(
             number, plan, self._vectors, view.alive, view.next_id, lambda: self._closed
         )
+        self._swap_in(generation, held, view.next_id)
+
+    def _swap_in(self, generation: Generation, held: np.ndarray, end: int) -> None:
+        """Catch ``generation`` (holding ``held``, built over ids ``0..end``) up with the
+        writes made since, tune it, and serve it by replacing the view in one step."""
         self._merge(generation)
         self._tune(generation, TUNE_SAMPLE)
         with self._write_lock:
             self._merge(generation)
             alive = self._view.alive
-            merged = np.concatenate([held, np.arange(view.next_id, generation.covered)])
+            merged = np.concatenate([held, np.arange(end, generation.covered)])
             generation.dead = set(merged[~alive.contains(merged)].tolist())
             self._view = _View(generation, self._view.next_id, alive, self._view.array)
         log.info(
             "serving index generation %d: %s over %d vectors, recall@10 %.3f with %s",
-            number, plan, generation.built_count, generation.recall or 0.0, generation.params,
+            generation.number, generation.factory, generation.built_count,
+            generation.recall or 0.0, generation.params,
         )
 
     def _tune(self, generation: Generation, sample: int) -> TuneReport:

@@ -12,17 +12,19 @@ model) start without loading torch. Offline commands read a
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import json
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from ..core.errors import LookalikeError
+from ..core.errors import LookalikeError, MissingExtraError
 from ..core.pairs import Split, make_candidate_sets, read_pairs, select_split
 from ..models.engines import DEFAULT_ENGINE, ENGINES
 from ..models.resolve import ModelOptions, create_embedder
@@ -94,6 +96,19 @@ IndexOpt = Annotated[
 ]
 
 
+def _ray_module(name: str) -> ModuleType:
+    """Import one of lookalike's Ray modules (``.ray_serve``, ``..index.ray_build``), or say
+    how to get Ray: it is an optional extra."""
+    try:
+        return importlib.import_module(name, __package__)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in ("ray", "pyarrow", "pandas"):
+            raise
+        raise MissingExtraError(
+            f"--ray needs Ray ({exc.name} is not installed): pip install 'lookalike[ray]'"
+        ) from exc
+
+
 def _embedder(model: str | None, engine: str) -> Embedder:
     return create_embedder(ModelOptions.from_env(model=model, engine=engine))
 
@@ -129,16 +144,50 @@ def index_build(
     prune: Annotated[
         bool, typer.Option(help="Remove items whose image is no longer in SOURCE.")
     ] = False,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Embed on Ray (needs the extra: pip install 'lookalike\\[ray]'): shards "
+            "of --shard-size images go to an actor pool, one model per actor; finished "
+            "shards are kept on disk, so an interrupted build resumes without redoing them. "
+            "SOURCE may also be a Parquet file with a 'path' column.",
+        ),
+    ] = False,
+    address: Annotated[
+        str | None,
+        typer.Option(help="With --ray: the cluster to join (e.g. 'auto' or "
+                     "'ray://head:10001'); default: start a local Ray on this machine."),
+    ] = None,
+    shard_size: Annotated[int, typer.Option(min=1, help="With --ray: images per shard.")] = 256,
+    actors: Annotated[
+        int | None,
+        typer.Option(min=1, help="With --ray: embedding actors (default: one per CPU, or one "
+                     "per GPU when the cluster has GPUs)."),
+    ] = None,
 ) -> None:
     """Embed images into an index store. Re-running skips unchanged images, so an
-    interrupted build resumes where it stopped."""
+    interrupted build resumes where it stopped.
+
+    Scale out with --ray, e.g. on a running cluster:
+    lookalike index build photos/ --out data/photos-index --ray --address auto
+    """
     from ..index.build import build_index, discover_images
 
     images = discover_images(source)  # a bad source fails before the model loads
-    report = build_index(
-        images, out, _embedder(model, engine), batch_size=batch_size, factory=factory,
-        pca_dim=pca, thumbnails=thumbnails, prune=prune,
-    )
+    if ray:
+        ray_build = _ray_module("..index.ray_build")
+        report = ray_build.build_index_on_ray(
+            images, out, ModelOptions.from_env(model=model, engine=engine),
+            ray_build.RayOptions(address=address, actors=actors, shard_size=shard_size),
+            batch_size=batch_size, factory=factory, pca_dim=pca, thumbnails=thumbnails,
+            prune=prune,
+        )
+    else:
+        report = build_index(
+            images, out, _embedder(model, engine), batch_size=batch_size, factory=factory,
+            pca_dim=pca, thumbnails=thumbnails, prune=prune,
+        )
     for key, reason in list(report.failed.items())[:20]:
         typer.echo(f"skipped {key}: {reason}", err=True)
     typer.echo(f"{out}: {report.summary()}")
@@ -318,9 +367,39 @@ def serve(
     engine: EngineOpt = DEFAULT_ENGINE,
     host: HostOpt = "127.0.0.1",
     port: PortOpt = 8000,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Serve on Ray Serve (needs the extra: pip install 'lookalike\\[ray]'): the "
+            "index split into --shards shard deployments of --replicas replicas each, every "
+            "query sent to all shards and merged by score, the model in a deployment of its "
+            "own. Read-only.",
+        ),
+    ] = False,
+    shards: Annotated[int, typer.Option(min=1, help="With --ray: index shards.")] = 2,
+    replicas: Annotated[int, typer.Option(min=1, help="With --ray: replicas per shard.")] = 1,
+    embed_replicas: Annotated[
+        int, typer.Option(min=1, help="With --ray: replicas of the embedding model.")
+    ] = 1,
+    address: Annotated[
+        str | None,
+        typer.Option(help="With --ray: the cluster to join; default: a local Ray."),
+    ] = None,
 ) -> None:
-    """Serve the HTTP API and the web page (other settings: LOOKALIKE_* variables)."""
-    _serve(index=index, model=model, engine=engine, host=host, port=port)
+    """Serve the HTTP API and the web page (other settings: LOOKALIKE_* variables).
+
+    On Ray: lookalike serve --index data/demo-index --ray --shards 2 --replicas 1
+    """
+    if not ray:
+        _serve(index=index, model=model, engine=engine, host=host, port=port)
+        return
+    from .settings import Settings
+
+    _ray_module(".ray_serve").run_ray(
+        Settings(index=index, model=model, engine=engine, host=host, port=port),
+        shards, replicas, embed_replicas, address,
+    )
 
 
 @command(app, "demo")

@@ -59,6 +59,8 @@ class Ready(BaseModel):
     items: int
     model: ModelInfo
     index: dict[str, Any]
+    shards: list[dict[str, Any]] | None = None
+    """Each shard's state, when the index is sharded (``lookalike serve --ray``)."""
 
 
 class ErrorOut(BaseModel):

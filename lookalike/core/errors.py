@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "LookalikeError",
+    "MissingExtraError",
     "BadRequestError",
     "InvalidInputError",
     "NotFoundError",
@@ -54,3 +55,8 @@ class UnsupportedMediaError(LookalikeError):
 
 class UnavailableError(LookalikeError):
     """The service cannot answer now (not ready, over budget, timed out) (HTTP 503)."""
+
+
+class MissingExtraError(LookalikeError):
+    """An option that needs an optional extra that is not installed (e.g. ``--ray`` without
+    ``lookalike[ray]``): the message says what to install."""

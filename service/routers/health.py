@@ -28,4 +28,5 @@ def ready(state: StateDep) -> Ready:
         items=len(state.store),
         model=state.model_info,
         index={key: manifest[key] for key in ("factory", "pca_dim", "dim", "count", "metric")},
+        shards=manifest.get("shards"),
     )
