@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 #: Rows added to a FAISS index per write-lock hold while merging; HNSW inserts are slow
 #: (each walks the graph), so they go in smaller steps to keep reader waits short.
-MERGE_CHUNK = {"hnsw": 8, "ivf": 1024, "other": 1024}
+MERGE_CHUNK = {"hnsw": 8, "ivf": 4096, "other": 4096}
 _BUILD_CHUNK = 1 << 15
 _TRAIN_SAMPLE_PER_LIST = 64
 

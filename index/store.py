@@ -96,7 +96,7 @@ FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 DATABASE = "items.sqlite"
 #: Rows waiting outside the index before the background thread merges them.
-MERGE_MIN_ROWS = 256
+MERGE_MIN_ROWS = 1024
 #: Share of an HNSW index that may be tombstones before it is rebuilt without them.
 REBUILD_DEAD_FRACTION = 0.2
 #: Queries used to measure recall when a generation is tuned.
