@@ -42,7 +42,9 @@ class Embedder:
 
     ``threads`` is the forward pass's thread count and ``cache_dir`` where engines cache
     converted models (see :class:`~.engines.EngineOptions`). The default engine is the eager
-    reference; the service and the CLI default to the fastest accurate one.
+    reference; the service and the CLI default to the fastest accurate one. ``run`` replaces
+    the engine's forward pass (``(B, 3, S, S)`` -> ``(B, D)``) when it runs elsewhere, e.g. in
+    a Ray Serve deployment; ``engine`` then only names it.
     """
 
     def __init__(
@@ -54,14 +56,17 @@ class Embedder:
         *,
         threads: int = 2,
         cache_dir: str | Path | None = None,
+        run: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         config = bundle.facts
         self.bundle = bundle
         self.engine_name = engine
         self.preprocessor = Preprocessor(config.input_size, config.mean, config.std, max_pixels)
         self.decode_workers = decode_workers
-        options = EngineOptions(threads, Path(cache_dir) if cache_dir is not None else None)
-        self._run = create_engine(engine, bundle, options)
+        if run is None:
+            options = EngineOptions(threads, Path(cache_dir) if cache_dir is not None else None)
+            run = create_engine(engine, bundle, options)
+        self._run = run
 
     @property
     def dim(self) -> int:

@@ -10,7 +10,7 @@ Layout of one application (``lookalike serve --ray --shards S --replicas R``):
   requests (from every ingress replica) into one forward pass;
 - ``ingress``: :func:`~lookalike.service.app.create_app`'s app, unchanged, whose store is a
   :class:`ShardedStore` (every query fans out to all shards at once, answers merge by score)
-  and whose embedder is a :class:`RemoteEmbedder` (uploads decode in the ingress, the forward
+  and whose embedder is a :func:`remote_embedder` (uploads decode in the ingress, the forward
   pass runs in ``embed``).
 
 Every store scores exactly, so the merged answers are the unsharded ones. The sharded service
@@ -41,14 +41,14 @@ from ..core.errors import LookalikeError, UnavailableError
 from ..index.ray_build import RayOptions, ray_session
 from ..index.sharding import merge_matches, split_store
 from ..index.store import IndexStore, Item, Match, UnknownKeyError
+from ..models.embedder import Embedder
 from ..models.model import Model
-from ..models.preprocess import Preprocessor
 from ..models.resolve import ModelOptions, create_embedder
 from .app import create_app
 from .deps import ServiceState
 from .settings import Settings
 
-__all__ = ["RemoteEmbedder", "ShardedStore", "ReadOnlyError", "build_application", "deploy",
+__all__ = ["remote_embedder", "ShardedStore", "ReadOnlyError", "build_application", "deploy",
            "run_ray"]
 
 log = logging.getLogger(__name__)
@@ -268,36 +268,17 @@ class ShardedStore:
         """The shard replicas own their stores."""
 
 
-class RemoteEmbedder:
-    """What the app needs of an :class:`~lookalike.models.embedder.Embedder` (the model's
-    facts, the preprocessor, ``embed_arrays``), with the forward pass in the ``embed``
+def remote_embedder(model: Model, engine: str, max_pixels: int, handle: Any) -> Embedder:
+    """An :class:`~lookalike.models.embedder.Embedder` whose forward pass runs in the ``embed``
     deployment: uploads decode where they arrive, only arrays travel."""
-
-    def __init__(self, model: Model, engine: str, max_pixels: int, handle: Any) -> None:
-        facts = model.facts
-        self.bundle = model
-        self.engine_name = engine
-        self.preprocessor = Preprocessor(facts.input_size, facts.mean, facts.std, max_pixels)
-        self._handle = handle
-
-    @property
-    def dim(self) -> int:
-        return self.bundle.facts.embedding_dim
-
-    @property
-    def fingerprint(self) -> str:
-        return self.bundle.fingerprint
-
-    def embed_arrays(self, batch: np.ndarray) -> np.ndarray:
-        if len(batch) == 0:
-            return np.zeros((0, self.dim), np.float32)
-        return self._handle.embed.remote(batch).result()
+    return Embedder(model, engine, max_pixels,
+                    run=lambda batch: handle.embed.remote(batch).result())
 
 
 def _ingress_app(settings: Settings, shards: int) -> FastAPI:
     """Runs in each ingress replica: the app over handles to this application's deployments."""
     options = settings.model_options()
-    embedder = RemoteEmbedder(options.resolve(), options.engine, options.max_pixels,
+    embedder = remote_embedder(options.resolve(), options.engine, options.max_pixels,
                               serve.get_deployment_handle(EMBED, APP_NAME))
     store = ShardedStore([serve.get_deployment_handle(shard_name(n), APP_NAME)
                           for n in range(shards)])
