@@ -24,7 +24,8 @@ async function errorText(response) {
   }
 }
 
-function tile(item, extra) {
+// A collection image as a grid tile: its thumbnail (the duplicates view adds its own caption).
+function thumbnailTile(item) {
   const li = document.createElement("li");
   li.className = "tile";
   li.dataset.key = item.key;
@@ -33,6 +34,11 @@ function tile(item, extra) {
   img.alt = item.key;
   if (item.thumbnail_url) img.src = item.thumbnail_url;
   li.append(img);
+  return li;
+}
+
+function tile(item, extra) {
+  const li = thumbnailTile(item);
   const caption = document.createElement("span");
   caption.className = "caption";
   caption.textContent = item.key;

@@ -1,6 +1,7 @@
 // The duplicates view: near-duplicate groups with thumbnails and scores; keep one image of a
 // group and remove the others (DELETE /items/{key}, with the API key when the service needs
 // one), as Immich's duplicate review does. Pages come from GET /duplicates by cursor.
+// Loaded after app.js, whose errorText and thumbnailTile it uses.
 "use strict";
 
 const dupes = {
@@ -18,23 +19,9 @@ function dupError(message) {
   box.hidden = !message;
 }
 
-async function dupErrorText(response) {
-  try {
-    const body = await response.json();
-    return typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
-  } catch {
-    return `${response.status} ${response.statusText}`;
-  }
-}
-
 function dupTile(item, name, checked) {
-  const li = document.createElement("li");
-  li.className = "tile dup-tile";
-  li.dataset.key = item.key;
-  const img = document.createElement("img");
-  img.loading = "lazy";
-  img.alt = item.key;
-  if (item.thumbnail_url) img.src = item.thumbnail_url;
+  const li = thumbnailTile(item);
+  li.classList.add("dup-tile");
   const label = document.createElement("label");
   label.className = "caption";
   const radio = document.createElement("input");
@@ -43,7 +30,7 @@ function dupTile(item, name, checked) {
   radio.value = item.key;
   radio.checked = checked;
   label.append(radio, ` keep ${item.key}`);
-  li.append(img, label);
+  li.append(label);
   return li;
 }
 
@@ -80,7 +67,7 @@ async function resolveGroup(box, group) {
     if (item.key === keep) continue;
     const response = await fetch(`/items/${keyPath(item.key)}`, { method: "DELETE", headers });
     if (!response.ok && response.status !== 404) {
-      dupError(`could not remove ${item.key}: ${await dupErrorText(response)}`);
+      dupError(`could not remove ${item.key}: ${await errorText(response)}`);
       return;
     }
     box.querySelector(`li[data-key="${CSS.escape(item.key)}"]`)?.remove();
@@ -101,7 +88,7 @@ async function loadDuplicates(reset) {
   dupError("");
   const response = await fetch(`/duplicates?${params}`);
   if (!response.ok) {
-    dupError(await dupErrorText(response));
+    dupError(await errorText(response));
     return;
   }
   const page = await response.json();
