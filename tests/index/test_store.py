@@ -70,6 +70,31 @@ def test_pca_rescores_exactly_on_raw_vectors(tmp_path: Path) -> None:
     assert store.manifest["pca_dim"] == 16 and store.factory == "PCA16,L2norm,Flat"
 
 
+def test_rows_merged_into_a_pca_ivf_index_are_found_and_survive_reopen(tmp_path: Path) -> None:
+    """Merges append pre-encoded codes to the IVF inside the PCA wrapper, in several lock
+    holds; the wrapper's count, the covered mark and the search must all agree."""
+    store, keys, vectors = new_store(tmp_path / "s", n=400, pca_dim=16, factory="IVF4,Flat",
+                                     search_params={"nprobe": 4})
+    store.maintain()
+    more = random_vectors(2500, seed=5)
+    more_keys = [f"more-{i:04d}" for i in range(len(more))]
+    store.add(more_keys, more)
+    store.maintain()  # 2,500 rows: three commits of COMMIT_ROWS
+    info = store.manifest["index"]
+    assert info["factory"] == "PCA16,L2norm,IVF4,Flat"
+    assert info["indexed"] == info["covered"] == 2900
+    for path in (None, tmp_path / "s"):
+        if path is not None:
+            store.save()
+            store.close()
+            store = IndexStore.open(path)
+        for i in (0, 1234, 2499):
+            (matches,) = store.search(more[i][None], k=1)
+            assert matches[0].key == more_keys[i]
+            assert matches[0].score == pytest.approx(1.0, abs=1e-5)
+    store.close()
+
+
 def test_rank_sorts_candidates_by_cosine(tmp_path: Path) -> None:
     store, keys, vectors = new_store(tmp_path / "s", n=20)
     query = random_vectors(1, seed=2)[0]
