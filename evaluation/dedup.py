@@ -4,8 +4,9 @@ cross-validation over disjoint groups of originals.
 Why cross-validation: the threshold that looks best on the images it was tuned on is an
 optimistic estimate; the figures must predict images never seen. Items are split into ``folds``
 by group (an original, its copies and its TLL partner stay together); on each fold the method's
-threshold is chosen on the other folds (best F1 of duplicate pairs) and measured on this one as
-a dedup of that fold's items alone. The mean and standard error over folds are reported; the
+threshold (and, for the keypoint method, the weight of the cosine blended into its score) is
+chosen on the other folds (best F1 of duplicate pairs) and measured on this one as a dedup of
+that fold's items alone. The mean and standard error over folds are reported; the
 shipped threshold is the one chosen on all groups.
 
 Pairs are counted after grouping: a group of n items claims all n(n-1)/2 pairs, which is what a
@@ -30,6 +31,7 @@ from ..core.files import atomic_write
 from ..index.dedup import (
     DedupParams,
     candidate_pairs,
+    duplicate_score,
     group_pairs,
     judge_pairs,
 )
@@ -43,9 +45,13 @@ __all__ = [
 
 METHODS = ("cosine", "keypoints")
 """``cosine``: the embedding alone; ``keypoints``: embedding candidates judged by matching the
-thumbnails' SIFT keypoints (what :func:`~lookalike.index.dedup.find_duplicate_groups` ships)."""
+thumbnails' SIFT keypoints, blended with the cosine (what
+:func:`~lookalike.index.dedup.find_duplicate_groups` ships)."""
 
-GRID = np.round(np.arange(0.30, 0.99, 0.01), 2)
+GRID = np.round(np.arange(0.10, 0.99, 0.01), 2)
+COSINE_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0)
+"""Weights of the cosine in the keypoint method's score, chosen with the threshold. 0 is the
+keypoint share alone; the measured curve falls off past 2 (look-alikes creep in)."""
 
 
 @dataclass(frozen=True)
@@ -58,8 +64,10 @@ class PairScores:
     cosine: np.ndarray
     keypoint: np.ndarray
 
-    def score(self, method: str) -> np.ndarray:
-        return self.cosine if method == "cosine" else self.keypoint
+    def score(self, method: str, cosine_weight: float = 0.0) -> np.ndarray:
+        if method == "cosine":
+            return self.cosine
+        return duplicate_score(self.keypoint, self.cosine, cosine_weight)
 
 
 def collect_scores(store: IndexStore, floor: float, k: int = 10) -> PairScores:
@@ -86,10 +94,11 @@ def pair_metrics(predicted: set[tuple[str, str]], truth: set[tuple[str, str]]) -
 
 
 def grouped_pairs(scores: PairScores, method: str, threshold: float,
-                  allowed: set[str] | None = None) -> set[tuple[str, str]]:
+                  allowed: set[str] | None = None, cosine_weight: float = 0.0
+                  ) -> set[tuple[str, str]]:
     """The pairs a dedup at ``threshold`` claims (all pairs within each group), among the
     items in ``allowed`` only (a fold) when given."""
-    values = scores.score(method)
+    values = scores.score(method, cosine_weight)
     accepted = [
         (i, j, float(s), float(c)) for i, j, s, c in zip(
             scores.first.tolist(), scores.second.tolist(), values, scores.cosine, strict=True)
@@ -104,10 +113,11 @@ def grouped_pairs(scores: PairScores, method: str, threshold: float,
 
 
 def curve(scores: PairScores, truth: set[tuple[str, str]], method: str,
-          allowed: set[str] | None = None) -> list[dict[str, float]]:
+          allowed: set[str] | None = None, cosine_weight: float = 0.0
+          ) -> list[dict[str, float]]:
     """Precision/recall/F1 at every threshold of the grid."""
-    return [{"threshold": float(t), **pair_metrics(grouped_pairs(scores, method, t, allowed),
-                                                  truth)} for t in GRID]
+    return [{"threshold": float(t), **pair_metrics(
+        grouped_pairs(scores, method, t, allowed, cosine_weight), truth)} for t in GRID]
 
 
 def best_threshold(points: Sequence[dict[str, float]]) -> float:
@@ -115,6 +125,20 @@ def best_threshold(points: Sequence[dict[str, float]]) -> float:
     top = max(p["f1"] for p in points)
     plateau = [p["threshold"] for p in points if p["f1"] >= top - 1e-9]
     return float(plateau[len(plateau) // 2])
+
+
+def best_setting(scores: PairScores, truth: set[tuple[str, str]], method: str,
+                 allowed: set[str] | None = None) -> tuple[float, float, list[dict[str, float]]]:
+    """``(cosine_weight, threshold, curve)`` of best F1 on ``allowed``: the threshold alone for
+    ``cosine``, the weight and the threshold together for ``keypoints``."""
+    best: tuple[float, float, float, list[dict[str, float]]] | None = None
+    for weight in (0.0,) if method == "cosine" else COSINE_WEIGHTS:
+        points = curve(scores, truth, method, allowed, weight)
+        top = max(p["f1"] for p in points)
+        if best is None or top > best[0] + 1e-9:
+            best = (top, weight, best_threshold(points), points)
+    assert best is not None
+    return best[1], best[2], best[3]
 
 
 def _folds(data: DedupSet, keys: Sequence[str], folds: int, seed: int) -> list[set[str]]:
@@ -148,27 +172,29 @@ def cross_validate(scores: PairScores, data: DedupSet, folds: int = 5, seed: int
         per_fold = []
         for held_out in parts:
             train = everything - held_out
-            chosen = best_threshold(curve(scores, _truth_within(data, train), method, train))
-            found = pair_metrics(grouped_pairs(scores, method, chosen, held_out),
+            weight, chosen, _ = best_setting(scores, _truth_within(data, train), method, train)
+            found = pair_metrics(grouped_pairs(scores, method, chosen, held_out, weight),
                                  _truth_within(data, held_out))
-            per_fold.append({"threshold": chosen, **found})
-        full = curve(scores, set(data.duplicates), method)
+            per_fold.append({"threshold": chosen, "cosine_weight": weight, **found})
+        weight, chosen, full = best_setting(scores, set(data.duplicates), method)
         report["methods"][method] = {
             "folds": per_fold,
             **{name: _mean_se([f[name] for f in per_fold])
                for name in ("precision", "recall", "f1", "threshold")},
-            "threshold_all": best_threshold(full),
+            "threshold_all": chosen,
+            "cosine_weight_all": weight,
             "curve": full,
         }
     return report
 
 
 def choose_params(report: dict[str, Any], floor: float, k: int) -> DedupParams:
-    """The shipped parameters: the keypoint threshold chosen on all groups, and the cosine-only
-    threshold for items stored without thumbnails."""
+    """The shipped parameters: the keypoint method's threshold and cosine weight chosen on all
+    groups, and the cosine-only threshold for items stored without thumbnails."""
     methods = report["methods"]
     return DedupParams(threshold=methods["keypoints"]["threshold_all"], candidate_cosine=floor,
-                       cosine_only_threshold=methods["cosine"]["threshold_all"], k=k)
+                       cosine_only_threshold=methods["cosine"]["threshold_all"], k=k,
+                       cosine_weight=methods["keypoints"]["cosine_weight_all"])
 
 
 def curve_plot(report: dict[str, Any], path: Path, chosen: float) -> Path:

@@ -7,9 +7,11 @@ cheaply, so it proposes candidate pairs (k-NN over the store in batches, cosine 
 ``candidate_cosine``) and a second signal decides: SIFT keypoints of the two stored thumbnails
 matched under one similarity transform (RANSAC), mirrored too, so that a flipped copy matches.
 A copy keeps its local structure in place; a look-alike shares the gist, not the keypoints.
-Items stored without a thumbnail are judged by
-cosine alone at ``cosine_only_threshold``. Both thresholds are chosen by cross-validation
-(``evaluation/dedup.py``) and stored in the model's calibration.
+The pair's score blends the two (:func:`duplicate_score`): a heavily edited copy (rotated and
+re-compressed) keeps few matching keypoints but a high cosine, while a look-alike that happens
+to share a few keypoints has a low one. Items stored without a thumbnail are judged by cosine
+alone at ``cosine_only_threshold``. The weight and both thresholds are chosen by
+cross-validation (``evaluation/dedup.py``) and stored in the model's calibration.
 
 Memory grows with the store, never N x N: the keys, one batch of query vectors and results,
 the candidate pairs (at most k per item) and the keypoints of every item in a candidate pair
@@ -49,6 +51,7 @@ __all__ = [
     "check_output_name",
     "find_duplicate_groups",
     "keypoint_signature",
+    "duplicate_score",
     "keypoint_similarity",
     "write_groups",
 ]
@@ -64,13 +67,15 @@ RANSAC_PIXELS = 4.0
 
 @dataclass(frozen=True)
 class DedupParams:
-    """How pairs are proposed and judged; ``threshold`` applies to the keypoint similarity
-    (the share of keypoints one transform maps onto each other)."""
+    """How pairs are proposed and judged; ``threshold`` applies to :func:`duplicate_score`
+    (the share of keypoints one transform maps onto each other, blended with the cosine at
+    ``cosine_weight``)."""
 
-    threshold: float = 0.42  # the keypoint check does not depend on the model: measured once
+    threshold: float = 0.42
     candidate_cosine: float = 0.3
     cosine_only_threshold: float = 0.84
     k: int = 10
+    cosine_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("threshold", "candidate_cosine", "cosine_only_threshold"):
@@ -79,6 +84,9 @@ class DedupParams:
                 raise InvalidInputError(f"{name} must be within [-1, 1], got {value}")
         if not 1 <= self.k <= 1000:
             raise InvalidInputError(f"k must be within [1, 1000], got {self.k}")
+        if not 0.0 <= self.cosine_weight <= 10.0:
+            raise InvalidInputError(
+                f"cosine_weight must be within [0, 10], got {self.cosine_weight}")
 
     @classmethod
     def from_calibration(cls, calibration: dict[str, Any] | None, **override: Any) -> DedupParams:
@@ -120,26 +128,28 @@ def candidate_pairs(
     ``floor`` among each item's ``k`` nearest neighbours, through the store's own search in
     batches; each pair once."""
     position = {key: i for i, key in enumerate(keys)}
-    first, second, scores = [], [], []
+    firsts, seconds, cosines = [], [], []  # one numpy block per batch: 20 bytes a pair
     with tqdm(total=len(keys), desc="neighbours", unit="item", disable=not progress) as bar:
         for start in range(0, len(keys), batch_size):
             batch = list(keys[start:start + batch_size])
             vectors = store.vectors(batch)
-            for offset, matches in enumerate(store.search(vectors, k + 1)):
-                i = start + offset
-                for match in matches:
-                    j = position.get(match.key)
-                    if j is not None and j != i and match.score >= floor:
-                        first.append(min(i, j))
-                        second.append(max(i, j))
-                        scores.append(match.score)
+            found = [(start + offset, position.get(match.key, -1), match.score)
+                     for offset, matches in enumerate(store.search(vectors, k + 1))
+                     for match in matches]
+            if found:
+                i, j, score = (np.array(column) for column in zip(*found, strict=True))
+                keep = (j >= 0) & (j != i) & (score >= floor)
+                firsts.append(np.minimum(i, j)[keep])
+                seconds.append(np.maximum(i, j)[keep])
+                cosines.append(score[keep].astype(np.float32))
             bar.update(len(batch))
-    if not first:
+    if not firsts or not sum(len(block) for block in firsts):
         empty = np.zeros(0, np.int64)
         return empty, empty, np.zeros(0, np.float32)
-    pairs = np.stack([np.array(first, np.int64), np.array(second, np.int64)], axis=1)
-    unique, index = np.unique(pairs, axis=0, return_index=True)
-    return unique[:, 0], unique[:, 1], np.array(scores, np.float32)[index]
+    width = np.int64(len(keys))
+    codes = np.concatenate(firsts).astype(np.int64) * width + np.concatenate(seconds)
+    unique, index = np.unique(codes, return_index=True)  # each pair once, sorted by (i, j)
+    return unique // width, unique % width, np.concatenate(cosines)[index]
 
 
 @dataclass(frozen=True)
@@ -213,6 +223,12 @@ def keypoint_similarity(a: Keypoints, b: Keypoints) -> float:
     return min(1.0, best / max(min(a.count, b.count), MIN_KEYPOINTS))
 
 
+def duplicate_score(keypoint: Any, cosine: Any, cosine_weight: float) -> Any:
+    """``(keypoint + w * cosine) / (1 + w)``: the keypoint share, pulled towards the cosine by
+    the weight ``w`` (0 = keypoints alone); floats or arrays alike."""
+    return (keypoint + cosine_weight * cosine) / (1.0 + cosine_weight)
+
+
 class KeypointCache:
     """Keypoints of recently seen thumbnails, by the thumbnail's digest (so a replaced image
     is never judged by its predecessor's keypoints); least recently used go first.
@@ -256,15 +272,17 @@ def judge_pairs(
     cosines: np.ndarray, params: DedupParams, progress: bool = False,
     cache: KeypointCache | None = None,
 ) -> list[tuple[int, int, float, float]]:
-    """The candidate pairs that are duplicates, as ``(i, j, score, cosine)``: the keypoint
-    similarity decides where both items have thumbnails, the cosine where one has none."""
+    """The candidate pairs that are duplicates, as ``(i, j, score, cosine)``: the
+    :func:`duplicate_score` decides where both items have thumbnails, the cosine where one
+    has none."""
     involved = sorted({keys[int(i)] for i in np.concatenate([first, second])})
     signatures = _signatures(store, involved, cache, progress)
     accepted = []
     for i, j, cosine in zip(first.tolist(), second.tolist(), cosines.tolist(), strict=True):
         a, b = signatures[keys[i]], signatures[keys[j]]
         if a is not None and b is not None:
-            score, threshold = keypoint_similarity(a, b), params.threshold
+            score = duplicate_score(keypoint_similarity(a, b), cosine, params.cosine_weight)
+            threshold = params.threshold
         else:
             score, threshold = cosine, params.cosine_only_threshold
         if score >= threshold:

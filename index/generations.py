@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 MERGE_CHUNK = {"hnsw": 8, "ivf": 4096, "other": 4096}
 #: Encoded IVF rows appended per write-lock hold (a memcpy into the lists: ~0.1 ms).
 COMMIT_ROWS = 1024
+#: Spare room given to each inverted list when a generation starts serving: 1 / this.
+LIST_HEADROOM = 4
 _BUILD_CHUNK = 1 << 15
 _TRAIN_SAMPLE_PER_LIST = 64
 
@@ -114,6 +116,25 @@ class Generation:
 
     def __post_init__(self) -> None:
         self.family = describe_family(self.index)  # asked on every search: computed once
+        self._reserve_list_headroom()
+
+    def _reserve_list_headroom(self) -> None:
+        """Give every inverted list spare capacity before the generation serves.
+
+        Why: an index read from disk has lists sized exactly to their content, so the first
+        merge after ``open`` makes nearly every list reallocate and copy itself, all inside
+        one write-lock hold (measured: 32 ms at 300k items, ~100 ms at 1M, every search
+        waiting). Growing each list by a quarter and shrinking it back keeps the capacity
+        (``std::vector``), so later appends are plain copies and lists outgrow their room at
+        different times. Costs ~16 ms per 300k items, once, before any reader sees it."""
+        ivf = _ivf(self.index)
+        if ivf is None:
+            return
+        lists = ivf.invlists
+        for number in range(ivf.nlist):
+            size = lists.list_size(number)
+            lists.resize(number, size + size // LIST_HEADROOM + 16)
+            lists.resize(number, size)
 
     @property
     def removable(self) -> bool:

@@ -431,7 +431,11 @@ class IndexStore:
             alive.set(ids)
             self._forget(alive, view.generation, existing)
             self._view = _View(view.generation, start + count, alive, self._vectors.array)
-        self._wake.set()
+        generation = view.generation
+        if generation is None or start + count - generation.covered >= MERGE_MIN_ROWS:
+            # not on every small add: a pass with nothing to merge still competes with
+            # searches for the GIL (the periodic pass re-checks everything else)
+            self._wake.set()
 
     def remove(self, keys: Iterable[str]) -> int:
         """Remove items by key in one transaction; unknown keys raise :class:`UnknownKeyError`."""

@@ -33,7 +33,7 @@ the fingerprinted files, so calibrating a model never orphans the indexes built 
 
 DEDUP_KEY = "dedup"
 """The near-duplicate parameters (``threshold``, ``candidate_cosine``,
-``cosine_only_threshold``, ``k``) measured by ``lookalike dedup-evaluate
+``cosine_only_threshold``, ``k``, ``cosine_weight``) measured by ``lookalike dedup-evaluate
 --write-calibration``, kept beside the verification threshold because they too hold only for
 the weights they were measured with."""
 
@@ -104,7 +104,9 @@ def _check_dedup(file: Path, dedup: Any) -> None:
     scores = ("threshold", "candidate_cosine", "cosine_only_threshold")
     valid = isinstance(dedup, dict) and all(
         isinstance(dedup.get(name), int | float) and -1.0 <= dedup[name] <= 1.0
-        for name in scores) and isinstance(dedup.get("k"), int) and 1 <= dedup["k"] <= 1000
+        for name in scores) and isinstance(dedup.get("k"), int) and 1 <= dedup["k"] <= 1000 \
+        and isinstance(dedup.get("cosine_weight", 0.0), int | float) \
+        and 0.0 <= dedup.get("cosine_weight", 0.0) <= 10.0
     if not valid:
         raise BundleError(
             f"{file} has a damaged {DEDUP_KEY!r} entry ({dedup!r}): re-run "

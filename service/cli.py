@@ -636,8 +636,9 @@ def dedup(
     ],
     threshold: Annotated[
         float | None,
-        typer.Option(min=-1.0, max=1.0, help="Keypoint similarity a candidate pair needs (higher = "
-                     "stricter) [default: the model's calibration, chosen by cross-validation; "
+        typer.Option(min=-1.0, max=1.0, help="Duplicate score a candidate pair needs (keypoint "
+                     "share blended with the cosine; higher = stricter) [default: the model's "
+                     "calibration, chosen by cross-validation; "
                      "see benchmarks/figures/dedup-curve.png]."),
     ] = None,
     sheet: Annotated[
@@ -737,7 +738,9 @@ def dedup_evaluate(
     for method, found in report["methods"].items():
         typer.echo(f"{method:7s} precision {found['precision']['mean']:.3f} ± "
                    f"{found['precision']['se']:.3f}  recall {found['recall']['mean']:.3f} ± "
-                   f"{found['recall']['se']:.3f}  threshold {found['threshold_all']:.2f}")
+                   f"{found['recall']['se']:.3f}  threshold {found['threshold_all']:.2f}"
+                   + (f"  cosine weight {found['cosine_weight_all']:g}"
+                      if method == "keypoints" else ""))
     typer.echo(f"report: {out / 'dedup-metrics.json'}, plot: {report['plot']}")
     if write_calibration:
         model_path = embedder.bundle.path

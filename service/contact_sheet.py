@@ -63,7 +63,8 @@ def write_contact_sheet(
     page = (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
         f"<style>{_STYLE}</style></head><body><h1>{title}</h1>"
-        f"<p>keypoint threshold {params.threshold:.2f}, candidates at cosine >= "
+        f"<p>duplicate-score threshold {params.threshold:.2f} (cosine weight "
+        f"{params.cosine_weight:g}), candidates at cosine >= "
         f"{params.candidate_cosine:.2f} among {params.k} neighbours</p>{body}</body></html>"
     )
     return atomic_write(path, page)

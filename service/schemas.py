@@ -173,8 +173,10 @@ class CompareResponse(BaseModel):
 class DuplicatePairOut(BaseModel):
     a: str
     b: str
-    score: float = Field(description="Keypoint similarity of the two thumbnails (or the cosine "
-                         "where one has no thumbnail): what the threshold applies to.")
+    score: float = Field(description="Duplicate score: the share of the thumbnails' keypoints "
+                         "one transform maps onto each other, blended with the cosine at the "
+                         "calibrated weight (the cosine alone where one has no thumbnail); "
+                         "what the threshold applies to.")
     cosine: float = Field(description="Cosine similarity of the two embeddings.")
 
 

@@ -57,7 +57,8 @@ def list_duplicates(
     after: Annotated[str | None, Query(description="`next_after` of the previous page.")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
     threshold: Annotated[float | None, Query(ge=-1.0, le=1.0, description=(
-        "Keypoint similarity a pair needs [default: the model's calibration]."))] = None,
+        "Duplicate score a pair needs (keypoint share blended with the cosine) "
+        "[default: the model's calibration]."))] = None,
 ) -> DuplicatePage:
     calibration = state.embedder.bundle.calibration
     params = DedupParams.from_calibration(calibration, threshold=threshold)

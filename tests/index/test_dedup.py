@@ -11,13 +11,21 @@ import numpy as np
 import pytest
 
 from lookalike.core.errors import InvalidInputError
-from lookalike.evaluation.dedup import collect_scores, cross_validate, grouped_pairs, pair_metrics
+from lookalike.evaluation.dedup import (
+    COSINE_WEIGHTS,
+    collect_scores,
+    cross_validate,
+    grouped_pairs,
+    pair_metrics,
+)
 from lookalike.evaluation.dedup_set import make_dedup_set, read_dedup_set
 from lookalike.index.dedup import (
     DedupParams,
     DuplicateGroup,
     find_duplicate_groups,
     group_pairs,
+    keypoint_signature,
+    keypoint_similarity,
     write_groups,
 )
 from lookalike.index.store import IndexStore
@@ -63,6 +71,25 @@ def test_cross_validation_reports_folds_and_a_threshold(planted_store, planted_s
     assert len(found["folds"]) == 3
     assert 0.0 < found["threshold_all"] < 1.0
     assert found["recall"]["se"] >= 0.0 and found["precision"]["mean"] >= 0.8
+    assert found["cosine_weight_all"] in COSINE_WEIGHTS
+    assert all(fold["cosine_weight"] in COSINE_WEIGHTS for fold in found["folds"])
+    assert report["methods"]["cosine"]["cosine_weight_all"] == 0.0
+
+
+def test_pair_scores_blend_keypoints_and_cosine_at_the_weight(planted_store) -> None:
+    """What the threshold applies to: (keypoint share + w * cosine) / (1 + w), recomputed
+    here from the thumbnails for every accepted pair."""
+    params = DedupParams(threshold=0.3, cosine_weight=1.0)
+    groups = find_duplicate_groups(planted_store, params)
+    pairs = [pair for group in groups for pair in group.pairs]
+    assert pairs
+    for a, b, score, cosine in pairs:
+        share = keypoint_similarity(keypoint_signature(planted_store.thumbnail(a)),
+                                    keypoint_signature(planted_store.thumbnail(b)))
+        assert score == pytest.approx((share + cosine) / 2, abs=1e-6)
+        assert score >= params.threshold
+    with pytest.raises(InvalidInputError, match="cosine_weight"):
+        DedupParams(cosine_weight=-1.0)
 
 
 def test_groups_are_deterministic_and_ordered_by_earliest_member(planted_store) -> None:
