@@ -19,7 +19,8 @@ from lookalike.models.bundle import (
 )
 from lookalike.models.model import DEDUP_KEY, update_calibration
 
-DEDUP = {"threshold": 0.35, "candidate_cosine": 0.3, "cosine_only_threshold": 0.84, "k": 10}
+DEDUP = {"threshold": 0.35, "candidate_cosine": 0.3, "cosine_only_threshold": 0.84, "k": 10,
+         "cosine_weight": 1.0}
 
 
 @pytest.fixture
@@ -42,7 +43,8 @@ def test_each_measurement_keeps_the_others_keys(own_bundle: ModelBundle) -> None
 
 
 @pytest.mark.parametrize("dedup", [{"threshold": 3}, "x", {**DEDUP, "k": 0},
-                                   {**DEDUP, "candidate_cosine": None}])
+                                   {**DEDUP, "candidate_cosine": None},
+                                   {**DEDUP, "cosine_weight": -1}, {**DEDUP, "cosine_weight": "1"}])
 def test_a_damaged_dedup_entry_fails_when_the_model_loads(own_bundle: ModelBundle, dedup) -> None:  # noqa: ANN001
     (own_bundle.path / CALIBRATION_FILE).write_text(json.dumps(
         {"threshold": 0.4, "model_fingerprint": own_bundle.fingerprint, DEDUP_KEY: dedup}))
