@@ -3,10 +3,17 @@
 The fingerprint (sha256 of the two files) names the exact model that produced a set of
 vectors; an index store records it so that vectors from different models are never mixed.
 Weights are safetensors only: a bundle from elsewhere can never run code when loaded.
+
+A trunk that is exactly its backbone's offline ImageNet weights (a frozen trunk, the usual
+case) is not stored: ``config.json`` names it under ``offline_trunks`` with the sha256 of its
+tensors, and loading takes the weights from the installed package and checks that digest.
+So a bundle holds what training changed (the head), and a fusion of three trunks stays a few
+megabytes; the digest, being in ``config.json``, is part of the fingerprint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -30,13 +37,20 @@ __all__ = [
     "is_bundle",
     "CALIBRATION_FILE",
     "DEFAULT_BUNDLE",
+    "SHIPPED_BUNDLES",
 ]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FINGERPRINT_FILE = "fingerprint"
+OFFLINE_TRUNKS = "offline_trunks"
+"""``config.json`` key: ``{trunk index: {"backbone": name, "sha256": digest}}`` of the trunks
+whose weights come from the offline packages instead of ``model.safetensors``."""
 DEFAULT_BUNDLE = Path(__file__).parent / "default"
 """The shipped trained model (``models/recipes/default.toml``), installed with the package."""
+SHIPPED_BUNDLES = {"default": DEFAULT_BUNDLE, "accurate": Path(__file__).parent / "accurate"}
+"""Trained models installed with the package, by the name ``--model`` takes: ``accurate`` is
+a slower fusion of three trunks (``models/recipes/accurate.toml``)."""
 
 
 class ModelBundle:
@@ -124,17 +138,25 @@ def _digest(directory: Path) -> str:
     return files_sha256(directory / CONFIG_FILE, directory / WEIGHTS_FILE)
 
 
-def save_bundle(net: EmbeddingNet, path: str | Path, *, half: bool = False) -> str:
+def save_bundle(
+    net: EmbeddingNet, path: str | Path, *, half: bool = False, offline_trunks: bool = True
+) -> str:
     """Write ``net`` as a bundle at ``path`` (atomically) and return its fingerprint.
 
     The files are written and fsynced in a sibling directory that then replaces ``path``, so
     a reader sees the old bundle or the whole new one. ``half=True`` stores weights as
-    float16 (half the size; loaded back as float32).
+    float16 (half the size; loaded back as float32). With ``offline_trunks`` (the default),
+    trunks identical to their offline ImageNet weights are referenced, not stored.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    references = _unchanged_offline_trunks(net) if offline_trunks else {}
+    skipped = tuple(f"trunks.{index}." for index in references)
+    config = net.config.to_dict()
+    if references:
+        config[OFFLINE_TRUNKS] = references
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         state = {
@@ -143,9 +165,10 @@ def save_bundle(net: EmbeddingNet, path: str | Path, *, half: bool = False) -> s
             .contiguous()
             .cpu()
             for key, value in net.state_dict().items()
+            if not key.startswith(skipped)
         }
         atomic_write(tmp / WEIGHTS_FILE, lambda target: save_file(state, str(target)))
-        atomic_write(tmp / CONFIG_FILE, json.dumps(net.config.to_dict(), indent=2, sort_keys=True))
+        atomic_write(tmp / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True))
         fingerprint = _digest(tmp)
         atomic_write(tmp / FINGERPRINT_FILE, fingerprint + "\n")
         if path.exists():
@@ -193,11 +216,14 @@ def _load_net(path: Path) -> EmbeddingNet:
     from .network import EmbeddingConfig, EmbeddingNet
 
     try:
-        config = EmbeddingConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+        raw = json.loads((path / CONFIG_FILE).read_text())
+        references = raw.pop(OFFLINE_TRUNKS, {}) if isinstance(raw, dict) else {}
+        config = EmbeddingConfig.from_dict(raw)
         net = EmbeddingNet(config, pretrained=False)
         state = load_file(str(path / WEIGHTS_FILE))
         state = {key: value.float() if value.is_floating_point() else value
                  for key, value in state.items()}
+        state.update(_offline_trunk_state(path, config.backbones, references))
         net.load_state_dict(state)
     except (json.JSONDecodeError, TypeError, ConfigError, BackboneError) as exc:
         raise BundleError(f"model bundle {path} has an invalid config.json: {exc}") from exc
@@ -206,6 +232,68 @@ def _load_net(path: Path) -> EmbeddingNet:
             f"model bundle {path} has weights that do not fit its config: {exc}"
         ) from exc
     return net.eval()
+
+
+def _tensors_digest(state: dict[str, Any]) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and bytes, in name order."""
+    import torch
+
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _unchanged_offline_trunks(net: EmbeddingNet) -> dict[str, dict[str, str]]:
+    """The trunks of ``net`` whose tensors equal their backbone's offline ImageNet weights
+    (every tensor compared), by index, with the digest that loading checks."""
+    import torch
+
+    from .backbones import create_backbone, get_backbone_spec
+
+    found = {}
+    for index, (name, trunk) in enumerate(zip(net.config.backbones, net.trunks, strict=True)):
+        if not get_backbone_spec(name).offline_weights:
+            continue
+        try:
+            pristine = create_backbone(name, pretrained=True)[0].state_dict()
+        except BackboneError:  # its package is not installed here: store the weights
+            continue
+        own = trunk.state_dict()
+        if own.keys() == pristine.keys() and all(
+                torch.equal(own[key].cpu(), pristine[key]) for key in own):
+            found[str(index)] = {"backbone": name, "sha256": _tensors_digest(own)}
+    return found
+
+
+def _offline_trunk_state(path: Path, backbones: tuple[str, ...], references: Any
+                         ) -> dict[str, Any]:
+    """The state-dict entries of the trunks ``config.json`` references, from the offline
+    packages, after checking each against its recorded digest."""
+    from .backbones import create_backbone
+
+    if not isinstance(references, dict):
+        raise BundleError(f"model bundle {path} has a damaged {OFFLINE_TRUNKS!r} entry")
+    state = {}
+    for index, reference in references.items():
+        try:
+            name = backbones[int(index)]
+            recorded = reference["sha256"]
+        except (ValueError, IndexError, KeyError, TypeError) as exc:
+            raise BundleError(
+                f"model bundle {path} has a damaged {OFFLINE_TRUNKS!r} entry: {exc}") from exc
+        if reference.get("backbone") != name:
+            raise BundleError(f"model bundle {path}: trunk {index} is {name}, but its offline "
+                              f"weights are recorded for {reference.get('backbone')!r}")
+        trunk = create_backbone(name, pretrained=True)[0].state_dict()
+        if _tensors_digest(trunk) != recorded:
+            raise BundleError(
+                f"model bundle {path} was trained on other {name} weights than the installed "
+                "package holds (sha256 differs); install the package version it names")
+        state.update({f"trunks.{index}.{key}": value for key, value in trunk.items()})
+    return state
 
 
 def pretrained_bundle(backbone: str, cache_dir: str | Path, *, lazy: bool = False) -> ModelBundle:

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bundle import DEFAULT_BUNDLE, is_bundle, load_bundle, pretrained_bundle
+from .bundle import DEFAULT_BUNDLE, SHIPPED_BUNDLES, is_bundle, load_bundle, pretrained_bundle
 from .embedder import Embedder
 from .engines import DEFAULT_ENGINE
 from .errors import BackboneError, BundleError
@@ -36,14 +36,20 @@ def resolve_model(model: str | Path | None, cache_dir: str | Path) -> Model:
     """Turn what a user typed into a model.
 
     ``None`` means the default model: the shipped trained bundle, or (in a checkout without
-    it) the untrained ImageNet EfficientNet-Lite0. A directory is a serving model (it has
-    ``serving.json``) or a bundle; anything else must be a backbone name, which always means
-    untrained. Bundles load lazily: torch is imported only if an engine needs the network.
+    it) the untrained ImageNet EfficientNet-Lite0. A shipped model's name (``default``,
+    ``accurate``) means that bundle. A directory is a serving model (it has ``serving.json``)
+    or a bundle; anything else must be a backbone name, which always means untrained. Bundles
+    load lazily: torch is imported only if an engine needs the network.
     """
     if model is None:
         if is_bundle(DEFAULT_BUNDLE):
             return load_bundle(DEFAULT_BUNDLE, lazy=True)
         return pretrained_bundle(DEFAULT_BACKBONE, cache_dir, lazy=True)
+    shipped = SHIPPED_BUNDLES.get(str(model))
+    if shipped is not None and not Path(model).exists():
+        if not is_bundle(shipped):
+            raise BundleError(f"the shipped model {model!r} is not installed here ({shipped})")
+        return load_bundle(shipped, lazy=True)
     candidate = Path(model)
     if candidate.is_dir():
         if is_serving_model(candidate):

@@ -79,7 +79,8 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Model bundle directory, or a backbone name; default: the built-in model.",
+        help="A shipped model ('default', or 'accurate': slower, three fused trunks), a model "
+        "bundle directory, or a backbone name (untrained); default: the built-in model.",
         envvar="LOOKALIKE_MODEL",
     ),
 ]

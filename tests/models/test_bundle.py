@@ -90,3 +90,51 @@ def test_weights_that_do_not_fit_the_config(small_net: EmbeddingNet, tmp_path: P
 def test_resolve_model_rejects_nonsense(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="neither a model bundle"):
         resolve_model("no-such-model", tmp_path)
+
+
+@pytest.fixture(scope="module")
+def frozen_fusion() -> EmbeddingNet:
+    """Two trunks with their offline ImageNet weights, untouched, and a trained-looking head."""
+    torch.manual_seed(2)
+    config = EmbeddingConfig(backbones=("efficientnet_lite0", "efficientnet_lite1"),
+                             taps=(6,), head=(32,))
+    return EmbeddingNet(config, pretrained=True).eval()
+
+
+def test_unchanged_offline_trunks_are_referenced_not_stored(
+    frozen_fusion: EmbeddingNet, images: torch.Tensor, tmp_path: Path
+) -> None:
+    from safetensors import safe_open
+
+    save_bundle(frozen_fusion, tmp_path / "ref")
+    save_bundle(frozen_fusion, tmp_path / "full", offline_trunks=False)
+    config = json.loads((tmp_path / "ref" / "config.json").read_text())
+    assert sorted(config["offline_trunks"]) == ["0", "1"]
+    with safe_open(str(tmp_path / "ref" / "model.safetensors"), "pt") as stored:
+        assert not any(key.startswith("trunks.") for key in stored.keys())  # noqa: SIM118
+    sizes = {name: (tmp_path / name / "model.safetensors").stat().st_size
+             for name in ("ref", "full")}
+    assert sizes["ref"] < 0.05 * sizes["full"], sizes
+    with torch.inference_mode():
+        expected = frozen_fusion(images)
+        for name in ("ref", "full"):
+            np.testing.assert_allclose(load_bundle(tmp_path / name).net(images), expected,
+                                       atol=1e-6)
+
+
+def test_a_changed_trunk_is_stored_and_a_wrong_reference_refused(
+    frozen_fusion: EmbeddingNet, tmp_path: Path
+) -> None:
+    tuned = EmbeddingNet(frozen_fusion.config, pretrained=False).eval()
+    tuned.load_state_dict(frozen_fusion.state_dict())
+    with torch.no_grad():
+        next(tuned.trunks[1].parameters()).add_(0.01)  # fine-tuned: no longer the package's
+    save_bundle(tuned, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert list(config["offline_trunks"]) == ["0"]
+    # A reference whose digest is not the installed weights' (edited, fingerprint dropped).
+    config["offline_trunks"]["0"]["sha256"] = "0" * 64
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "m" / "fingerprint").unlink()
+    with pytest.raises(BundleError, match="other efficientnet_lite0 weights"):
+        load_bundle(tmp_path / "m")
