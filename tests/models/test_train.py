@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from lookalike.models.bundle import DEFAULT_BUNDLE, load_bundle
+from lookalike.models.bundle import SHIPPED_BUNDLES, load_bundle
 from lookalike.models.embedder import Embedder
 from lookalike.models.resolve import resolve_model
 from lookalike.models.train import TrainConfig, TrainConfigError, Trainer, train
@@ -143,13 +143,16 @@ def test_bad_configs_fail_in_one_line_with_exit_code_2(
     assert len(lines) == 1 and message.format(tmp=tmp_path) in lines[0], result.output
 
 
-def test_the_default_model_is_the_shipped_trained_bundle(tmp_path: Path) -> None:
-    """``resolve_model(None)`` loads models/default/, trained by models/recipes/default.toml:
-    cross-validated, then trained on every pair, its figures the CV's."""
-    bundle = resolve_model(None, tmp_path)
-    assert bundle.path == DEFAULT_BUNDLE
+@pytest.mark.parametrize("name", [None, "default", "accurate"])
+def test_the_shipped_models_are_what_their_recipes_make(tmp_path: Path, name: str | None) -> None:
+    """``resolve_model(None)`` loads models/default/, ``--model accurate`` models/accurate/,
+    each trained by its recipe in models/recipes/: cross-validated, then trained on every
+    pair, its figures the CV's."""
+    bundle = resolve_model(name, tmp_path)
+    shipped_path = SHIPPED_BUNDLES[name or "default"]
+    assert bundle.path == shipped_path
     extra = bundle.config.extra
-    recipe = TrainConfig.from_file(DEFAULT_BUNDLE.parents[0] / "recipes" / "default.toml")
+    recipe = TrainConfig.from_file(shipped_path.parent / "recipes" / f"{shipped_path.name}.toml")
     where = {"out", "work_dir", "feature_cache", "progress"}  # where it ran, not what it made
     shipped = {k: v for k, v in extra["recipe"].items() if k not in where}
     assert shipped == {k: v for k, v in recipe.to_dict().items() if k not in where}, (
@@ -160,5 +163,9 @@ def test_the_default_model_is_the_shipped_trained_bundle(tmp_path: Path) -> None
     top1 = extra["cross_validation"]["summary"]["top1"]
     assert top1["mean"] - 3 * top1["se"] > 0.45, "trained: well above the untrained ~0.35"
     assert "out-of-fold" in bundle.calibration["measured_on"]["method"]
-    size = sum(f.stat().st_size for f in DEFAULT_BUNDLE.iterdir())
+    size = sum(f.stat().st_size for f in shipped_path.iterdir())
     assert size < 20_000_000
+    if name == "accurate":  # its trunks come from the offline packages, checked by sha256
+        config = json.loads((shipped_path / "config.json").read_text())
+        assert sorted(config["offline_trunks"]) == ["0", "1"]
+        assert size < 8_000_000
