@@ -16,8 +16,19 @@ declare -A ROWS=(
   [temperature-0.05]="--temperature 0.05"
   [faiss-hard-negatives]="--hard-negatives"
   [dropout-0.5]="--dropout 0.5"
+  # 30-epoch rows of the second session (compare with e30, the same folds)
+  [e30]="--epochs 30"
+  [e30-t005]="--epochs 30 --temperature 0.05"
+  [e30-grid4]="--epochs 30 --grid 4"
+  [e30-views4]="--epochs 30 --views 4"
+  [e30-taps567]="--epochs 30 --taps 5,6,7"
+  [e30-lite01]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1"
+  [e30-lite012]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
+  [e30-lite01-t005]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1 --temperature 0.05"
+  [e60-lite01]="--backbones efficientnet_lite0,efficientnet_lite1"
 )
-ORDER=(default epochs-30 temperature-0.05 faiss-hard-negatives dropout-0.5)
+ORDER=(default epochs-30 temperature-0.05 faiss-hard-negatives dropout-0.5 e30 e30-t005 e30-grid4
+       e30-views4 e30-taps567 e30-lite01 e30-lite012 e30-lite01-t005 e60-lite01)
 
 for row in "${@:-${ORDER[@]}}"; do
   echo "== $row" >&2
