@@ -256,14 +256,12 @@ class KeypointCache:
 
 
 def _signatures(store: IndexStore, keys: Sequence[str], cache: KeypointCache | None,
-                progress: bool = False) -> dict[str, Keypoints | None]:
-    signatures: dict[str, Keypoints | None] = {}
+                progress: bool = False) -> dict[str, Keypoints]:
+    """Keypoints of ``keys``, which all have thumbnails."""
+    signatures: dict[str, Keypoints] = {}
     for key in tqdm(keys, desc="keypoints", unit="img", disable=not progress or not keys):
-        data = store.thumbnail(key)
-        if not data:
-            signatures[key] = None
-        else:
-            signatures[key] = cache.get(data) if cache else keypoint_signature(data)
+        data = store.thumbnail(key) or b""
+        signatures[key] = cache.get(data) if cache else keypoint_signature(data)
     return signatures
 
 
@@ -272,22 +270,28 @@ def judge_pairs(
     cosines: np.ndarray, params: DedupParams, progress: bool = False,
     cache: KeypointCache | None = None,
 ) -> list[tuple[int, int, float, float]]:
-    """The candidate pairs that are duplicates, as ``(i, j, score, cosine)``: the
-    :func:`duplicate_score` decides where both items have thumbnails, the cosine where one
-    has none."""
-    involved = sorted({keys[int(i)] for i in np.concatenate([first, second])})
-    signatures = _signatures(store, involved, cache, progress)
-    accepted = []
-    for i, j, cosine in zip(first.tolist(), second.tolist(), cosines.tolist(), strict=True):
-        a, b = signatures[keys[i]], signatures[keys[j]]
-        if a is not None and b is not None:
-            score = duplicate_score(keypoint_similarity(a, b), cosine, params.cosine_weight)
-            threshold = params.threshold
-        else:
-            score, threshold = cosine, params.cosine_only_threshold
-        if score >= threshold:
-            accepted.append((i, j, score, cosine))
-    return accepted
+    """The candidate pairs that are duplicates, as ``(i, j, score, cosine)`` in candidate
+    order: the :func:`duplicate_score` decides where both items have thumbnails, the cosine
+    where one has none. Pairs judged by cosine alone are filtered in numpy, so a store of
+    vectors without thumbnails (millions of candidate pairs) never becomes Python objects."""
+    involved = np.unique(np.concatenate([first, second]))
+    shown = store.with_thumbnails([keys[int(i)] for i in involved])
+    has_thumbnail = np.zeros(len(keys), bool)
+    has_thumbnail[[int(i) for i in involved if keys[int(i)] in shown]] = True
+    both = has_thumbnail[first] & has_thumbnail[second]
+    by_cosine = np.flatnonzero(~both & (cosines >= params.cosine_only_threshold))
+    judged = [(int(n), (int(first[n]), int(second[n]), float(cosines[n]), float(cosines[n])))
+              for n in by_cosine]
+    pairs = np.flatnonzero(both)
+    signatures = _signatures(store, sorted({keys[int(i)] for i in np.concatenate(
+        [first[pairs], second[pairs]])}), cache, progress)
+    for n in pairs.tolist():
+        i, j, cosine = int(first[n]), int(second[n]), float(cosines[n])
+        share = keypoint_similarity(signatures[keys[i]], signatures[keys[j]])
+        score = duplicate_score(share, cosine, params.cosine_weight)
+        if score >= params.threshold:
+            judged.append((n, (i, j, score, cosine)))
+    return [pair for _, pair in sorted(judged)]
 
 
 def group_pairs(

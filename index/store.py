@@ -584,6 +584,12 @@ class IndexStore:
             raise UnknownKeyError([key])
         return row[0]
 
+    def with_thumbnails(self, keys: Sequence[str]) -> set[str]:
+        """Which of ``keys`` have a stored thumbnail (without reading the thumbnails)."""
+        return {key for (key,) in _select_in(
+            self._reader(), "SELECT key FROM items WHERE length(thumbnail) > 0 AND key IN",
+            list(keys))}
+
     def digests(self) -> dict[str, str | None]:
         """``key -> sha256`` of the source file, to skip unchanged images on rebuild."""
         return dict(self._reader().execute("SELECT key, sha256 FROM items").fetchall())

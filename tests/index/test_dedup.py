@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from lookalike.core.errors import InvalidInputError
 from lookalike.evaluation.dedup import (
@@ -138,7 +140,12 @@ def test_items_without_thumbnails_are_judged_by_cosine(tmp_path: Path) -> None:
     near = base[:2] + 0.05 * rng.normal(size=(2, 32)).astype(np.float32)
     store = IndexStore.create(tmp_path / "s", dim=32, model_fingerprint="x", background=False)
     try:
-        store.add([f"base{i}" for i in range(6)] + ["near0", "near1"], np.vstack([base, near]))
+        # base0 has a thumbnail and near0 has none, near1 an empty one: still judged by cosine
+        picture = io.BytesIO()
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(picture, format="JPEG")
+        store.add([f"base{i}" for i in range(6)] + ["near0", "near1"], np.vstack([base, near]),
+                  thumbnails=[picture.getvalue()] + [None] * 6 + [b""])
+        assert store.with_thumbnails(["base0", "base1", "near0", "near1"]) == {"base0"}
         groups = find_duplicate_groups(store, DedupParams(cosine_only_threshold=0.95))
         assert [g.keys for g in groups] == [["base0", "near0"], ["base1", "near1"]]
         assert find_duplicate_groups(store, DedupParams(cosine_only_threshold=0.9999)) == []
