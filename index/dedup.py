@@ -256,12 +256,15 @@ class KeypointCache:
 
 
 def _signatures(store: IndexStore, keys: Sequence[str], cache: KeypointCache | None,
-                progress: bool = False) -> dict[str, Keypoints]:
-    """Keypoints of ``keys``, which all have thumbnails."""
-    signatures: dict[str, Keypoints] = {}
+                progress: bool = False) -> dict[str, Keypoints | None]:
+    """Keypoints of ``keys`` (None for one whose thumbnail is gone since it was asked for)."""
+    signatures: dict[str, Keypoints | None] = {}
     for key in tqdm(keys, desc="keypoints", unit="img", disable=not progress or not keys):
-        data = store.thumbnail(key) or b""
-        signatures[key] = cache.get(data) if cache else keypoint_signature(data)
+        data = store.thumbnail(key)
+        if not data:
+            signatures[key] = None
+        else:
+            signatures[key] = cache.get(data) if cache else keypoint_signature(data)
     return signatures
 
 
@@ -287,9 +290,13 @@ def judge_pairs(
         [first[pairs], second[pairs]])}), cache, progress)
     for n in pairs.tolist():
         i, j, cosine = int(first[n]), int(second[n]), float(cosines[n])
-        share = keypoint_similarity(signatures[keys[i]], signatures[keys[j]])
-        score = duplicate_score(share, cosine, params.cosine_weight)
-        if score >= params.threshold:
+        a, b = signatures[keys[i]], signatures[keys[j]]
+        if a is None or b is None:  # replaced without a thumbnail meanwhile: cosine decides
+            score, threshold = cosine, params.cosine_only_threshold
+        else:
+            score = duplicate_score(keypoint_similarity(a, b), cosine, params.cosine_weight)
+            threshold = params.threshold
+        if score >= threshold:
             judged.append((n, (i, j, score, cosine)))
     return [pair for _, pair in sorted(judged)]
 
