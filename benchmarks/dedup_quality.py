@@ -108,8 +108,9 @@ def lookalike_worker(images: Path, threshold: float | None) -> tuple[set, dict]:
         store.close()
     pairs = {(a, b) for g in groups for i, a in enumerate(sorted(g.keys))
              for b in sorted(g.keys)[i + 1:]}
-    return pairs, {"threshold": f"(keypoints + {params.cosine_weight:g} x cosine) / "
-                                f"{1 + params.cosine_weight:g} >= {params.threshold:.2f} (cosine >= "
+    weight = params.cosine_weight
+    return pairs, {"threshold": f"(keypoints + {weight:g} x cosine) / {1 + weight:g} >= "
+                                f"{params.threshold:.2f} (cosine >= "
                                 f"{params.candidate_cosine:.2f} candidates)"}
 
 
