@@ -13,8 +13,10 @@ A frozen trunk's features of every image are computed once and shared by all fol
 :class:`~lookalike.models.feature_cache.FeatureCache` of the whole data), so a recipe's CV
 costs a few minutes of head training. Each finished fold is saved as ``fold-K.json`` with
 its out-of-fold verification scores and validation vectors with their candidate sets
-(``fold-K.npz``, for re-rankers measured on the same folds); a rerun with the same settings skips
-it, so an interrupted CV resumes at the fold it stopped in.
+(``fold-K.npz``, for re-rankers measured on the same folds), and with ``keep_fold_models`` the
+fold model's trained part (``fold-K.head.safetensors``: standardisation and head, all a frozen
+trunk's model adds); a rerun with the same settings skips it, so an interrupted CV resumes at the
+fold it stopped in.
 
 Then the recipe's model is trained on all the pairs for the same epochs (what ships: the
 CV figures describe it, and are recorded in its bundle), and its ``calibration.json`` is
@@ -41,7 +43,8 @@ from ..models.train_config import TrainConfig
 from .errors import EvaluationError
 from .verification import pair_scores, threshold_at_far, verification_metrics
 
-__all__ = ["CV_METRICS", "CrossValidation", "cross_validate", "fold_metrics", "markdown_row"]
+__all__ = ["CV_METRICS", "CrossValidation", "cross_validate", "fold_metrics", "head_path",
+           "markdown_row", "save_head"]
 
 CV_METRICS = ("top1", "top5", "mrr", "auc", "eer", "tmr_at_far")
 """What each fold reports: candidate-set top-1/top-5/MRR (cosine, no assignment), and
@@ -133,8 +136,8 @@ def _fold_config(config: TrainConfig, directory: Path, fold: int) -> TrainConfig
                                feature_cache=config.feature_cache, resume=False)
 
 
-def _run_fold(config: TrainConfig, fold: int, folds: int) -> tuple[dict[str, Any],
-                                                                    dict[str, np.ndarray]]:
+def _run_fold(config: TrainConfig, fold: int, folds: int, head: Path | None = None,
+              ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     from ..models.train import Trainer
 
     started = time.perf_counter()
@@ -145,6 +148,8 @@ def _run_fold(config: TrainConfig, fold: int, folds: int) -> tuple[dict[str, Any
     scores = trainer.evaluator(vectors)
     metrics, positive, negative = fold_metrics(vectors, val.queries, val.candidates,
                                                val.answers, scores)
+    if head is not None:
+        save_head(trainer.net, head)
     history = [{k: entry[k] for k in ("epoch", "loss", "top1", "top5", "mrr")}
                for entry in trainer.state["history"]]
     record = {"fold": fold + 1, **metrics, "history": history,
@@ -154,6 +159,22 @@ def _run_fold(config: TrainConfig, fold: int, folds: int) -> tuple[dict[str, Any
     arrays = {"positive": positive, "negative": negative, "vectors": vectors,
               "queries": val.queries, "candidates": val.candidates, "answers": val.answers}
     return record, arrays
+
+
+def head_path(directory: Path, fold: int) -> Path:
+    """Where fold ``fold`` (1-based) keeps its model's trained part (``keep_fold_models``)."""
+    return directory / f"fold-{fold}.head.safetensors"
+
+
+def save_head(net: Any, path: Path) -> None:
+    """Save an :class:`~lookalike.models.network.EmbeddingNet`'s tensors outside its trunks
+    (standardisation buffers, head weights): with the frozen trunks' offline weights, the
+    whole fold model. Load with ``net.load_state_dict(load_file(path), strict=False)``."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()
+             if not k.startswith("trunks.")}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
 
 
 def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -201,12 +222,14 @@ def cross_validate(config: TrainConfig) -> CrossValidation:
     bar = tqdm(range(folds), desc=f"cv {folds} folds", unit="fold", disable=not config.progress)
     for fold in bar:
         saved, scores = directory / f"fold-{fold + 1}.json", directory / f"fold-{fold + 1}.npz"
+        head = head_path(directory, fold + 1) if config.keep_fold_models else None
         record = json.loads(saved.read_text()) if saved.is_file() and scores.is_file() else None
-        if record is not None and record.get("settings") == settings:
+        if (record is not None and record.get("settings") == settings
+                and (head is None or head.is_file())):
             with np.load(scores) as arrays:
                 positive, negative = arrays["positive"], arrays["negative"]
         else:
-            record, arrays = _run_fold(_fold_config(config, directory, fold), fold, folds)
+            record, arrays = _run_fold(_fold_config(config, directory, fold), fold, folds, head)
             record["settings"] = settings
             _save_arrays(scores, arrays)
             atomic_write(saved, json.dumps(record, indent=1))

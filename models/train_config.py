@@ -93,6 +93,10 @@ class TrainConfig:
                    "writes WORK_DIR/cv/cv.json and cv.md, resumable per fold; then OUT is "
                    "trained on all pairs, calibrated on the out-of-fold scores (0: off).",
                    "--cv", bounds=Bounds(0))
+    keep_fold_models: bool = _opt(False, "With --cv: also save each fold model's trained part "
+                                  "(standardisation and head) as WORK_DIR/cv/fold-K.head."
+                                  "safetensors, for re-rankers and test-time variants measured "
+                                  "on the same folds (a saved fold without one is re-run).")
 
     backbones: list[str] = _opt(["efficientnet_lite0"], "Backbones, comma-separated; two or "
                                 "more are fused (features concatenated before the head).")
@@ -152,7 +156,7 @@ class TrainConfig:
 
     # Settings that may change between a run and its resumption.
     RESUMABLE = frozenset({"epochs", "patience", "max_steps", "progress", "resume",
-                           "feature_cache"})
+                           "feature_cache", "keep_fold_models"})
 
     def __post_init__(self) -> None:
         for name in ("pairs", "left_dir", "right_dir", "labelled", "image_root", "classes",

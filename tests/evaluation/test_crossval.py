@@ -93,3 +93,37 @@ def test_train_cv_prints_mean_and_standard_error(config: TrainConfig, result) ->
     bad = runner.invoke(app, ["train", "--pairs", str(config.pairs), "--cv", "1",
                               "--out", str(config.out)])
     assert bad.exit_code == 2 and bad.output.startswith("error:"), bad.output
+
+
+def test_keep_fold_models_saves_heads_that_reproduce_the_out_of_fold_vectors(
+    result, config: TrainConfig
+) -> None:
+    """A finished CV without fold heads is re-run fold by fold when they are asked for (same
+    figures: the folds are deterministic), and each saved head, put back on the frozen trunk,
+    gives the fold's saved validation vectors from the cached trunk features."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lookalike.evaluation.crossval import head_path
+    from lookalike.models.feature_cache import FeatureCache
+    from lookalike.models.network import EmbeddingNet
+    from lookalike.models.train import load_data
+
+    directory = config.work_dir / "cv"
+    assert not head_path(directory, 1).exists()
+    kept = cross_validate(TrainConfig(**{**config.__dict__, "keep_fold_models": True}))
+    assert [f["top1"] for f in kept.folds] == pytest.approx([f["top1"] for f in result.folds])
+    net = EmbeddingNet(config.model_config(), pretrained=False).eval()
+    state = load_file(str(head_path(directory, 2)))
+    assert not any(key.startswith("trunks.") for key in state)
+    net.load_state_dict(state, strict=False)
+    record = json.loads((directory / "fold-2.json").read_text())
+    with np.load(directory / "fold-2.npz") as arrays:
+        saved = arrays["vectors"]
+    # The fold's own inputs: the shared cache of the frozen trunk's features of every image.
+    images = load_data(config).images
+    features = FeatureCache(net, config, torch.device("cpu")).get(images, 1, "all")[0]
+    rows = {str(path): row for row, path in enumerate(images)}
+    with torch.inference_mode():
+        vectors = net.project(features[[rows[p] for p in record["images"]]]).numpy()
+    np.testing.assert_allclose(vectors, saved, atol=1e-5)
