@@ -116,6 +116,7 @@ class Generation:
 
     def __post_init__(self) -> None:
         self.family = describe_family(self.index)  # asked on every search: computed once
+        self.ivf = _ivf(self.index)  # the IVF inside (or None); downcasting costs a SWIG call
         self._reserve_list_headroom()
 
     def _reserve_list_headroom(self) -> None:
@@ -127,7 +128,7 @@ class Generation:
         waiting). Growing each list by a quarter and shrinking it back keeps the capacity
         (``std::vector``), so later appends are plain copies and lists outgrow their room at
         different times. Costs ~16 ms per 300k items, once, before any reader sees it."""
-        ivf = _ivf(self.index)
+        ivf = self.ivf
         if ivf is None:
             return
         lists = ivf.invlists
@@ -192,7 +193,7 @@ class Generation:
         """
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        ivf = _ivf(self.index) if len(ids) else None
+        ivf = self.ivf if len(ids) else None
         if ivf is None:
             with self.lock.write():
                 if len(ids):

@@ -59,6 +59,23 @@ class AliveBitmap:
         np.bitwise_or.at(self.bits, ids >> 3, (1 << (ids & 7)).astype(np.uint8))
         self.count += int(len(np.unique(ids[~before])))
 
+    def set_range(self, start: int, stop: int) -> None:
+        """Mark ids ``start..stop`` live with byte operations: an add's new ids are one
+        contiguous range, and this keeps the writer's hold on the GIL short."""
+        if stop <= start:
+            return
+        first, last = start >> 3, (stop - 1) >> 3
+        before = int(np.bitwise_count(self.bits[first : last + 1]).sum())
+        low = (0xFF << (start & 7)) & 0xFF
+        high = (1 << (((stop - 1) & 7) + 1)) - 1
+        if first == last:
+            self.bits[first] |= low & high
+        else:
+            self.bits[first] |= low
+            self.bits[first + 1 : last] = 0xFF
+            self.bits[last] |= high
+        self.count += int(np.bitwise_count(self.bits[first : last + 1]).sum()) - before
+
     def clear(self, ids: np.ndarray) -> None:
         ids = np.asarray(ids, dtype=np.int64)
         before = self.contains(ids)

@@ -407,7 +407,6 @@ class IndexStore:
                 )
             view = self._view
             start = view.next_id
-            ids = np.arange(start, start + count, dtype=np.int64)
             self._vectors.write(start, vectors)
             now = time.time()
             with self._db:
@@ -417,9 +416,10 @@ class IndexStore:
                     "INSERT INTO items (id, key, path, sha256, metadata, thumbnail, added) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [
-                        (int(item_id), key, path, digest, text, thumb, now)
+                        (item_id, key, path, digest, text, thumb, now)
                         for item_id, key, path, digest, text, thumb in zip(
-                            ids, keys, paths, sha256, texts, thumbnails, strict=True
+                            range(start, start + count), keys, paths, sha256, texts, thumbnails,
+                            strict=True
                         )
                     ],
                 )
@@ -428,11 +428,16 @@ class IndexStore:
                 )
                 self._bump_generation()
             alive = view.alive.grown(start + count)
-            alive.set(ids)
+            alive.set_range(start, start + count)
             self._forget(alive, view.generation, existing)
             self._view = _View(view.generation, start + count, alive, self._vectors.array)
         generation = view.generation
-        if generation is None or start + count - generation.covered >= MERGE_MIN_ROWS:
+        if generation is not None and generation.family == "ivf":
+            # IVF appends are cheap (encode the batch, copy codes into the lists), so the
+            # writer merges its own rows: searches then never scan an unmerged tail, and no
+            # background pass wakes to compete with them for the GIL
+            self._merge(generation)
+        elif generation is None or start + count - generation.covered >= MERGE_MIN_ROWS:
             # not on every small add: a pass with nothing to merge still competes with
             # searches for the GIL (the periodic pass re-checks everything else)
             self._wake.set()
@@ -960,8 +965,14 @@ class IndexStore:
         return dict(_select_in(connection, "SELECT key, id FROM items WHERE key IN", list(keys)))
 
     def _keys_of(self, ids: np.ndarray) -> dict[int, str]:
-        return dict(_select_in(self._reader(), "SELECT id, key FROM items WHERE id IN",
-                               [int(i) for i in ids]))
+        """Keys of ``ids``, as one JSON row per query: each fetched row is a step into SQLite
+        that gives up the GIL, and a search waits to get it back while a writer runs."""
+        keys: dict[int, str] = {}
+        for (pairs,) in _select_in(
+                self._reader(), "SELECT json_group_array(json_array(id, key)) FROM items "
+                "WHERE id IN", [int(i) for i in ids]):
+            keys.update(json.loads(pairs))
+        return keys
 
     def _delete_rows(self, found: dict[str, int]) -> None:
         """Delete items and tombstone their ids (inside the caller's transaction)."""

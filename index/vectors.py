@@ -46,7 +46,10 @@ class VectorFile:
     def _mapping(self) -> np.ndarray:
         if self._capacity == 0:
             return np.zeros((0, self.dim), self.dtype)
-        return np.memmap(self.path, self.dtype, mode="r", shape=(self._capacity, self.dim))
+        mapped = np.memmap(self.path, self.dtype, mode="r", shape=(self._capacity, self.dim))
+        # a plain ndarray view of the mapping (which it keeps alive): np.memmap runs Python
+        # hooks on every slice and fancy index, on the search path and under the writer's GIL
+        return mapped.view(np.ndarray)
 
     @property
     def array(self) -> np.ndarray:

@@ -95,6 +95,26 @@ def test_rows_merged_into_a_pca_ivf_index_are_found_and_survive_reopen(tmp_path:
     store.close()
 
 
+def test_an_add_to_an_ivf_store_is_in_the_index_when_add_returns(tmp_path: Path) -> None:
+    """The writer merges its own rows into an IVF index (no unmerged tail for searches to
+    scan, no background pass woken); HNSW rows still wait for the background merge."""
+    store, keys, _ = new_store(tmp_path / "ivf", n=400, factory="IVF4,Flat",
+                               search_params={"nprobe": 4})
+    store.maintain()
+    more = random_vectors(300, seed=9)
+    store.add([f"more-{i}" for i in range(300)], more)
+    info = store.manifest["index"]
+    assert info["unmerged"] == 0 and info["indexed"] == info["covered"] == 700
+    (matches,) = store.search(more[123][None], k=1)
+    assert matches[0].key == "more-123"
+    store.close()
+    hnsw, _, _ = new_store(tmp_path / "hnsw", n=400, factory="HNSW32")
+    hnsw.maintain()
+    hnsw.add(["late"], random_vectors(1, seed=10))
+    assert hnsw.manifest["index"]["unmerged"] == 1
+    hnsw.close()
+
+
 def test_rank_sorts_candidates_by_cosine(tmp_path: Path) -> None:
     store, keys, vectors = new_store(tmp_path / "s", n=20)
     query = random_vectors(1, seed=2)[0]
