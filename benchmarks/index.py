@@ -4,14 +4,16 @@ For each size and index type: build seconds (add in 10k batches + ``save``, whic
 fills and tunes the index), open seconds, serving RSS against the size of vectors + index
 on disk, recall@10 against exact search, single-query and batched QPS, one-add and
 one-remove latency at N, and search p99 idle and while a 10k-item add (100 adds of 100)
-and its background merge run. Ratios are against exact search (the ``Flat`` store, a scan
-of the memory-mapped vectors) measured in the same run. Data: clustered synthetic 256-d
+and any merge it causes run. Ratios are against exact search (the ``Flat`` store, a scan
+of the memory-mapped vectors) measured in the same run, or against faiss's in-RAM
+``IndexFlatIP`` when the run has no ``exact`` type. Data: clustered synthetic 256-d
 unit vectors (held-out queries from the same clusters) and real embeddings of the demo
 images with the default model.
 
     python benchmarks/index.py --sizes 100000              # a quick run (~5 min on 2 cores)
     nohup python benchmarks/index.py --sizes 100000,1000000 > index-bench.log 2>&1 &
     python benchmarks/index.py --sizes demo                # real embeddings only
+    python benchmarks/index.py --sizes 10000000 --types auto --vector-dtype float16  # ~30 min
 
 Each (size, type) builds in one subprocess and serves in a fresh one, so build garbage
 never counts in the serving RSS. FAISS threads are set with ``--threads`` in every worker.
@@ -20,6 +22,7 @@ never counts in the serving RSS. FAISS threads are set with ``--threads`` in eve
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -37,19 +40,22 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TYPES = "exact,auto,HNSW32,IVF1024/PQ32"
 HNSW_MAX = 200_000  # HNSW inserts ~14k vectors/s at 100k here, slower as it grows: bound it
+IN_RAM_MAX = 2_000_000  # above this, exact search (truth, reference QPS) streams the file
 CLUSTERS = 1000
 
 
-def clustered(n: int, dim: int, seed: int) -> np.ndarray:
-    """Unit vectors around ``CLUSTERS`` fixed centres (seed 0 for the centres)."""
+def clustered(n: int, dim: int, seed: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Unit vectors around ``CLUSTERS`` fixed centres (seed 0 for the centres), written into
+    ``out`` when given (a memory-mapped ``.npy``, so 10M rows never sit in RAM at once)."""
     centres = np.random.default_rng(0).normal(size=(CLUSTERS, dim)).astype(np.float32)
     rng = np.random.default_rng(seed)
-    out = np.empty((n, dim), np.float32)
+    out = np.empty((n, dim), np.float32) if out is None else out
     for start in range(0, n, 100_000):
         m = min(100_000, n - start)
-        out[start : start + m] = centres[rng.integers(0, CLUSTERS, m)] + 0.6 * rng.normal(
+        block = centres[rng.integers(0, CLUSTERS, m)] + 0.6 * rng.normal(
             size=(m, dim)).astype(np.float32)
-    faiss.normalize_L2(out)
+        faiss.normalize_L2(block)
+        out[start : start + m] = block
     return out
 
 
@@ -74,11 +80,31 @@ def dataset(size: str, dim: int, work: Path) -> tuple[Path, Path]:
     if not base.exists():
         if size == "demo":
             b, q = demo_embeddings()
+            np.save(base, b)
         else:
-            b, q = clustered(int(size), dim, 1), clustered(1000, dim, 2)
-        np.save(base, b)
+            partial = base.with_suffix(".partial.npy")  # renamed when complete
+            b = np.lib.format.open_memmap(partial, "w+", np.float32, (int(size), dim))
+            clustered(int(size), dim, 1, out=b)
+            b.flush()
+            del b
+            partial.rename(base)
+            q = clustered(1000, dim, 2)
         np.save(queries, q)
     return base, queries
+
+
+def streamed_knn(base: np.ndarray, queries: np.ndarray, k: int,
+                 block: int = 1_000_000) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-``k`` over a memory-mapped base, one block of rows at a time."""
+    scores, ids = [], []
+    for start in range(0, len(base), block):
+        d, i = faiss.knn(queries, np.asarray(base[start : start + block]), k,
+                         metric=faiss.METRIC_INNER_PRODUCT)
+        scores.append(d)
+        ids.append(i + start)
+    d, i = np.concatenate(scores, axis=1), np.concatenate(ids, axis=1)
+    order = np.argsort(-d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
 
 
 def rss_bytes() -> int:
@@ -99,7 +125,8 @@ def build_worker(args: argparse.Namespace) -> dict:
     base = np.load(args.base, mmap_mode="r")
     started = time.perf_counter()
     store = IndexStore.create(args.store, dim=base.shape[1], model_fingerprint="bench",
-                              factory=factory_of(args.kind), background=False)
+                              factory=factory_of(args.kind), background=False,
+                              vector_dtype=args.vector_dtype)
     for start in range(0, len(base), 10_000):
         chunk = np.asarray(base[start : start + 10_000])
         store.add([f"v{i}" for i in range(start, start + len(chunk))], chunk)
@@ -157,7 +184,7 @@ def serve_worker(args: argparse.Namespace) -> dict:
                             for f, tr in zip(found, truth[: len(found)], strict=True)]))
     rss = rss_bytes()
     on_disk = sum(f.stat().st_size for f in Path(args.store).glob("index-*.faiss"))
-    vectors_bytes = n * store.dim * 4
+    vectors_bytes = n * store.dim * np.dtype(store.manifest["vector_dtype"]).itemsize
     # one add / one remove at N
     rng = np.random.default_rng(7)
     extra = rng.normal(size=(40, store.dim)).astype(np.float32)
@@ -171,7 +198,7 @@ def serve_worker(args: argparse.Namespace) -> dict:
         store.remove([f"v{i * 997 % n}"])
         remove_ms.append(1e3 * (time.perf_counter() - t))
     idle = timed_searches(store.search, queries[::-1], args.budget, 300)
-    # p99 while a 10k-item add (100 x 100) and its background merge run
+    # p99 while a 10k-item add (100 x 100) and its merge (in the writer for IVF) run
     big = rng.normal(size=(10_000, store.dim)).astype(np.float32)
     done = threading.Event()
 
@@ -230,6 +257,9 @@ def main() -> None:
     parser.add_argument("--types", default=DEFAULT_TYPES,
                         help="comma-separated: exact, auto, or FAISS factories with / for ,")
     parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--vector-dtype", choices=("float32", "float16"), default="float32",
+                        help="how the stores keep their vectors (float16 halves the file; "
+                        "10M x 256 is 5.1 GB instead of 10.2)")
     parser.add_argument("--threads", type=int, default=2, help="FAISS OpenMP threads")
     parser.add_argument("--budget", type=float, default=10.0,
                         help="seconds per latency measurement")
@@ -254,7 +284,8 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())
     print(f"CPU: {cpu}, {os.cpu_count()} cores; faiss {faiss.__version__}, "
-          f"{args.threads} FAISS threads; switch interval {args.switch_interval_ms} ms; {load()}",
+          f"{args.threads} FAISS threads; switch interval {args.switch_interval_ms} ms; "
+          f"{args.vector_dtype} vectors; {load()}",
           flush=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-index-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -264,15 +295,19 @@ def main() -> None:
         base_path, query_path = dataset(size, args.dim, work)
         base = np.load(base_path, mmap_mode="r")
         queries = np.load(query_path)
-        exact = faiss.IndexFlatIP(base.shape[1])
-        exact.add(np.asarray(base))
+        if len(base) <= IN_RAM_MAX:
+            exact = faiss.IndexFlatIP(base.shape[1])
+            exact.add(np.asarray(base))
+            search = exact.search
+        else:  # 10M float32 is 10 GB: scan the memory-mapped file in blocks instead
+            search = functools.partial(streamed_knn, base)
         truth_path = work / f"truth-{size}.npy"
-        np.save(truth_path, exact.search(queries, 10)[1])
-        single = timed_searches(exact.search, queries, args.budget, 100)
+        np.save(truth_path, search(queries, 10)[1])
+        single = timed_searches(search, queries, args.budget, 100)
         t = time.perf_counter()
-        exact.search(queries[:100], 10)
+        search(queries[:100], 10)
         reference[size] = (1 / float(np.mean(single)), 100 / (time.perf_counter() - t))
-        del exact
+        search = exact = None
         for kind in args.types.split(","):
             if kind.startswith("HNSW") and len(base) > args.hnsw_max:
                 print(f"  skip {kind} at {len(base)} (> --hnsw-max {args.hnsw_max})", flush=True)
@@ -280,7 +315,8 @@ def main() -> None:
             store = work / f"store-{size}-{kind.replace(',', '_').replace('/', '_')}"
             shutil.rmtree(store, ignore_errors=True)
             try:
-                built = run_worker("build", args.threads, kind=kind, base=base_path, store=store)
+                built = run_worker("build", args.threads, kind=kind, base=base_path, store=store,
+                                   vector_dtype=args.vector_dtype)
                 served = run_worker("serve", args.threads, store=store, queries=query_path,
                                     truth=truth_path, budget=args.budget)
             except RuntimeError as exc:

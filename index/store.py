@@ -95,7 +95,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 DATABASE = "items.sqlite"
-#: Rows waiting outside the index before the background thread merges them.
+#: Rows waiting outside a non-IVF index (HNSW, other) before the background thread merges
+#: them; an IVF store's writer merges its own rows.
 MERGE_MIN_ROWS = 1024
 #: Share of an HNSW index that may be tombstones before it is rebuilt without them.
 REBUILD_DEAD_FRACTION = 0.2
@@ -436,7 +437,12 @@ class IndexStore:
             # IVF appends are cheap (encode the batch, copy codes into the lists), so the
             # writer merges its own rows: searches then never scan an unmerged tail, and no
             # background pass wakes to compete with them for the GIL
-            self._merge(generation)
+            try:
+                self._merge(generation)
+            except Exception:  # noqa: BLE001 - the add is committed; its rows stay searchable
+                log.exception("merging %d added rows into the index failed; the background "
+                              "pass will retry", count)
+                self._wake.set()
         elif generation is None or start + count - generation.covered >= MERGE_MIN_ROWS:
             # not on every small add: a pass with nothing to merge still competes with
             # searches for the GIL (the periodic pass re-checks everything else)

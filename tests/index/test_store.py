@@ -115,6 +115,32 @@ def test_an_add_to_an_ivf_store_is_in_the_index_when_add_returns(tmp_path: Path)
     hnsw.close()
 
 
+def test_a_failed_merge_does_not_fail_the_committed_add(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The add is committed before its rows are merged: if the merge fails, the add still
+    succeeds, the rows are searched exactly, and the background pass merges them later."""
+    store, _, _ = new_store(tmp_path / "s", n=400, factory="IVF4,Flat",
+                            search_params={"nprobe": 4})
+    store.maintain()
+    generation = store._view.generation
+    assert generation is not None
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise MemoryError("no room for the codes")
+
+    monkeypatch.setattr(generation, "add", failing)
+    more = random_vectors(50, seed=11)
+    store.add([f"more-{i}" for i in range(50)], more)
+    assert store.manifest["index"]["unmerged"] == 50
+    (matches,) = store.search(more[7][None], k=1)
+    assert matches[0].key == "more-7"
+    monkeypatch.undo()
+    store.maintain()
+    assert store.manifest["index"]["unmerged"] == 0
+    store.close()
+
+
 def test_rank_sorts_candidates_by_cosine(tmp_path: Path) -> None:
     store, keys, vectors = new_store(tmp_path / "s", n=20)
     query = random_vectors(1, seed=2)[0]
