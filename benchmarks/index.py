@@ -62,8 +62,8 @@ def clustered(n: int, dim: int, seed: int, out: np.ndarray | None = None) -> np.
 def demo_embeddings() -> tuple[np.ndarray, np.ndarray]:
     """Default-model embeddings of the demo images: right images indexed, left ones queries."""
     from lookalike.demo import DEMO_IMAGES
-    from lookalike.models.bundle import resolve_model
     from lookalike.models.embedder import Embedder
+    from lookalike.models.resolve import resolve_model
     from lookalike.service.settings import Settings
 
     settings = Settings()
