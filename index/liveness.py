@@ -26,12 +26,6 @@ class AliveBitmap:
         self.selector = faiss.IDSelectorBitmap(len(self.bits), faiss.swig_ptr(self.bits))
         self.count = 0
 
-    @classmethod
-    def from_ids(cls, ids: np.ndarray, capacity: int) -> AliveBitmap:
-        bitmap = cls(capacity)
-        bitmap.set(ids)
-        return bitmap
-
     def grown(self, capacity: int) -> AliveBitmap:
         """This bitmap, or a larger copy of it when ``capacity`` ids do not fit."""
         if (capacity + 7) // 8 <= len(self.bits):

@@ -20,7 +20,8 @@ def test_set_range_marks_exactly_the_range_and_counts_once(
     start, stop = sorted(bounds)
     live = {i for i in before if i < capacity}
     stop = min(stop, capacity)
-    bitmap = AliveBitmap.from_ids(np.array(sorted(live), np.int64), capacity)
+    bitmap = AliveBitmap(capacity)
+    bitmap.set(np.array(sorted(live), np.int64))
     bitmap.set_range(start, stop)
     expected = live | set(range(start, stop))
     assert bitmap.count == len(expected)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lookalike.core.errors import ConflictError, InvalidInputError, NotFoundError
+from lookalike.index import store as store_module
 from lookalike.index.store import (
     DuplicateKeyError,
     IndexStore,
@@ -139,6 +140,27 @@ def test_a_failed_merge_does_not_fail_the_committed_add(
     store.maintain()
     assert store.manifest["index"]["unmerged"] == 0
     store.close()
+
+
+def test_reopening_reads_the_live_ids_range_by_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Open reads ids a range at a time (one count where nothing was removed, one JSON row
+    where something was); the live set after reopening is exactly the one before."""
+    monkeypatch.setattr(store_module, "LOAD_RANGE", 64)
+    store, keys, vectors = new_store(tmp_path / "s", n=300)
+    removed = keys[10:12] + keys[64:128] + [keys[299]]
+    store.remove(removed)
+    store.save()
+    store.close()
+    reopened = IndexStore.open(tmp_path / "s")
+    assert sorted(reopened.keys()) == sorted(set(keys) - set(removed)) and len(reopened) == 233
+    assert reopened._view.alive.count == 233
+    (matches,) = reopened.search(vectors[200][None], k=1)
+    assert matches[0].key == keys[200]
+    found = {m.key for m in reopened.search(vectors[100][None], k=300)[0]}
+    assert found == set(keys) - set(removed)
+    reopened.close()
 
 
 def test_rank_sorts_candidates_by_cosine(tmp_path: Path) -> None:
