@@ -508,21 +508,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{kind}: regions {per_fold[0].shape[1:]}, {time.perf_counter() - t0:.0f} s",
               flush=True)
     base_rank = [ranks_metrics(c, a) for c, a in zip(cosines, answers, strict=True)]
-    print("\n| re-ranker | direction | lam chosen per fold | alone top-1 | top-1 | top-5 | MRR "
-          "| paired top-1 | paired MRR |\n|---|---|---|---|---|---|---|---|---|")
-    print(f"| none (fold model) | | | | {cell([m['top1'] for m in base_rank])} | "
+    print("\n| re-ranker | direction | on cosine | lam chosen per fold | alone top-1 | top-1 "
+          "| top-5 | MRR | paired top-1 | paired MRR |\n|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| none (fold model) | | plain | | | {cell([m['top1'] for m in base_rank])} | "
           f"{cell([m['top5'] for m in base_rank])} | {cell([m['mrr'] for m in base_rank])} | | |")
     for (kind, symmetric), late in lates.items():
-        chosen, found = nested(cosines, late, answers)
         alone = [ranks_metrics(li, a)["top1"] for li, a in zip(late, answers, strict=True)]
         direction = "symmetric" if symmetric else "query -> candidate"
-        print(f"| {kind} | {direction} | {chosen} | {cell(alone)} | "
-              f"{cell([m['top1'] for m in found])} | {cell([m['top5'] for m in found])} | "
-              f"{cell([m['mrr'] for m in found])} | "
-              f"{signed([m['top1'] - b['top1'] for m, b in zip(found, base_rank, strict=True)])}"
-              f" | {signed([m['mrr'] - b['mrr'] for m, b in zip(found, base_rank, strict=True)])}"
-              " |")
-        report["folds"][f"{kind}/{direction}"] = {"lam": chosen, "metrics": found}
+        for name, cos in (("plain", cosines), ("flip TTA", tta_cos)):
+            chosen, found = nested(cos, late, answers)
+            gain = [m["top1"] - b["top1"] for m, b in zip(found, base_rank, strict=True)]
+            print(f"| {kind} | {direction} | {name} | {chosen} | {cell(alone)} | "
+                  f"{cell([m['top1'] for m in found])} | {cell([m['top5'] for m in found])} | "
+                  f"{cell([m['mrr'] for m in found])} | {signed(gain)} "
+                  f"{[round(g, 3) for g in gain]} | "
+                  f"{signed([m['mrr'] - b['mrr'] for m, b in zip(found, base_rank, strict=True)])}"
+                  " |")
+            report["folds"][f"{kind}/{direction}/{name}"] = {"lam": chosen, "metrics": found}
 
     # 3. Every knob nested at once (region kind, direction, lam), on the plain and TTA cosine.
     for name, cos in (("plain cosine", cosines), ("flip-TTA cosine", tta_cos)):

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue 14, third session: re-rankers and test-time variants measured on the CV folds
+# (benchmarks/RESULTS.md, "Third session"). The two CV rows are re-run with their fold models
+# kept (standardisation + head per fold, fold-K.head.safetensors; the folds are deterministic,
+# so the figures are those of cv-ablation.sh's e30 and e30-lite01), then
+# lookalike.evaluation.fold_rerank scores, out of fold, flip TTA and region late interaction
+# (lam and the other knobs chosen on the other folds). The region maps and mirrored features of
+# all 3,000 images are computed once (data/train/region-cache, one pass of Lite0 + Lite1).
+# Run from the repository root:  bash models/recipes/cv-rerank.sh
+set -euo pipefail
+LOOKALIKE=${LOOKALIKE:-.venv/bin/lookalike}
+PYTHON=${PYTHON:-.venv/bin/python}
+OUT=${OUT:-data/train/cv}
+RECIPE=models/recipes/default.toml
+FUSION=efficientnet_lite0,efficientnet_lite1
+
+$LOOKALIKE train --config "$RECIPE" --cv 5 --out "$OUT/e30/model" --no-progress --epochs 30 \
+  --keep-fold-models
+$LOOKALIKE train --config "$RECIPE" --cv 5 --out "$OUT/e30-lite01/model" --no-progress \
+  --epochs 30 --backbones "$FUSION" --keep-fold-models
+
+$PYTHON -m lookalike.evaluation.fold_rerank --config "$RECIPE" --set epochs=30 \
+  --cv-dir "$OUT/e30/model.work/cv"
+$PYTHON -m lookalike.evaluation.fold_rerank --config models/recipes/accurate.toml \
+  --cv-dir "$OUT/e30-lite01/model.work/cv"
+# The regions a production re-ranker would use: the fold models' exact location terms (the
+# /explain split; one forward pass of each fold's images per fold).
+$PYTHON -m lookalike.evaluation.fold_rerank --config models/recipes/accurate.toml \
+  --cv-dir "$OUT/e30-lite01/model.work/cv" --regions explain-7x7,head-7x7,head-3x3
+# What flip TTA costs, end to end on onnx-int8 (plain and TTA interleaved).
+for model in models/default models/accurate; do
+  $PYTHON -m lookalike.evaluation.fold_rerank --config "$RECIPE" --cv-dir unused \
+    --speed-model "$model"
+done
