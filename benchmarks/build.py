@@ -14,27 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from lookalike.core.machine import cpu_description
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                flags = Path("/proc/cpuinfo").read_text()
-                marks = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16")
-                         if f" {f}" in flags]
-                return f"{line.split(':', 1)[1].strip()} ({', '.join(marks)})"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def pick_images(source: Path, count: int, out: Path) -> Path:
@@ -122,7 +110,7 @@ def main() -> None:
     parser.add_argument("--engine", default="onnx-int8", help="The default engine.")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "lookalike")
     args = parser.parse_args()
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; load before: {os.getloadavg()}")
+    print(f"CPU: {cpu_description()}; load before: {os.getloadavg()}")
     with tempfile.TemporaryDirectory(prefix="lookalike-build-bench-") as tmp:
         images = pick_images(args.source, args.images, Path(tmp) / "images")
         # Warm the conversion cache and the page cache, so neither build pays for them.

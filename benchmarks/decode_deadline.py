@@ -24,20 +24,13 @@ from pathlib import Path
 
 from PIL import Image
 
+from lookalike.core.machine import cpu_description
 from lookalike.models.preprocess import _open_header, declared_work
 from lookalike.models.resolve import ModelOptions, create_embedder
 from lookalike.service.batching import MicroBatcher
 from lookalike.service.metrics import ServiceMetrics
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo").read_text()
-    name = next(line.split(":", 1)[1].strip() for line in info.splitlines()
-                if line.startswith("model name"))
-    marks = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16") if f" {f}" in info]
-    return f"{name} ({', '.join(marks)})"
 
 
 def per_call_us(fn, items: list[bytes], repeats: int) -> float:
@@ -82,7 +75,7 @@ def main() -> None:
     Image.new("RGB", (6000, 6000), "white").save(buffer, format="PNG")
     costly = buffer.getvalue()
     embedder = create_embedder(ModelOptions())
-    print(f"CPU: {cpu_name()}; load average {os.getloadavg()[0]:.1f} at start")
+    print(f"CPU: {cpu_description()}; load average {os.getloadavg()[0]:.1f} at start")
 
     def pixels_before(data: bytes) -> int:
         width, height = _open_header(data).size

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lookalike.core.machine import cpu_description
 from lookalike.core.pairs import (
     CandidateSet,
     make_candidate_sets,
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     speed_paths = (accuracy_paths * (1 + args.images // len(accuracy_paths)))[: args.images]
     bundle = resolve_model(args.model, args.cache_dir)
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
+    print(f"machine: {cpu_description()}, python "
           f"{platform.python_version()}, torch {torch.__version__}, onnxruntime "
           f"{version('onnxruntime')}; CPU only")
     print(f"model: {bundle.name} ({bundle.fingerprint[:12]}), dim {bundle.facts.embedding_dim}; "

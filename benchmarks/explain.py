@@ -40,7 +40,7 @@ from lookalike.service.deps import ServiceState
 from lookalike.service.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).parent))
-from build import cpu_name  # noqa: E402
+from lookalike.core.machine import cpu_description  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,7 +57,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; load before: {os.getloadavg()}")
+    print(f"CPU: {cpu_description()}; load before: {os.getloadavg()}")
     options = ModelOptions.from_env(engine=args.engine, cache_dir=str(args.cache_dir))
     embedder = create_embedder(options)
     with open(DEMO_IMAGES / "pairs.csv", newline="") as handle:

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from index import clustered  # noqa: E402  (benchmarks/index.py: the same synthetic data)
+from lookalike.core.machine import cpu_description  # noqa: E402
 from lookalike.index import store as store_module  # noqa: E402
 from lookalike.index.filters import Filter  # noqa: E402
 from lookalike.index.store import IndexStore  # noqa: E402
@@ -42,17 +41,7 @@ ALBUMS = ["holiday", "work", "family", "pets", "travel"]
 
 
 def cpu_line() -> str:
-    flags = ""
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines()
-                     if line.startswith("Model name"))
-        found = lscpu.split("Flags:", 1)[1].split()
-        wanted = ["avx2", "avx512f", "avx512_vnni", "avx_vnni"]
-        flags = ", ".join(flag for flag in wanted if flag in found)
-    except (OSError, subprocess.CalledProcessError, StopIteration, IndexError):
-        model = platform.processor()
-    return f"CPU: {model} ({os.cpu_count()} cores; {flags})"
+    return f"CPU: {cpu_description()}"
 
 
 def load() -> str:

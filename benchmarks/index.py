@@ -25,7 +25,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -36,6 +35,8 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+
+from lookalike.core.machine import cpu_description
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TYPES = "exact,auto,HNSW32,IVF1024/PQ32"
@@ -281,9 +282,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
-    print(f"CPU: {cpu}, {os.cpu_count()} cores; faiss {faiss.__version__}, "
+    print(f"CPU: {cpu_description()}; faiss {faiss.__version__}, "
           f"{args.threads} FAISS threads; switch interval {args.switch_interval_ms} ms; "
           f"{args.vector_dtype} vectors; {load()}",
           flush=True)

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lookalike.core.machine import cpu_description
 from lookalike.core.scoring import answer_ranks, candidate_metrics
 from lookalike.models.feature_cache import FeatureCache
 from lookalike.models.network import EmbeddingNet, stage_channels
@@ -116,9 +115,9 @@ def main() -> None:
         values = np.array([r[key] for r in rows])
         return f"{values.mean():.3f} ± {values.std(ddof=1) / np.sqrt(len(values)):.3f}"
 
-    print(f"CPU: {platform.processor() or platform.machine()}, "
-          f"{subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}, "
-          f"{os.cpu_count()} cores; folds {folds}; lam chosen per fold (nested): {chosen}")
+    print(f"CPU: {cpu_description()}, "
+          f"{subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}; "
+          f"folds {folds}; lam chosen per fold (nested): {chosen}")
     print("| scoring | top-1 | top-5 | MRR |\n|---|---|---|---|")
     for name, found in (("cosine (fold model)", base), ("late interaction alone", alone),
                         ("cosine + lam x late interaction", reranked)):

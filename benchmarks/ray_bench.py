@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 
 import httpx
-from build import cpu_name, pick_images
+from build import pick_images
 from load import LevelResult, match_request, measure_level, run, run_level, start_server
 
+from lookalike.core.machine import cpu_description
 from lookalike.index.build import build_index
 from lookalike.index.ray_build import RayOptions, build_index_on_ray, ray_session
 from lookalike.models.resolve import ModelOptions, create_embedder
@@ -111,7 +112,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8530, help="This port and the next.")
     args = parser.parse_args()
 
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; load average at start {load_average()}")
+    print(f"CPU: {cpu_description()}; load average at start {load_average()}")
     options = ModelOptions(engine=args.engine)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from build import cpu_name
 from ray_bench import load_average
 
+from lookalike.core.machine import cpu_description
 from lookalike.index.ray_build import RayOptions, merged_ivf, ray_session
 from lookalike.index.store import IndexStore
 
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=48)
     args = parser.parse_args()
     source = IndexStore.open(args.index, background=False)
-    print(f"CPU: {cpu_name()}; load average at start: {load_average()}")
+    print(f"CPU: {cpu_description()}; load average at start: {load_average()}")
     print(f"{len(source)} vectors of dimension {source.dim}, {args.factory}, "
           f"shards of {args.shard_size}")
     rows = []

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import platform
-
 import torch
+
+from ..core.machine import cpu_description
 
 __all__ = ["autocast", "device_for", "hardware"]
 
@@ -25,4 +24,4 @@ def autocast(device: torch.device) -> torch.autocast:
 def hardware() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    return f"CPU {cpu_description()}"
