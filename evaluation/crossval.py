@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from .errors import EvaluationError
 from .verification import pair_scores, threshold_at_far, verification_metrics
 
 __all__ = ["CV_METRICS", "CrossValidation", "cross_validate", "fold_metrics", "head_path",
-           "markdown_row", "save_head"]
+           "markdown_row", "mean_se", "save_head"]
 
 CV_METRICS = ("top1", "top5", "mrr", "auc", "eer", "tmr_at_far")
 """What each fold reports: candidate-set top-1/top-5/MRR (cosine, no assignment), and
@@ -119,12 +120,18 @@ def _mean_history(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return mean
 
 
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean over folds and its standard error (standard deviation / sqrt(K); NaN for one)."""
+    array = np.asarray(values, dtype=np.float64)
+    se = float(array.std(ddof=1) / math.sqrt(len(array))) if len(array) > 1 else math.nan
+    return float(array.mean()), se
+
+
 def _summary(folds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     summary = {}
     for key in CV_METRICS:
-        values = np.array([fold[key] for fold in folds], dtype=np.float64)
-        se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
-        summary[key] = {"mean": float(values.mean()), "se": se}
+        mean, se = mean_se([fold[key] for fold in folds])
+        summary[key] = {"mean": mean, "se": se}
     return summary
 
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import subprocess
 import time
@@ -56,13 +55,14 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..core.files import atomic_write
+from ..core.machine import cpu_description
 from ..core.scoring import answer_ranks, candidate_metrics
 from ..models.data import ImageDataset
 from ..models.feature_cache import FeatureCache
 from ..models.network import EmbeddingNet, stage_channels
 from ..models.preprocess import Preprocessor
 from ..models.train import TrainConfig, load_data
-from .crossval import CV_METRICS, fold_metrics, head_path
+from .crossval import CV_METRICS, fold_metrics, head_path, mean_se
 
 REGION_STAGES = (4, 5, 6, 7)
 LOCATIONS = 7
@@ -332,11 +332,6 @@ def ranks_metrics(scores: np.ndarray, answers: np.ndarray) -> dict[str, float]:
     return candidate_metrics(answer_ranks(list(scores), list(answers)))
 
 
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    v = np.asarray(values, dtype=np.float64)
-    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v)))
-
-
 def cell(values: Sequence[float]) -> str:
     mean, se = mean_se(values)
     return f"{mean:.3f} ± {se:.3f}"
@@ -394,16 +389,8 @@ def tta_speed(model_path: Path, images: Sequence[Path], engine: str = "onnx-int8
 # -- the report ---------------------------------------------------------------------------------
 
 def machine() -> str:
-    model = flags = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and not model:
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and not flags:
-            have = set(line.split(":", 1)[1].split())
-            flags = ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni",
-                                          "amx_tile") if f in have)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{model}; {os.cpu_count()} cores; {flags}; load average {load}"
+    return f"{cpu_description()}; load average {load}"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
