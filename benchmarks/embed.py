@@ -9,6 +9,7 @@ of the TLL validation split. Ratios are against eager torch measured in the same
     python benchmarks/embed.py                 # ../shared/tll, or the bundled demo set
     python benchmarks/embed.py --quick         # a short smoke run
     python benchmarks/embed.py --model data/model --engines torch,onnx
+    python benchmarks/embed.py --model accurate --rerank   # + the re-ranker's descriptions
 
 Speeds are the best of ``--repeats`` passes: on a shared machine the best pass is the one
 least disturbed by other work. The load average is printed before and after. Because other
@@ -62,6 +63,8 @@ class EngineResult:
     latency_ms: float = float("nan")
     max_cos_distance: float = float("nan")
     top1: float = float("nan")
+    rerank_speed: float | None = None
+    """images/s of the re-ranker's descriptions at batch 32 (``--rerank``)."""
     vectors: dict[Path, np.ndarray] = field(default_factory=dict, repr=False)
 
 
@@ -85,12 +88,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decode-workers", type=int, default=2, help="decoding threads")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "lookalike",
                         help="built-in models and converted engines are cached here")
+    parser.add_argument("--rerank", action="store_true",
+                        help="also time the model's re-ranker (flip TTA + region terms per "
+                             "image, what 'lookalike rank --rerank' runs) on each engine, "
+                             "against the plain embedding at batch 32 in the same run")
     parser.add_argument("--quick", action="store_true",
                         help="64 images and at most 5 s per pass, one pass, 40 candidate sets")
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.repeats, args.max_seconds = 64, 1, min(args.max_seconds, 5.0)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    if args.rerank and 32 not in args.batch_sizes:
+        args.batch_sizes.append(32)  # the re-ranker is compared with the plain batch of 32
     names = [e for e in args.engines.split(",") if e]
     args.engines = ["torch", *[e for e in names if e != "torch"]]  # the reference comes first
     return args
@@ -188,6 +197,12 @@ def run_engine(
             embedder, speed_paths, batch_size, args.repeats, args.max_seconds
         )
     result.latency_ms = latency_ms(embedder, speed_paths[:64], args.max_seconds)
+    if args.rerank:
+        from lookalike.models.rerank import reranker_for
+
+        describer = reranker_for(embedder, args.cache_dir).embedder()
+        result.rerank_speed = throughput(describer, speed_paths, 32, args.repeats,
+                                         args.max_seconds)[0]
     return result, embedder
 
 
@@ -220,6 +235,13 @@ def print_table(results: list[EngineResult], batch_sizes: list[int]) -> None:
     print("|" + "|".join("---" for _ in head) + "|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    reranked = [r for r in results if r.rerank_speed is not None]
+    if reranked:
+        print("\n| engine | plain b32 img/s | re-ranker b32 img/s | re-ranker / plain |\n"
+              "|---|---|---|---|")
+        for r in reranked:
+            print(f"| {r.name} | {r.speed[32]:.1f} | {r.rerank_speed:.1f} | "
+                  f"{r.rerank_speed / r.speed[32]:.2f}x |")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -61,6 +61,7 @@ from ..models.data import ImageDataset
 from ..models.feature_cache import FeatureCache
 from ..models.network import EmbeddingNet, stage_channels
 from ..models.preprocess import Preprocessor
+from ..models.rerank import maxsim
 from ..models.train import TrainConfig, load_data
 from .crossval import CV_METRICS, fold_metrics, head_path, mean_se
 
@@ -286,14 +287,6 @@ def explain_7x7(config: TrainConfig, head_file: Path, images: Sequence[Path], di
 
 # -- scoring ------------------------------------------------------------------------------------
 
-def maxsim(query: np.ndarray, candidates: np.ndarray, symmetric: bool) -> np.ndarray:
-    """``(R, D)`` unit query regions, ``(K, S, D)`` candidates' -> ``(K,)``: the mean over
-    the query's regions of the best candidate region's cosine (and back, if symmetric)."""
-    sims = np.einsum("rd,ksd->krs", query, candidates)
-    forward = sims.max(axis=2).mean(axis=1)
-    return 0.5 * (forward + sims.max(axis=1).mean(axis=1)) if symmetric else forward
-
-
 @dataclass
 class Fold:
     number: int
@@ -357,6 +350,33 @@ def nested(cosines: list[np.ndarray], lates: list[np.ndarray], answers: list[np.
     return chosen, found
 
 
+def rerank_entry(cosines: list[np.ndarray], lates: list[np.ndarray], answers: list[np.ndarray],
+                 base: list[dict[str, float]]) -> dict[str, object]:
+    """The shipped re-ranker's calibration entry: the weight best by mean top-1 over every
+    fold (as a threshold is fitted on all out-of-fold scores), and the out-of-fold figures with
+    the weight chosen per fold on the others (what predicts unseen pairs)."""
+    table = np.array([[ranks_metrics(c + lam * li, a)["top1"] for lam in LAMBDAS]
+                      for c, li, a in zip(cosines, lates, answers, strict=True)])
+    chosen, found = nested(cosines, lates, answers)
+    entry: dict[str, object] = {
+        "weight": LAMBDAS[int(np.argmax(table.mean(axis=0)))], "flip_tta": True,
+        "regions": "explain-7x7", "direction": "query -> candidate", "nested_weights": chosen}
+    for metric in ("top1", "top5", "mrr"):
+        entry[metric], entry[f"{metric}_se"] = mean_se([m[metric] for m in found])
+    entry["top1_gain"], entry["top1_gain_se"] = mean_se(
+        [m["top1"] - b["top1"] for m, b in zip(found, base, strict=True)])
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}
+
+
+def write_rerank(model_dir: Path, entry: dict[str, object]) -> Path:
+    """Merge ``entry`` into the bundle's ``calibration.json`` under ``rerank``."""
+    from ..models.model import RERANK_KEY, update_calibration
+    from ..models.resolve import default_cache_dir, resolve_model
+
+    model = resolve_model(str(model_dir), default_cache_dir())
+    return update_calibration(model_dir, model.fingerprint, {RERANK_KEY: entry})
+
+
 # -- what flip TTA costs -----------------------------------------------------------------------
 
 def tta_speed(model_path: Path, images: Sequence[Path], engine: str = "onnx-int8",
@@ -410,6 +430,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--verification", action="store_true",
                         help="also re-score each fold's verification pairs (slow)")
     parser.add_argument("--json", type=Path, help="write the per-fold figures here")
+    parser.add_argument("--write-rerank", type=Path, metavar="MODEL_DIR",
+                        help="write the shipped re-ranker (explain-7x7, query -> candidate, on "
+                             "the flip-TTA cosine; its weight best over all folds) into this "
+                             "bundle's calibration.json (needs explain-7x7 in --regions)")
     parser.add_argument("--speed-model", type=Path,
                         help="only measure flip TTA's cost (images/s) for this bundle")
     parser.add_argument("--speed-images", type=int, default=512)
@@ -512,6 +536,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"{signed([m['mrr'] - b['mrr'] for m, b in zip(found, base_rank, strict=True)])}"
                   " |")
             report["folds"][f"{kind}/{direction}/{name}"] = {"lam": chosen, "metrics": found}
+
+    if args.write_rerank:
+        entry = rerank_entry(tta_cos, lates["explain-7x7", False], answers, base_rank)
+        entry["measured_on"] = {"recipe": str(args.config), "overrides": overrides,
+                                "cv_dir": str(args.cv_dir), "folds": len(folds),
+                                "pairs_file": str(config.pairs), "machine": machine()}
+        print(f"\nre-ranker written: {write_rerank(args.write_rerank, entry)}: {entry}")
 
     # 3. Every knob nested at once (region kind, direction, lam), on the plain and TTA cosine.
     for name, cos in (("plain cosine", cosines), ("flip-TTA cosine", tta_cos)):

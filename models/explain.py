@@ -165,12 +165,25 @@ class Explainer:
             log.warning("explanations of %s use occlusion (an approximation): %s",
                         embedder.bundle.name, exc)
 
+    @property
+    def exact(self) -> bool:
+        return self.method == EXACT
+
+    def terms(self, batch: np.ndarray) -> np.ndarray:
+        """``(B, 3, S, S)`` preprocessed images -> their exact per-location terms
+        ``(B, grid*grid, D)``, whose sum plus :attr:`bias` is each embedding before
+        normalisation (the exact method only)."""
+        if not self.exact:
+            raise EngineError(f"{self.embedder.bundle.name!r} has no exact location terms "
+                              f"here: {self.reason}")
+        with self._lock:
+            return np.asarray(self._terms(np.ascontiguousarray(batch, np.float32)))
+
     def explain(self, query: np.ndarray, match: np.ndarray) -> Explanation:
         """Explain the cosine of two preprocessed images ``(3, S, S)``."""
         batch = np.stack([query, match]).astype(np.float32)
-        if self.method == EXACT:
-            with self._lock:
-                terms = self._terms(batch)
+        if self.exact:
+            terms = self.terms(batch)
             return split(terms[0], terms[1], self.bias, self.grid, self.engine)
         return self._occlusion(batch)
 

@@ -21,7 +21,7 @@ from ..core.files import atomic_write
 from .errors import BundleError
 
 __all__ = [
-    "CALIBRATION_FILE", "DEDUP_KEY", "Model", "ModelFacts", "load_calibration",
+    "CALIBRATION_FILE", "DEDUP_KEY", "RERANK_KEY", "Model", "ModelFacts", "load_calibration",
     "update_calibration",
 ]
 
@@ -36,6 +36,11 @@ DEDUP_KEY = "dedup"
 ``cosine_only_threshold``, ``k``, ``cosine_weight``) measured by ``lookalike dedup-evaluate
 --write-calibration``, kept beside the verification threshold because they too hold only for
 the weights they were measured with."""
+
+RERANK_KEY = "rerank"
+"""The candidate re-ranker measured by cross-validation (``weight`` of region late interaction
+on the flip-TTA cosine, and how it was measured; see :mod:`.rerank`), kept here for the same
+reason."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,8 @@ def load_calibration(directory: Path, fingerprint: str) -> dict[str, Any] | None
         return None
     if DEDUP_KEY in calibration:
         _check_dedup(file, calibration[DEDUP_KEY])
+    if RERANK_KEY in calibration:
+        _check_rerank(file, calibration[RERANK_KEY])
     return {**calibration, "threshold": threshold}
 
 
@@ -111,6 +118,15 @@ def _check_dedup(file: Path, dedup: Any) -> None:
         raise BundleError(
             f"{file} has a damaged {DEDUP_KEY!r} entry ({dedup!r}): re-run "
             "'lookalike dedup-evaluate --write-calibration'")
+
+
+def _check_rerank(file: Path, rerank: Any) -> None:
+    """Reject a damaged ``rerank`` entry when the model loads, not in a request."""
+    weight = rerank.get("weight") if isinstance(rerank, dict) else None
+    if not isinstance(weight, int | float) or not 0.0 <= weight <= 10.0:
+        raise BundleError(
+            f"{file} has a damaged {RERANK_KEY!r} entry ({rerank!r}): it needs a 'weight' in "
+            "[0, 10]; delete the entry or measure it again (benchmarks/RESULTS.md, issue 14)")
 
 
 def update_calibration(directory: Path, fingerprint: str, values: dict[str, Any]) -> Path:

@@ -109,6 +109,9 @@ class TrainConfig:
                            "embedding size ('none': identity).")
     standardize: bool = _opt(True, "Standardise features (fitted on training data) before head.")
     dropout: float = _opt(0.0, "Dropout on the features before the head (training only).")
+    input_size: int = _opt(0, "Input side in pixels (the image's centre square, resized); 0 = "
+                           "the first backbone's (224 for EfficientNet-Lite0).",
+                           bounds=Bounds(0, 1024))
     trainable_stages: int = _opt(0, "Trunk stages fine-tuned, from the end; 0 = frozen, cached.",
                                  bounds=Bounds(0))
 
@@ -229,6 +232,7 @@ class TrainConfig:
             grid=self.grid,
             standardize=self.standardize,
             dropout=self.dropout,
+            input_size=self.input_size,
             extra=extra or {},
         )
 

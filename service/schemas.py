@@ -128,13 +128,23 @@ class RankRequest(BaseModel):
         "is the true match of at most one query; marks one candidate per query as assigned "
         "and ranks it first.",
     )
+    rerank: bool = Field(
+        False,
+        description="Rank by the model's measured re-ranker (flip-TTA cosine + weight x region "
+        "late interaction over the /explain location terms; ~4x the time per image; "
+        "--model accurate has one): every query and candidate must then be an upload, "
+        "because the store keeps only thumbnails of indexed images.",
+    )
 
 
 class RankedCandidate(BaseModel):
     key: str | None = None
     upload: str | None = None
     position: int = Field(ge=0, description="Index in the request's candidate list.")
-    score: float = Field(ge=-1.0, le=1.0, description="Cosine similarity to the query.")
+    score: float = Field(ge=-1.0, le=1.0, description="Cosine similarity to the query (of the "
+                         "flip-TTA embeddings when re-ranked).")
+    rerank_score: float | None = Field(
+        None, description="With rerank=true: the score ranked by, cosine + weight x MaxSim.")
     rank: int = Field(ge=1)
     assigned: bool = Field(False, description="Chosen by the one-to-one assignment.")
 

@@ -24,9 +24,11 @@ $PYTHON -m lookalike.evaluation.fold_rerank --config "$RECIPE" --set epochs=30 \
 $PYTHON -m lookalike.evaluation.fold_rerank --config models/recipes/accurate.toml \
   --cv-dir "$OUT/e30-lite01/model.work/cv"
 # The regions a production re-ranker would use: the fold models' exact location terms (the
-# /explain split; one forward pass of each fold's images per fold).
+# /explain split; one forward pass of each fold's images per fold); the shipped re-ranker
+# (explain-7x7, query -> candidate, on the flip-TTA cosine) goes into models/accurate.
 $PYTHON -m lookalike.evaluation.fold_rerank --config models/recipes/accurate.toml \
-  --cv-dir "$OUT/e30-lite01/model.work/cv" --regions explain-7x7,head-7x7,head-3x3
+  --cv-dir "$OUT/e30-lite01/model.work/cv" --regions explain-7x7,head-7x7,head-3x3 \
+  --write-rerank models/accurate
 # What flip TTA costs, end to end on onnx-int8 (plain and TTA interleaved).
 for model in models/default models/accurate; do
   $PYTHON -m lookalike.evaluation.fold_rerank --config "$RECIPE" --cv-dir unused \

@@ -27,6 +27,8 @@ from ...evaluation.ranking import (
     cosine_scores,
     ranked_order,
 )
+from ...models.rerank import Reranker, reranker_for
+from ..batching import prepare_inputs
 from ..deps import ServiceState, StateDep, read_upload
 from ..schemas import (
     ImageRef,
@@ -50,7 +52,8 @@ ERRORS = error_responses(
         413: "Upload or image too large.",
         415: "A body that is neither JSON nor multipart, or an upload that is not an image.",
         422: "A spec that does not validate, too many queries or candidates, uploads missing "
-        "from or not used by the spec, or an undecodable image.",
+        "from or not used by the spec, an undecodable image, or rerank=true with indexed keys "
+        "or with a model that has no measured re-ranker.",
         501: "assign=true on an installation without scipy.",
     }
 )
@@ -193,8 +196,22 @@ async def rank(request: Request, state: StateDep) -> Response:
     started = time.perf_counter()
     raw, uploads = await _read_request(request, state.settings)
     spec, queries, by_key = await run_in_threadpool(_checked_spec, raw, uploads, state)
-    by_upload = await state.embed_named(uploads)
+    if spec.rerank:
+        by_upload = await run_in_threadpool(_described, state, uploads)
+    else:
+        by_upload = await state.embed_named(uploads)
     return await run_in_threadpool(_answer, state, spec, queries, by_key, by_upload, started)
+
+
+def _reranker(state: ServiceState) -> Reranker:
+    return reranker_for(state.embedder, state.settings.cache_dir)
+
+
+def _described(state: ServiceState, uploads: dict[str, bytes]) -> dict[str, np.ndarray]:
+    """The uploads' re-ranking descriptions (flip-TTA embedding and region vectors), decoded
+    and described in the thread pool, as /explain does."""
+    arrays = prepare_inputs(state.embedder.preprocessor, list(uploads.values()), list(uploads))
+    return dict(zip(uploads, _reranker(state).describe(arrays), strict=True))
 
 
 Queries = list[tuple[ImageRef, list[ImageRef], list[int]]]
@@ -210,6 +227,12 @@ def _checked_spec(
     refs = [ref for query, candidates in queries for ref in (query, *candidates)]
     _check(spec, refs, uploads, state.settings)
     keys = list(dict.fromkeys(ref.key for ref in refs if ref.key is not None))
+    if spec.rerank:
+        if keys:
+            raise HTTPException(
+                422, "rerank=true needs every query and candidate uploaded: the store keeps "
+                f"only thumbnails of indexed images, and {len(keys)} key(s) were given")
+        _reranker(state)  # a model without one fails here, before any upload is described
     by_key = dict(zip(keys, state.store.vectors(keys), strict=True))
     return spec, [_filtered(state, q, query) for q, query in zip(spec.queries, queries,
                                                                strict=True)], by_key
@@ -242,10 +265,16 @@ def _answer(
     def vector(ref: ImageRef) -> np.ndarray:
         return by_key[ref.key] if ref.key is not None else by_upload[ref.upload]
 
+    rank_by = _reranker(state).scores if spec.rerank else cosine_scores
     scores = [
-        cosine_scores(vector(query), np.stack([vector(c) for c in candidates]))
+        rank_by(vector(query), np.stack([vector(c) for c in candidates]))
         if candidates else np.zeros(0, np.float32)
         for query, candidates, _ in queries
+    ]
+    cosines = [
+        cosine_scores(vector(query)[0], np.stack([vector(c)[0] for c in candidates]))
+        if spec.rerank and candidates else row
+        for (query, candidates, _), row in zip(queries, scores, strict=True)
     ]
     identities = [[(c.key, c.upload) for c in candidates] for _, candidates, _ in queries]
     try:
@@ -255,11 +284,11 @@ def _answer(
     except EvaluationError as exc:
         raise HTTPException(422, str(exc)) from exc
     results = []
-    for request_query, (query, candidates, positions), row, pick in zip(
-        spec.queries, queries, scores, chosen, strict=True
+    for request_query, (query, candidates, positions), row, cosine, pick in zip(
+        spec.queries, queries, scores, cosines, chosen, strict=True
     ):
         floor = request_query.min_score
-        order = [i for i in ranked_order(row) if floor is None or row[i] >= floor]
+        order = [i for i in ranked_order(row) if floor is None or cosine[i] >= floor]
         if pick >= 0 and pick in order:
             order.remove(pick)
             order.insert(0, pick)
@@ -268,7 +297,8 @@ def _answer(
                 key=candidates[i].key,
                 upload=candidates[i].upload,
                 position=positions[i],
-                score=float(row[i]),
+                score=float(np.clip(cosine[i], -1.0, 1.0)),
+                rerank_score=float(row[i]) if spec.rerank else None,
                 rank=rank,
                 assigned=bool(i == pick),
             )

@@ -203,3 +203,68 @@ def test_assign_without_scipy_is_a_clear_501(
     assert client.post("/rank", json={"queries": queries}).status_code == 200
     response = client.post("/rank", json={"queries": queries, "assign": True})
     assert response.status_code == 501 and "needs scipy" in response.json()["detail"]
+
+
+@pytest.fixture(scope="module")
+def accurate_client(tmp_path_factory: pytest.TempPathFactory, cache_dir) -> Iterator[TestClient]:
+    """The app serving --model accurate (it has a measured re-ranker) over an empty store."""
+    from lookalike.models.resolve import resolve_model
+
+    embedder = Embedder(resolve_model("accurate", cache_dir))
+    path = tmp_path_factory.mktemp("accurate-store") / "index"
+    IndexStore.create(path, dim=embedder.dim, model_fingerprint=embedder.fingerprint).close()
+    settings = Settings(index=path, cache_dir=cache_dir)
+    store = IndexStore.open(path, model_fingerprint=embedder.fingerprint)
+    with TestClient(create_app(settings, ServiceState(settings, embedder, store))) as client:
+        yield client
+    store.close()
+
+
+def _upload_spec(demo_dir, demo_pairs, count: int) -> tuple[dict, dict, list]:
+    lefts = [left for left, _ in demo_pairs[:count]]
+    rights = [right for _, right in demo_pairs[:count]]
+    files = {f"c{i}": (f"{r}.jpg", (demo_dir / "right" / f"{r}.jpg").read_bytes(), "image/jpeg")
+             for i, r in enumerate(rights)}
+    files["q"] = ("q.jpg", (demo_dir / "left" / f"{lefts[0]}.jpg").read_bytes(), "image/jpeg")
+    spec = {"rerank": True, "queries": [
+        {"query": {"upload": "q"}, "candidates": [{"upload": f"c{i}"} for i in range(count)]}]}
+    paths = [demo_dir / "left" / f"{lefts[0]}.jpg", *(demo_dir / "right" / f"{r}.jpg"
+                                                       for r in rights)]
+    return spec, files, paths
+
+
+def test_rerank_ranks_uploads_by_the_models_reranker(
+    accurate_client: TestClient, demo_dir, demo_pairs, cache_dir
+) -> None:
+    """rerank=true: each candidate's rerank_score is the re-ranker's (computed here from the
+    same files), they are ranked by it, and score is the flip-TTA cosine."""
+    from lookalike.models.rerank import reranker_for
+    from lookalike.models.resolve import resolve_model
+
+    spec, files, paths = _upload_spec(demo_dir, demo_pairs, 5)
+    response = accurate_client.post("/rank", data={"spec": json.dumps(spec)}, files=files)
+    assert response.status_code == 200, response.text
+    ranked = response.json()["results"][0]["ranked"]
+    embedder = Embedder(resolve_model("accurate", cache_dir))
+    reranker = reranker_for(embedder, cache_dir)
+    described = reranker.describe(np.stack([embedder.load_file(p)[0] for p in paths]))
+    expected = reranker.scores(described[0], described[1:])
+    cosines = described[1:, 0] @ described[0, 0]
+    assert [c["position"] for c in ranked] == list(np.argsort(-expected, kind="stable"))
+    for candidate in ranked:
+        assert candidate["rerank_score"] == pytest.approx(expected[candidate["position"]],
+                                                          abs=1e-4)
+        assert candidate["score"] == pytest.approx(cosines[candidate["position"]], abs=1e-4)
+
+
+def test_rerank_refuses_keys_and_models_without_one(
+    client: TestClient, accurate_client: TestClient, keys, demo_dir, demo_pairs
+) -> None:
+    lefts, rights = keys
+    body = {"rerank": True, "queries": [{"query": lefts[0], "candidates": rights[:3]}]}
+    response = accurate_client.post("/rank", json=body)
+    assert response.status_code == 422 and "every query and candidate uploaded" in \
+        response.json()["detail"]
+    spec, files, _ = _upload_spec(demo_dir, demo_pairs, 2)
+    response = client.post("/rank", data={"spec": json.dumps(spec)}, files=files)
+    assert response.status_code == 422 and "no measured re-ranker" in response.json()["detail"]
