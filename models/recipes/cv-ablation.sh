@@ -26,9 +26,13 @@ declare -A ROWS=(
   [e30-lite012]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
   [e30-lite01-t005]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1 --temperature 0.05"
   [e60-lite01]="--backbones efficientnet_lite0,efficientnet_lite1"
+  # fourth session: input resolution (Lite1's own is 240, Lite2's 260; the default is Lite0's 224)
+  [e30-lite01-s260]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1 --input-size 260"
+  [e30-s260]="--epochs 30 --input-size 260"
 )
 ORDER=(default epochs-30 temperature-0.05 faiss-hard-negatives dropout-0.5 e30 e30-t005 e30-grid4
-       e30-views4 e30-taps567 e30-lite01 e30-lite012 e30-lite01-t005 e60-lite01)
+       e30-views4 e30-taps567 e30-lite01 e30-lite012 e30-lite01-t005 e60-lite01 e30-lite01-s260
+       e30-s260)
 
 for row in "${@:-${ORDER[@]}}"; do
   echo "== $row" >&2
