@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from torch import nn
 from .backbones import create_backbone, get_backbone_spec, trunk_stages
 from .errors import ConfigError
 
-__all__ = ["EmbeddingConfig", "EmbeddingNet", "ConfigError", "POOLINGS"]
+__all__ = ["EmbeddingConfig", "EmbeddingNet", "ConfigError", "FrozenPart", "POOLINGS"]
 
 
 class GeM(nn.Module):
@@ -165,6 +166,15 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
+class FrozenPart(NamedTuple):
+    """One trunk's frozen stages' share of the features (see :meth:`EmbeddingNet.frozen_part`)."""
+
+    prefix: torch.Tensor
+    """``(B, P)``: the pooled taps of the frozen stages."""
+    boundary: torch.Tensor
+    """``(B, C, H, W)``: the map that enters the first trainable stage."""
+
+
 class EmbeddingNet(nn.Module):
     """Images ``(B, 3, S, S)`` -> unit-length embeddings ``(B, D)``."""
 
@@ -193,15 +203,42 @@ class EmbeddingNet(nn.Module):
         """Pooled, concatenated backbone features ``(B, F)`` (what a frozen trunk caches):
         per backbone and in stage order, the average-pooled ``taps``, the grid-pooled
         ``grid_taps`` (channel-major: ``C x grid x grid``), then the pooled last stage."""
+        return self.features_from(self.frozen_part(images, 0), 0)
+
+    def _taps(self, index: int, x: torch.Tensor) -> list[torch.Tensor]:
+        """What stage ``index``'s output ``x`` adds to the features."""
         pooled = []
+        if index in self.config.taps:
+            pooled.append(x.mean(dim=(2, 3)))
+        if index in self.config.grid_taps:
+            pooled.append(grid_pool(x, self.config.grid))
+        return pooled
+
+    def frozen_part(self, images: torch.Tensor, trainable: int) -> list[FrozenPart]:
+        """Per trunk, what its stages before the last ``trainable`` give: their pooled taps
+        ``(B, P)`` and the map entering the first trainable stage. Fixed while those stages
+        are frozen, so fine-tuning the last stages can cache it (:mod:`.feature_cache`)."""
+        parts = []
         for stages in self._stages:
-            x = images
-            for index, stage in enumerate(stages):
+            x, pooled = images, []
+            for index, stage in enumerate(stages[: len(stages) - trainable]):
                 x = stage(x)
-                if index in self.config.taps:
-                    pooled.append(x.mean(dim=(2, 3)))
-                if index in self.config.grid_taps:
-                    pooled.append(grid_pool(x, self.config.grid))
+                pooled += self._taps(index, x)
+            prefix = torch.cat(pooled, dim=1) if pooled else x.new_zeros(len(x), 0)
+            parts.append(FrozenPart(prefix, x))
+        return parts
+
+    def features_from(self, parts: Sequence[FrozenPart], trainable: int) -> torch.Tensor:
+        """The features (as :meth:`features`) from each trunk's :meth:`frozen_part`: runs
+        only the last ``trainable`` stages."""
+        pooled = []
+        for stages, part in zip(self._stages, parts, strict=True):
+            first = len(stages) - trainable
+            x = part.boundary
+            pooled.append(part.prefix)
+            for index, stage in enumerate(stages[first:], start=first):
+                x = stage(x)
+                pooled += self._taps(index, x)
             pooled.append(self.pool(x))
         return torch.cat(pooled, dim=1)
 

@@ -64,7 +64,7 @@ from .embedder import Embedder
 from .feature_cache import FeatureCache
 from .losses import build_loss
 from .mining import HardNegativeBatches, build_miner, random_batches
-from .network import EmbeddingNet
+from .network import EmbeddingNet, FrozenPart
 from .train_config import TrainConfig, TrainConfigError
 
 __all__ = ["TrainConfig", "TrainConfigError", "Trainer", "TrainResult", "train"]
@@ -139,6 +139,9 @@ class Trainer:
             if config.hard_negatives else None
         )
         self.frozen = config.trainable_stages == 0
+        self.parts_cached = not self.frozen and config.cache_frozen
+        self.train_parts: list[FrozenPart] = []
+        self.val_parts: list[FrozenPart] = []
         self.cache = FeatureCache(self.net, config, self.device)
         self.preprocessor = self.cache.preprocessor
         self.train_features: torch.Tensor | None = None
@@ -192,6 +195,18 @@ class Trainer:
                 return  # the untrained model: no training features needed
             self.train_features = features[:, [rows[path] for path in self.train_pairs.images]]
             plain = self.train_features[0].float()
+        elif self.parts_cached:
+            images = self.data.images
+            parts = self.cache.get_parts(images, self.config.views, "all",
+                                         self.config.trainable_stages)
+            rows = {path: row for row, path in enumerate(images)}
+            train = [rows[path] for path in self.train_pairs.images]
+            val = [rows[path] for path in self.val.images]
+            self.train_parts = [FrozenPart(p.prefix[:, train], p.boundary[:, train])
+                                for p in parts]
+            self.val_parts = [FrozenPart(p.prefix[0, val], p.boundary[0, val]) for p in parts]
+            plain = self._features_of([FrozenPart(p.prefix[0], p.boundary[0])
+                                       for p in self.train_parts])
         else:
             plain = self.cache.compute(self.train_pairs.images, augment=False, seed=0,
                                        desc="standardisation features")
@@ -208,8 +223,23 @@ class Trainer:
             features = self.cache.compute(images, augment=False, seed=0, desc="embedding")
         return self.net.project(features.float().to(self.device)).cpu().numpy()
 
+    @torch.no_grad()
+    def _features_of(self, parts: list[FrozenPart], batch_size: int = 256) -> torch.Tensor:
+        """Features of cached frozen parts through the current trainable stages (eval mode)."""
+        self.net.eval()
+        chunks = []
+        for start in range(0, len(parts[0].prefix), batch_size):
+            batch = [FrozenPart(p.prefix[start:start + batch_size].float().to(self.device),
+                                p.boundary[start:start + batch_size].float().to(self.device))
+                     for p in parts]
+            with autocast(self.device):
+                chunks.append(self.net.features_from(batch, self.config.trainable_stages)
+                              .float().cpu())
+        return torch.cat(chunks)
+
     def validate(self) -> dict[str, float]:
-        vectors = self.embed(self.val.images, self.val_features)
+        features = self._features_of(self.val_parts) if self.parts_cached else self.val_features
+        vectors = self.embed(self.val.images, features)
         return self.evaluator(vectors)
 
     def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
@@ -224,11 +254,21 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------
 
-    def _inputs(self, images: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        """Features (frozen: a random cached view per image) or augmented image tensors."""
+    def _inputs(
+        self, images: np.ndarray, rng: np.random.Generator
+    ) -> torch.Tensor | list[FrozenPart]:
+        """Features (frozen: a random cached view per image), cached frozen parts (likewise),
+        or augmented image tensors."""
         if self.frozen:
             views = rng.integers(0, self.train_features.shape[0], size=len(images))
             return self.train_features[views, images].float().to(self.device)
+        if self.parts_cached:
+            views = rng.integers(0, self.train_parts[0].prefix.shape[0], size=len(images))
+            return [FrozenPart(
+                p.prefix[views, images].float().to(self.device),
+                p.boundary[views, images].float().to(self.device).contiguous(
+                    memory_format=torch.channels_last))
+                for p in self.train_parts]
         dataset = ImageDataset([self.train_pairs.images[i] for i in images], self.preprocessor,
                                self.cache.augment)
         batch = torch.stack([dataset[i] for i in range(len(dataset))]).to(self.device)
@@ -249,7 +289,8 @@ class Trainer:
             embeddings = self.net.project(inputs)
         else:
             with autocast(self.device):
-                features = self.net.features(inputs)
+                features = (self.net.features_from(inputs, self.config.trainable_stages)
+                            if self.parts_cached else self.net.features(inputs))
             embeddings = self.net.project(features)
         indices = self.miner(embeddings, labels) if self.miner is not None else None
         loss = self.loss(embeddings, labels, indices)

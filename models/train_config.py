@@ -114,6 +114,9 @@ class TrainConfig:
                            bounds=Bounds(0, 1024))
     trainable_stages: int = _opt(0, "Trunk stages fine-tuned, from the end; 0 = frozen, cached.",
                                  bounds=Bounds(0))
+    cache_frozen: bool = _opt(False, "With trainable stages: cache what the frozen stages give, "
+                              "per view, so a step runs only the trainable ones (augmentation "
+                              "is then the cached views, as for a frozen trunk).")
 
     loss: str = _opt("infonce", "Loss, by name ('lookalike backbones' lists them).")
     miner: str = _opt("none", "In-batch miner, by name ('lookalike backbones' lists them).")

@@ -111,6 +111,44 @@ def test_fine_tuning_trains_only_the_last_stages(make_config, tmp_path: Path) ->
     assert torch.equal(stats, stages[0][1].running_mean), "frozen BatchNorm keeps its statistics"
 
 
+@pytest.mark.parametrize("trainable", [0, 1, 2, 4])
+def test_frozen_part_and_the_trainable_stages_rebuild_the_features(trainable: int) -> None:
+    """features == features_from(frozen_part(images, k), k) for any split point k, on a fused
+    two-trunk net with taps and grids on both sides of it."""
+    from lookalike.models.network import EmbeddingConfig, EmbeddingNet
+
+    net = EmbeddingNet(EmbeddingConfig(
+        backbones=("efficientnet_lite0", "efficientnet_lite1"), taps=(5, 7), grid_taps=(4, 6),
+        grid=2), pretrained=False).eval()
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        whole = net.features(images)
+        parts = net.frozen_part(images, trainable)
+        rebuilt = net.features_from(parts, trainable)
+    torch.testing.assert_close(rebuilt, whole)
+    assert len(parts) == 2 and parts[0].boundary.dim() == 4
+
+
+def test_cached_fine_tuning_runs_only_the_trainable_stages(make_config, tmp_path: Path) -> None:
+    """--cache-frozen: the frozen stages' output is cached per view, a step trains the last
+    stages from it, and validation sees what the whole network computes."""
+    config = make_config(tmp_path / "model", trainable_stages=2, cache_frozen=True, epochs=1,
+                         batch_size=4)
+    trainer = Trainer(config)
+    trainer._prepare()
+    stages = trainer.net._stages[0]
+    last = [p.detach().clone() for p in stages[-1].parameters()]
+    first = [p.detach().clone() for p in stages[0].parameters()]
+    assert np.isfinite(trainer.step(np.array([0, 1, 2, 3])))
+    assert any(not torch.equal(a, b) for a, b in zip(last, stages[-1].parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(first, stages[0].parameters(), strict=True))
+    cached = trainer._features_of(trainer.val_parts)
+    whole = trainer.cache.compute(trainer.val.images, augment=False, seed=0, desc="check")
+    torch.testing.assert_close(cached, whole, atol=0.05, rtol=0.05)  # bf16 autocast, cached fp16
+    result = train(config)
+    assert load_bundle(result.bundle).fingerprint == result.fingerprint
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
