@@ -29,10 +29,17 @@ declare -A ROWS=(
   # fourth session: input resolution (Lite1's own is 240, Lite2's 260; the default is Lite0's 224)
   [e30-lite01-s260]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1 --input-size 260"
   [e30-s260]="--epochs 30 --input-size 260"
+  # other seeds of the accurate recipe (their spread; ensembled with
+  # python -m lookalike.evaluation.fold_ensemble data/train/cv/e30-lite01{,-seed1,-seed2,-seed3})
+  [e30-lite01-seed1]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1 --seed 1"
+  [e30-lite01-seed2]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1 --seed 2"
+  [e30-lite01-seed3]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1 --seed 3"
+  # the last two trunk stages fine-tuned from cached frozen stages
+  [e30-ft2]="--epochs 30 --trainable-stages 2 --cache-frozen"
 )
 ORDER=(default epochs-30 temperature-0.05 faiss-hard-negatives dropout-0.5 e30 e30-t005 e30-grid4
        e30-views4 e30-taps567 e30-lite01 e30-lite012 e30-lite01-t005 e60-lite01 e30-lite01-s260
-       e30-s260)
+       e30-s260 e30-lite01-seed1 e30-lite01-seed2 e30-lite01-seed3 e30-ft2)
 
 for row in "${@:-${ORDER[@]}}"; do
   echo "== $row" >&2
