@@ -203,7 +203,14 @@ class EmbeddingNet(nn.Module):
         """Pooled, concatenated backbone features ``(B, F)`` (what a frozen trunk caches):
         per backbone and in stage order, the average-pooled ``taps``, the grid-pooled
         ``grid_taps`` (channel-major: ``C x grid x grid``), then the pooled last stage."""
-        return self.features_from(self.frozen_part(images, 0), 0)
+        pooled = []
+        for stages in self._stages:
+            x = images
+            for index, stage in enumerate(stages):
+                x = stage(x)
+                pooled += self._taps(index, x)
+            pooled.append(self.pool(x))
+        return torch.cat(pooled, dim=1)
 
     def _taps(self, index: int, x: torch.Tensor) -> list[torch.Tensor]:
         """What stage ``index``'s output ``x`` adds to the features."""
@@ -235,7 +242,8 @@ class EmbeddingNet(nn.Module):
         for stages, part in zip(self._stages, parts, strict=True):
             first = len(stages) - trainable
             x = part.boundary
-            pooled.append(part.prefix)
+            if part.prefix.shape[1]:
+                pooled.append(part.prefix)
             for index, stage in enumerate(stages[first:], start=first):
                 x = stage(x)
                 pooled += self._taps(index, x)
