@@ -36,10 +36,12 @@ declare -A ROWS=(
   [e30-lite01-seed3]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1 --seed 3"
   # the last two trunk stages fine-tuned from cached frozen stages
   [e30-ft2]="--epochs 30 --trainable-stages 2 --cache-frozen"
+  [e30-ft2-lr1e-3]="--epochs 30 --trainable-stages 2 --cache-frozen --backbone-lr 1e-3"
 )
 ORDER=(default epochs-30 temperature-0.05 faiss-hard-negatives dropout-0.5 e30 e30-t005 e30-grid4
        e30-views4 e30-taps567 e30-lite01 e30-lite012 e30-lite01-t005 e60-lite01 e30-lite01-s260
-       e30-s260 e30-lite01-seed1 e30-lite01-seed2 e30-lite01-seed3 e30-ft2)
+       e30-s260 e30-lite01-seed1 e30-lite01-seed2 e30-lite01-seed3 e30-ft2
+       e30-ft2-lr1e-3)
 
 for row in "${@:-${ORDER[@]}}"; do
   echo "== $row" >&2
