@@ -6,7 +6,7 @@ recipe already pools three trunk stages over a 3 x 3 layout grid; here each grid
 candidate's late-interaction score is, as ColBERT does for tokens, the mean over the query's
 regions of the best-matching candidate region. The re-ranked score is
 
-    cosine(query, candidate) + lam * late_interaction(query, candidate)
+    cosine(query, candidate) + lam * maxsim(query, candidate)
 
 where the cosine is the fold model's out-of-fold embedding (``fold-K.npz`` of
 ``lookalike train --cv``). ``lam`` is chosen honestly: for each fold, the value that gives
@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from lookalike.core.machine import cpu_description
-from lookalike.core.scoring import answer_ranks, candidate_metrics
+from lookalike.core.scoring import set_cosines, set_metrics
 from lookalike.models.feature_cache import FeatureCache
 from lookalike.models.network import EmbeddingNet, stage_channels
+from lookalike.models.rerank import maxsim
 from lookalike.models.train import TrainConfig, load_data
 
 LAMBDAS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
@@ -65,26 +66,20 @@ def regions(features: np.ndarray, config: TrainConfig) -> np.ndarray:
     return joined / np.linalg.norm(joined, axis=2, keepdims=True)
 
 
-def late_interaction(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """``(R, C)`` query regions, ``(K, R, C)`` candidates' -> ``(K,)`` mean best-match score."""
-    sims = np.einsum("rc,ksc->krs", query, candidates)
-    return sims.max(axis=2).mean(axis=1)
-
-
 def fold_scores(cv_dir: Path, fold: int, rows: dict[str, int], region: np.ndarray):
     record = json.loads((cv_dir / f"fold-{fold}.json").read_text())
     with np.load(cv_dir / f"fold-{fold}.npz") as arrays:
         vectors, queries = arrays["vectors"], arrays["queries"]
         candidates, answers = arrays["candidates"], arrays["answers"]
     at = np.array([rows[path] for path in record["images"]])
-    cosine = np.einsum("sd,scd->sc", vectors[queries], vectors[candidates])
-    li = np.stack([late_interaction(region[at[q]], region[at[c]])
+    cosine = set_cosines(vectors, queries, candidates)
+    li = np.stack([maxsim(region[at[q]], region[at[c]])
                    for q, c in zip(queries, candidates, strict=True)])
     return cosine, li, answers
 
 
 def metrics(cosine: np.ndarray, li: np.ndarray, answers: np.ndarray, lam: float) -> dict:
-    return candidate_metrics(answer_ranks(list(cosine + lam * li), list(answers)))
+    return set_metrics(cosine + lam * li, answers)
 
 
 def main() -> None:
@@ -109,7 +104,7 @@ def main() -> None:
         chosen.append(lam)
         base.append(metrics(cosine, li, answers, 0.0))
         reranked.append(metrics(cosine, li, answers, lam))
-        alone.append(candidate_metrics(answer_ranks(list(li), list(answers))))
+        alone.append(set_metrics(li, answers))
 
     def cell(rows: list[dict], key: str) -> str:
         values = np.array([r[key] for r in rows])

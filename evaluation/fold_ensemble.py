@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.scoring import answer_ranks, candidate_metrics
+from ..core.scoring import set_cosines, set_metrics
 from .crossval import mean_se
 
 METRICS = ("top1", "top5", "mrr")
@@ -27,16 +27,6 @@ METRICS = ("top1", "top5", "mrr")
 def _fold(row: Path, number: int) -> dict[str, np.ndarray]:
     with np.load(row / "model.work" / "cv" / f"fold-{number}.npz") as arrays:
         return {name: arrays[name] for name in ("vectors", "queries", "candidates", "answers")}
-
-
-def _metrics(scores: np.ndarray, answers: np.ndarray) -> dict[str, float]:
-    return candidate_metrics(answer_ranks(list(scores), list(answers)))
-
-
-def fold_scores(fold: dict[str, np.ndarray]) -> np.ndarray:
-    """``(sets, candidates)`` cosines of one row's fold."""
-    vectors = fold["vectors"]
-    return np.einsum("sd,scd->sc", vectors[fold["queries"]], vectors[fold["candidates"]])
 
 
 def ensemble(rows: Sequence[Path], folds: int = 5) -> dict[str, list[dict[str, float]]]:
@@ -50,10 +40,10 @@ def ensemble(rows: Sequence[Path], folds: int = 5) -> dict[str, list[dict[str, f
             if not (np.array_equal(other["queries"], first["queries"])
                     and np.array_equal(other["candidates"], first["candidates"])):
                 raise SystemExit(f"{row}: fold {number} has other candidate sets than {rows[0]}")
-        scores = [fold_scores(fold) for fold in loaded]
+        scores = [set_cosines(f["vectors"], f["queries"], f["candidates"]) for f in loaded]
         for row, row_scores in zip(rows, scores, strict=True):
-            found[str(row)].append(_metrics(row_scores, first["answers"]))
-        found["ensemble"].append(_metrics(np.mean(scores, axis=0), first["answers"]))
+            found[str(row)].append(set_metrics(row_scores, first["answers"]))
+        found["ensemble"].append(set_metrics(np.mean(scores, axis=0), first["answers"]))
     return found
 
 

@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from ..core.files import atomic_write
 from ..core.machine import cpu_description
-from ..core.scoring import answer_ranks, candidate_metrics
+from ..core.scoring import set_cosines, set_metrics
 from ..models.data import ImageDataset
 from ..models.feature_cache import FeatureCache
 from ..models.network import EmbeddingNet, stage_channels
@@ -299,8 +299,8 @@ class Fold:
     head: Head | None
 
     def cosines(self, vectors: np.ndarray | None = None) -> np.ndarray:
-        v = self.vectors if vectors is None else vectors
-        return np.einsum("sd,scd->sc", v[self.queries], v[self.candidates])
+        return set_cosines(self.vectors if vectors is None else vectors, self.queries,
+                           self.candidates)
 
     def late(self, regions: np.ndarray, symmetric: bool) -> np.ndarray:
         """``(S, C)`` MaxSim of each set's candidates; ``regions`` rows = validation images."""
@@ -321,10 +321,6 @@ def load_folds(cv_dir: Path, images: Sequence[Path]) -> list[Fold]:
     return folds
 
 
-def ranks_metrics(scores: np.ndarray, answers: np.ndarray) -> dict[str, float]:
-    return candidate_metrics(answer_ranks(list(scores), list(answers)))
-
-
 def cell(values: Sequence[float]) -> str:
     mean, se = mean_se(values)
     return f"{mean:.3f} ± {se:.3f}"
@@ -339,14 +335,14 @@ def nested(cosines: list[np.ndarray], lates: list[np.ndarray], answers: list[np.
            lambdas: Sequence[float] = LAMBDAS) -> tuple[list[float], list[dict[str, float]]]:
     """For each fold, ``lam`` best by mean top-1 on the other folds (ties: the smaller), and
     the fold's metrics at that ``lam``."""
-    table = np.array([[ranks_metrics(c + lam * li, a)["top1"] for lam in lambdas]
+    table = np.array([[set_metrics(c + lam * li, a)["top1"] for lam in lambdas]
                       for c, li, a in zip(cosines, lates, answers, strict=True)])
     chosen, found = [], []
     for k in range(len(cosines)):
         others = np.delete(table, k, axis=0).mean(axis=0)
         lam = lambdas[int(np.argmax(others))]
         chosen.append(lam)
-        found.append(ranks_metrics(cosines[k] + lam * lates[k], answers[k]))
+        found.append(set_metrics(cosines[k] + lam * lates[k], answers[k]))
     return chosen, found
 
 
@@ -355,7 +351,7 @@ def rerank_entry(cosines: list[np.ndarray], lates: list[np.ndarray], answers: li
     """The shipped re-ranker's calibration entry: the weight best by mean top-1 over every
     fold (as a threshold is fitted on all out-of-fold scores), and the out-of-fold figures with
     the weight chosen per fold on the others (what predicts unseen pairs)."""
-    table = np.array([[ranks_metrics(c + lam * li, a)["top1"] for lam in LAMBDAS]
+    table = np.array([[set_metrics(c + lam * li, a)["top1"] for lam in LAMBDAS]
                       for c, li, a in zip(cosines, lates, answers, strict=True)])
     chosen, found = nested(cosines, lates, answers)
     entry: dict[str, object] = {
@@ -480,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         plain = f.head.embed(features[f.rows])
         both = _unit(plain + f.head.embed(mirror[f.rows]))
         for vectors, out in ((plain, base), (both, tta)):
-            scores = ranks_metrics(f.cosines(vectors), f.answers)
+            scores = set_metrics(f.cosines(vectors), f.answers)
             out.append(fold_metrics(vectors, f.queries, f.candidates, f.answers, scores)[0])
     print("\n| scoring | " + " | ".join(CV_METRICS) + " |\n|---|" + "---|" * len(CV_METRICS))
     for name, rows in (("fold model", base), ("fold model + flip TTA", tta)):
@@ -518,13 +514,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                                       zip(folds, per_fold, strict=True)]
         print(f"{kind}: regions {per_fold[0].shape[1:]}, {time.perf_counter() - t0:.0f} s",
               flush=True)
-    base_rank = [ranks_metrics(c, a) for c, a in zip(cosines, answers, strict=True)]
+    base_rank = [set_metrics(c, a) for c, a in zip(cosines, answers, strict=True)]
     print("\n| re-ranker | direction | on cosine | lam chosen per fold | alone top-1 | top-1 "
           "| top-5 | MRR | paired top-1 | paired MRR |\n|---|---|---|---|---|---|---|---|---|---|")
     print(f"| none (fold model) | | plain | | | {cell([m['top1'] for m in base_rank])} | "
           f"{cell([m['top5'] for m in base_rank])} | {cell([m['mrr'] for m in base_rank])} | | |")
     for (kind, symmetric), late in lates.items():
-        alone = [ranks_metrics(li, a)["top1"] for li, a in zip(late, answers, strict=True)]
+        alone = [set_metrics(li, a)["top1"] for li, a in zip(late, answers, strict=True)]
         direction = "symmetric" if symmetric else "query -> candidate"
         for name, cos in (("plain", cosines), ("flip TTA", tta_cos)):
             chosen, found = nested(cos, late, answers)
@@ -547,13 +543,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     # 3. Every knob nested at once (region kind, direction, lam), on the plain and TTA cosine.
     for name, cos in (("plain cosine", cosines), ("flip-TTA cosine", tta_cos)):
         options = [(key, lam) for key in lates for lam in LAMBDAS]
-        table = np.array([[ranks_metrics(cos[k] + lam * lates[key][k], answers[k])["top1"]
+        table = np.array([[set_metrics(cos[k] + lam * lates[key][k], answers[k])["top1"]
                            for key, lam in options] for k in range(len(folds))])
         picks, found = [], []
         for k in range(len(folds)):
             key, lam = options[int(np.argmax(np.delete(table, k, axis=0).mean(axis=0)))]
             picks.append(f"{key[0]}{' sym' if key[1] else ''} lam {lam}")
-            found.append(ranks_metrics(cos[k] + lam * lates[key][k], answers[k]))
+            found.append(set_metrics(cos[k] + lam * lates[key][k], answers[k]))
         print(f"\nall knobs nested, {name}: picks {picks}\n"
               f"  top-1 {cell([m['top1'] for m in found])}"
               f", top-5 {cell([m['top5'] for m in found])}, MRR {cell([m['mrr'] for m in found])};"

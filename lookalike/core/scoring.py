@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["CandidateSetEvaluator", "Evaluator", "answer_ranks", "candidate_metrics",
-           "score_candidate_sets"]
+           "score_candidate_sets", "set_cosines", "set_metrics"]
 
 
 def answer_ranks(scores: Sequence[np.ndarray], answers: Sequence[int]) -> np.ndarray:
@@ -44,7 +44,16 @@ def score_candidate_sets(
     ``queries`` ``(S,)`` and ``candidates`` ``(S, C)`` index rows of ``vectors``; ``answers``
     is the position of the true candidate in each set.
     """
-    scores = np.einsum("sd,scd->sc", vectors[queries], vectors[candidates])
+    return set_metrics(set_cosines(vectors, queries, candidates), answers)
+
+
+def set_cosines(vectors: np.ndarray, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """``(S, C)``: each set's candidates' cosines to its query (rows of unit ``vectors``)."""
+    return np.einsum("sd,scd->sc", vectors[queries], vectors[candidates])
+
+
+def set_metrics(scores: np.ndarray, answers: Sequence[int]) -> dict[str, float]:
+    """top-1, top-5 and MRR of candidate sets scored ``(S, C)`` (any score, higher = better)."""
     return candidate_metrics(answer_ranks(list(scores), list(answers)))
 
 

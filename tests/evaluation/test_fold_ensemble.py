@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.evaluation.fold_ensemble import ensemble, fold_scores
+from lookalike.core.scoring import set_cosines
+from lookalike.evaluation.fold_ensemble import ensemble
 
 
 def _row(root: Path, name: str, vectors: list[np.ndarray], candidates: np.ndarray) -> Path:
@@ -32,10 +33,8 @@ def test_the_ensemble_averages_cosines(tmp_path: Path) -> None:
     second = _row(tmp_path, "b", [base @ rotation, base @ rotation], candidates)
     found = ensemble([first, second], folds=2)
     assert found["ensemble"] == found[str(first)] == found[str(second)]
-    np.testing.assert_allclose(fold_scores({"vectors": base @ rotation, "queries": np.array([0]),
-                                            "candidates": candidates[:1]}),
-                               fold_scores({"vectors": base, "queries": np.array([0]),
-                                            "candidates": candidates[:1]}), atol=1e-12)
+    np.testing.assert_allclose(set_cosines(base @ rotation, np.array([0]), candidates[:1]),
+                               set_cosines(base, np.array([0]), candidates[:1]), atol=1e-12)
 
 
 def test_rows_on_other_candidate_sets_are_refused(tmp_path: Path) -> None:
