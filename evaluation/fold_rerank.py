@@ -61,7 +61,7 @@ from ..models.data import ImageDataset
 from ..models.feature_cache import FeatureCache
 from ..models.network import EmbeddingNet, stage_channels
 from ..models.preprocess import Preprocessor
-from ..models.rerank import maxsim
+from ..models.rerank import maxsim, unit
 from ..models.train import TrainConfig, load_data
 from .crossval import CV_METRICS, fold_metrics, head_path, mean_se
 
@@ -168,10 +168,6 @@ class Head:
         return e / np.linalg.norm(e, axis=1, keepdims=True)
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-12)
-
-
 def trunk_3x3(features: np.ndarray, config: TrainConfig) -> np.ndarray:
     """``(N, F)`` -> ``(N, cells, C)``: grid cells of the untrained stages (standardised over
     all images and cells per channel, each stage weighted alike, unit length)."""
@@ -184,7 +180,7 @@ def trunk_3x3(features: np.ndarray, config: TrainConfig) -> np.ndarray:
         x = x.reshape(len(features), block.width, cells)
         x = (x - x.mean(axis=(0, 2), keepdims=True)) / (x.std(axis=(0, 2), keepdims=True) + 1e-6)
         parts.append(x.transpose(0, 2, 1) / np.sqrt(block.width))
-    return _unit(np.concatenate(parts, axis=2))
+    return unit(np.concatenate(parts, axis=2))
 
 
 def trunk_7x7(maps: dict[str, np.ndarray], backbones: int) -> np.ndarray:
@@ -197,7 +193,7 @@ def trunk_7x7(maps: dict[str, np.ndarray], backbones: int) -> np.ndarray:
             x = x - x.mean(axis=(0, 2), keepdims=True)
             x = x / (x.std(axis=(0, 2), keepdims=True) + 1e-6)
             parts.append(x.transpose(0, 2, 1) / np.sqrt(x.shape[1]))
-    return _unit(np.concatenate(parts, axis=2))
+    return unit(np.concatenate(parts, axis=2))
 
 
 def head_3x3(features: np.ndarray, head: Head, config: TrainConfig) -> np.ndarray:
@@ -389,7 +385,7 @@ def tta_speed(model_path: Path, images: Sequence[Path], engine: str = "onnx-int8
 
     def flipped(batch: np.ndarray) -> np.ndarray:
         both = run(np.concatenate([batch, np.ascontiguousarray(batch[..., ::-1])]))
-        return _unit(both[: len(batch)] + both[len(batch):]).astype(np.float32)
+        return unit(both[: len(batch)] + both[len(batch):]).astype(np.float32)
 
     embedders = {"plain": Embedder(model, engine, run=run),
                  "flip TTA": Embedder(model, engine, run=flipped)}
@@ -474,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     base, tta = [], []
     for f in folds:
         plain = f.head.embed(features[f.rows])
-        both = _unit(plain + f.head.embed(mirror[f.rows]))
+        both = unit(plain + f.head.embed(mirror[f.rows]))
         for vectors, out in ((plain, base), (both, tta)):
             scores = set_metrics(f.cosines(vectors), f.answers)
             out.append(fold_metrics(vectors, f.queries, f.candidates, f.answers, scores)[0])
@@ -487,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # 2. Region late interaction, lam nested; with and without TTA's global cosine.
     cosines = [f.cosines() for f in folds]
-    tta_cos = [f.cosines(_unit(f.head.embed(features[f.rows])
+    tta_cos = [f.cosines(unit(f.head.embed(features[f.rows])
                                + f.head.embed(mirror[f.rows]))) for f in folds]
     answers = [f.answers for f in folds]
     lates: dict[tuple[str, bool], list[np.ndarray]] = {}
@@ -500,12 +496,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             if every is not None:
                 regions = every[f.rows]
             elif kind == "head-3x3":
-                regions = _unit(head_3x3(features[f.rows], f.head, config))
+                regions = unit(head_3x3(features[f.rows], f.head, config))
             elif kind == "explain-7x7":
-                regions = _unit(explain_7x7(config, head_path(args.cv_dir, f.number),
+                regions = unit(explain_7x7(config, head_path(args.cv_dir, f.number),
                                             [data.images[r] for r in f.rows], args.region_cache))
             elif kind == "head-7x7":
-                regions = _unit(head_7x7({k: v[f.rows] for k, v in maps.items()}, f.head, config))
+                regions = unit(head_7x7({k: v[f.rows] for k, v in maps.items()}, f.head, config))
             else:
                 raise SystemExit(f"unknown region kind {kind!r}; choose from {REGIONS}")
             per_fold.append(regions)

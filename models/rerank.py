@@ -31,7 +31,7 @@ from .errors import EngineError
 from .explain import Explainer, explainer_for
 from .model import RERANK_KEY
 
-__all__ = ["Reranker", "RerankSpec", "maxsim", "reranker_for"]
+__all__ = ["Reranker", "RerankSpec", "maxsim", "reranker_for", "unit"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,8 @@ def maxsim(query: np.ndarray, candidates: np.ndarray, symmetric: bool = False) -
     return 0.5 * (forward + sims.max(axis=1).mean(axis=1)) if symmetric else forward
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
+def unit(x: np.ndarray) -> np.ndarray:
+    """``x`` scaled to unit length along its last axis (any shape; zero vectors stay zero)."""
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
@@ -89,8 +90,8 @@ class Reranker:
         terms = self.explainer.terms(np.concatenate([batch, mirrored]))
         bias = self.explainer.bias
         plain, mirror = terms[: len(batch)], terms[len(batch):]
-        embedding = _unit(_unit(bias + plain.sum(1)) + _unit(bias + mirror.sum(1)))
-        return np.concatenate([embedding[:, None], _unit(plain)], axis=1).astype(np.float32)
+        embedding = unit(unit(bias + plain.sum(1)) + unit(bias + mirror.sum(1)))
+        return np.concatenate([embedding[:, None], unit(plain)], axis=1).astype(np.float32)
 
     def scores(self, query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """``(1 + R, D)`` query description, ``(K, 1 + R, D)`` candidates' -> ``(K,)``."""
