@@ -196,22 +196,24 @@ async def rank(request: Request, state: StateDep) -> Response:
     started = time.perf_counter()
     raw, uploads = await _read_request(request, state.settings)
     spec, queries, by_key = await run_in_threadpool(_checked_spec, raw, uploads, state)
-    if spec.rerank:
-        by_upload = await run_in_threadpool(_described, state, uploads)
+    reranker = None
+    if spec.rerank:  # a model without one fails here, before any upload is described
+        reranker = await run_in_threadpool(reranker_for, state.embedder,
+                                           state.settings.cache_dir)
+        by_upload = await run_in_threadpool(_described, state, reranker, uploads)
     else:
         by_upload = await state.embed_named(uploads)
-    return await run_in_threadpool(_answer, state, spec, queries, by_key, by_upload, started)
+    return await run_in_threadpool(_answer, state, spec, queries, by_key, by_upload, reranker,
+                                   started)
 
 
-def _reranker(state: ServiceState) -> Reranker:
-    return reranker_for(state.embedder, state.settings.cache_dir)
-
-
-def _described(state: ServiceState, uploads: dict[str, bytes]) -> dict[str, np.ndarray]:
+def _described(
+    state: ServiceState, reranker: Reranker, uploads: dict[str, bytes]
+) -> dict[str, np.ndarray]:
     """The uploads' re-ranking descriptions (flip-TTA embedding and region vectors), decoded
     and described in the thread pool, as /explain does."""
     arrays = prepare_inputs(state.embedder.preprocessor, list(uploads.values()), list(uploads))
-    return dict(zip(uploads, _reranker(state).describe(arrays), strict=True))
+    return dict(zip(uploads, reranker.describe(arrays), strict=True))
 
 
 Queries = list[tuple[ImageRef, list[ImageRef], list[int]]]
@@ -232,7 +234,6 @@ def _checked_spec(
             raise HTTPException(
                 422, "rerank=true needs every query and candidate uploaded: the store keeps "
                 f"only thumbnails of indexed images, and {len(keys)} key(s) were given")
-        _reranker(state)  # a model without one fails here, before any upload is described
     by_key = dict(zip(keys, state.store.vectors(keys), strict=True))
     return spec, [_filtered(state, q, query) for q, query in zip(spec.queries, queries,
                                                                strict=True)], by_key
@@ -258,6 +259,7 @@ def _answer(
     queries: Queries,
     by_key: dict[str, np.ndarray],
     by_upload: dict[str, np.ndarray],
+    reranker: Reranker | None,
     started: float,
 ) -> Response:
     """Score every query's candidates and encode the answer (runs off the event loop)."""
@@ -265,17 +267,19 @@ def _answer(
     def vector(ref: ImageRef) -> np.ndarray:
         return by_key[ref.key] if ref.key is not None else by_upload[ref.upload]
 
-    rank_by = _reranker(state).scores if spec.rerank else cosine_scores
-    scores = [
-        rank_by(vector(query), np.stack([vector(c) for c in candidates]))
-        if candidates else np.zeros(0, np.float32)
-        for query, candidates, _ in queries
-    ]
-    cosines = [
-        cosine_scores(vector(query)[0], np.stack([vector(c)[0] for c in candidates]))
-        if spec.rerank and candidates else row
-        for (query, candidates, _), row in zip(queries, scores, strict=True)
-    ]
+    def scored(query: ImageRef, candidates: list[ImageRef]) -> tuple[np.ndarray, np.ndarray]:
+        """What the candidates are ranked by, and their cosines (the same without a
+        re-ranker; a description's row 0 is its flip-TTA embedding)."""
+        if not candidates:
+            return np.zeros(0, np.float32), np.zeros(0, np.float32)
+        mine, theirs = vector(query), np.stack([vector(c) for c in candidates])
+        if reranker is None:
+            cosines = cosine_scores(mine, theirs)
+            return cosines, cosines
+        return reranker.scores(mine, theirs), cosine_scores(mine[0], theirs[:, 0])
+
+    both = [scored(query, candidates) for query, candidates, _ in queries]
+    scores, cosines = [ranked_by for ranked_by, _ in both], [cosine for _, cosine in both]
     identities = [[(c.key, c.upload) for c in candidates] for _, candidates, _ in queries]
     try:
         chosen = assign(identities, scores) if spec.assign else [-1] * len(scores)
@@ -297,8 +301,8 @@ def _answer(
                 key=candidates[i].key,
                 upload=candidates[i].upload,
                 position=positions[i],
-                score=float(np.clip(cosine[i], -1.0, 1.0)),
-                rerank_score=float(row[i]) if spec.rerank else None,
+                score=float(cosine[i]),
+                rerank_score=float(row[i]) if reranker is not None else None,
                 rank=rank,
                 assigned=bool(i == pick),
             )
