@@ -45,7 +45,7 @@ from .errors import EvaluationError
 from .verification import pair_scores, threshold_at_far, verification_metrics
 
 __all__ = ["CV_METRICS", "CrossValidation", "cross_validate", "fold_metrics", "head_path",
-           "markdown_row", "mean_se", "save_head"]
+           "markdown_row", "mean_se", "pair_figures", "save_head"]
 
 CV_METRICS = ("top1", "top5", "mrr", "auc", "eer", "tmr_at_far")
 """What each fold reports: candidate-set top-1/top-5/MRR (cosine, no assignment), and
@@ -95,15 +95,18 @@ def fold_metrics(
     positive cosines, negative cosines)."""
     truth = candidates[np.arange(len(answers)), answers]
     positive, negative = pair_scores(vectors[queries], vectors[truth])
+    metrics = {**{k: candidate_scores[k] for k in ("top1", "top5", "mrr", "n")},
+               **pair_figures(positive, negative)}
+    return metrics, positive, negative
+
+
+def pair_figures(positive: np.ndarray, negative: np.ndarray) -> dict[str, float]:
+    """The verification figures a fold reports: ROC-AUC, equal error rate, and the true-match
+    rate at the threshold that lets through :data:`TARGET_FAR` of the non-matching pairs."""
     verification = verification_metrics(positive, negative)
     threshold = threshold_at_far(negative, TARGET_FAR)
-    metrics = {
-        **{k: candidate_scores[k] for k in ("top1", "top5", "mrr", "n")},
-        "auc": verification["auc"],
-        "eer": verification["eer"],
-        "tmr_at_far": float((positive >= threshold).mean()),
-    }
-    return metrics, positive, negative
+    return {"auc": verification["auc"], "eer": verification["eer"],
+            "tmr_at_far": float((positive >= threshold).mean())}
 
 
 def _mean_history(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

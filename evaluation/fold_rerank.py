@@ -63,7 +63,8 @@ from ..models.network import EmbeddingNet, stage_channels
 from ..models.preprocess import Preprocessor
 from ..models.rerank import maxsim, unit
 from ..models.train import TrainConfig, load_data
-from .crossval import CV_METRICS, fold_metrics, head_path, mean_se
+from .crossval import CV_METRICS, fold_metrics, head_path, mean_se, pair_figures
+from .verification import matrix_pairs
 
 REGION_STAGES = (4, 5, 6, 7)
 LOCATIONS = 7
@@ -342,6 +343,52 @@ def nested(cosines: list[np.ndarray], lates: list[np.ndarray], answers: list[np.
     return chosen, found
 
 
+def pair_matrix(fold: Fold, vectors: np.ndarray, regions: np.ndarray | None = None
+                ) -> np.ndarray:
+    """``(N, N)`` scores of each query (left image) against every pair's true match: the
+    cosine of ``vectors``, or with ``regions`` the MaxSim (query -> candidate); the diagonal
+    holds the matching pairs (the layout :func:`~.verification.matrix_pairs` splits)."""
+    truth = fold.candidates[np.arange(len(fold.answers)), fold.answers]
+    if regions is None:
+        return vectors[fold.queries] @ vectors[truth].T
+    return np.stack([maxsim(regions[q], regions[truth]) for q in fold.queries])
+
+
+def verification_table(folds: list[Fold], tta_vectors: list[np.ndarray],
+                       regions_of: dict[str, list[np.ndarray]]) -> dict[str, object]:
+    """Verification (AUC, EER, TMR at 1% FMR) when a pair's score is the re-ranker's
+    ``cosine + lam * maxsim``, ``lam`` chosen per fold by mean AUC on the other folds; printed
+    as a table against the fold model's plain cosine, paired on the same folds."""
+    def figures(matrix: np.ndarray) -> dict[str, float]:
+        return pair_figures(*matrix_pairs(matrix))
+
+    plain = [pair_matrix(f, f.vectors) for f in folds]
+    tta = [pair_matrix(f, v) for f, v in zip(folds, tta_vectors, strict=True)]
+    rows: dict[str, tuple[object, list[dict[str, float]]]] = {
+        "fold model": ("", [figures(m) for m in plain]),
+        "flip TTA": ("", [figures(m) for m in tta])}
+    for kind, per_fold in regions_of.items():
+        late = [pair_matrix(f, None, r) for f, r in zip(folds, per_fold, strict=True)]
+        for name, cos in (("plain", plain), ("flip TTA", tta)):
+            table = [[figures(c + lam * li) for lam in LAMBDAS]
+                     for c, li in zip(cos, late, strict=True)]
+            auc = np.array([[t["auc"] for t in row] for row in table])
+            chosen = [int(np.argmax(np.delete(auc, k, axis=0).mean(axis=0)))
+                      for k in range(len(folds))]
+            rows[f"{name} cosine + lam x {kind}"] = (
+                [LAMBDAS[c] for c in chosen], [table[k][c] for k, c in enumerate(chosen)])
+    metrics = ("auc", "eer", "tmr_at_far")
+    base = rows["fold model"][1]
+    print("\n| verification score | lam per fold | " + " | ".join(metrics)
+          + " | paired AUC | paired TMR |\n|---|---|" + "---|" * (len(metrics) + 2))
+    for name, (chosen, found) in rows.items():
+        paired = [signed([m[k] - b[k] for m, b in zip(found, base, strict=True)])
+                  for k in ("auc", "tmr_at_far")]
+        print(f"| {name} | {chosen} | " + " | ".join(cell([m[k] for m in found]) for k in metrics)
+              + f" | {paired[0]} | {paired[1]} |", flush=True)
+    return {name: {"lam": chosen, "metrics": found} for name, (chosen, found) in rows.items()}
+
+
 def rerank_entry(cosines: list[np.ndarray], lates: list[np.ndarray], answers: list[np.ndarray],
                  base: list[dict[str, float]]) -> dict[str, object]:
     """The shipped re-ranker's calibration entry: the weight best by mean top-1 over every
@@ -420,7 +467,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="trunks of the one region/mirror pass (a prefix of them may be "
                              "the row's: Lite0's features are the first part of the fusion's)")
     parser.add_argument("--verification", action="store_true",
-                        help="also re-score each fold's verification pairs (slow)")
+                        help="also score each fold's verification pairs (every query against "
+                             "every pair's match) with each region kind's late interaction")
     parser.add_argument("--json", type=Path, help="write the per-fold figures here")
     parser.add_argument("--write-rerank", type=Path, metavar="MODEL_DIR",
                         help="write the shipped re-ranker (explain-7x7, query -> candidate, on "
@@ -487,6 +535,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                + f.head.embed(mirror[f.rows]))) for f in folds]
     answers = [f.answers for f in folds]
     lates: dict[tuple[str, bool], list[np.ndarray]] = {}
+    regions_of: dict[str, list[np.ndarray]] = {}
     for kind in args.regions.split(","):
         t0 = time.perf_counter()
         per_fold = []
@@ -505,6 +554,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             else:
                 raise SystemExit(f"unknown region kind {kind!r}; choose from {REGIONS}")
             per_fold.append(regions)
+        regions_of[kind] = per_fold
         for symmetric in (False, True):
             lates[kind, symmetric] = [f.late(r, symmetric) for f, r in
                                       zip(folds, per_fold, strict=True)]
@@ -552,6 +602,10 @@ def main(argv: Sequence[str] | None = None) -> None:
               f" paired top-1 vs fold model "
               f"{signed([m['top1'] - b['top1'] for m, b in zip(found, base_rank, strict=True)])}")
         report["folds"][f"nested-all/{name}"] = {"picks": picks, "metrics": found}
+    if args.verification:
+        tta_vectors = [unit(f.head.embed(features[f.rows]) + f.head.embed(mirror[f.rows]))
+                       for f in folds]
+        report["folds"]["verification"] = verification_table(folds, tta_vectors, regions_of)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))

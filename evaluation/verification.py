@@ -27,6 +27,7 @@ from .errors import EvaluationError
 __all__ = [
     "Calibration",
     "pair_scores",
+    "matrix_pairs",
     "labelled_scores",
     "verification_metrics",
     "threshold_at_far",
@@ -43,8 +44,14 @@ def pair_scores(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.nda
             f"verification needs at least 2 pairs of equal-shaped vectors, got {left.shape} "
             f"and {right.shape}"
         )
-    scores = np.clip(left @ right.T, -1.0, 1.0).astype(np.float64)
-    off_diagonal = ~np.eye(len(left), dtype=bool)
+    return matrix_pairs(np.clip(left @ right.T, -1.0, 1.0))
+
+
+def matrix_pairs(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, N)`` scores of ``left[i]`` against ``right[j]`` -> (positive: the diagonal,
+    negative: every other entry), as float64; for scorers other than the cosine."""
+    scores = np.asarray(scores, dtype=np.float64)
+    off_diagonal = ~np.eye(len(scores), dtype=bool)
     return np.diagonal(scores).copy(), scores[off_diagonal]
 
 

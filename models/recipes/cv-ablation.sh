@@ -37,11 +37,22 @@ declare -A ROWS=(
   # the last two trunk stages fine-tuned from cached frozen stages
   [e30-ft2]="--epochs 30 --trainable-stages 2 --cache-frozen"
   [e30-ft2-lr1e-3]="--epochs 30 --trainable-stages 2 --cache-frozen --backbone-lr 1e-3"
+  # fifth session: the old single-split losses, miners and head shapes, on the accurate recipe
+  [e30-lite01-contrastive-cosine]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1 --loss contrastive-cosine --margin 0.3"
+  [e30-lite01-contrastive-euclidean]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1 --loss contrastive-euclidean --margin 0.2"
+  [e30-lite01-triplet-euclidean]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1 --loss triplet-euclidean --margin 0.2"
+  [e30-lite01-triplet-cosine-batch-hard]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1 --loss triplet-cosine --margin 0.2 --miner batch-hard"
+  [e30-lite01-head512]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1 --head 512"
+  [e30-lite01-mlp]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1 --head 1024,256"
+  [e30-lite01-dropout-0.5]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1 --dropout 0.5"
+  [e30-lite01-dropout-0.8]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1 --dropout 0.8"
 )
 ORDER=(default epochs-30 temperature-0.05 faiss-hard-negatives dropout-0.5 e30 e30-t005 e30-grid4
        e30-views4 e30-taps567 e30-lite01 e30-lite012 e30-lite01-t005 e60-lite01 e30-lite01-s260
        e30-s260 e30-lite01-seed1 e30-lite01-seed2 e30-lite01-seed3 e30-ft2
-       e30-ft2-lr1e-3)
+       e30-ft2-lr1e-3 e30-lite01-contrastive-cosine e30-lite01-contrastive-euclidean
+       e30-lite01-triplet-euclidean e30-lite01-triplet-cosine-batch-hard e30-lite01-head512
+       e30-lite01-mlp e30-lite01-dropout-0.5 e30-lite01-dropout-0.8)
 
 for row in "${@:-${ORDER[@]}}"; do
   echo "== $row" >&2

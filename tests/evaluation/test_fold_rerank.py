@@ -9,13 +9,16 @@ import pytest
 
 from lookalike.evaluation.fold_rerank import (
     LOCATIONS,
+    Fold,
     Head,
     _cell_masks,
     head_3x3,
     head_7x7,
     layout,
     nested,
+    pair_matrix,
     rerank_entry,
+    verification_table,
 )
 from lookalike.models.train import TrainConfig
 
@@ -89,3 +92,37 @@ def test_rerank_entry_reports_out_of_fold_figures_and_the_best_weight() -> None:
     assert entry["weight"] >= 0.1 and all(w >= 0.1 for w in entry["nested_weights"])
     assert entry["top1"] == entry["top1_gain"] == 1.0 and entry["top1_gain_se"] == 0.0
     assert entry["flip_tta"] and entry["regions"] == "explain-7x7"
+
+
+def _fold(number: int, pairs: int, rng: np.random.Generator) -> tuple[Fold, np.ndarray]:
+    """A fold of ``pairs`` queries (images 0..P-1) whose true matches are images P..2P-1, with
+    random unit vectors, and regions that carry the pair's identity (one-hot per pair)."""
+    vectors = _unit(rng.normal(size=(2 * pairs, 8)))
+    candidates = np.stack([np.roll(np.arange(pairs, 2 * pairs), -i)[:3] for i in range(pairs)])
+    fold = Fold(number, np.arange(2 * pairs), vectors, np.arange(pairs), candidates,
+                np.zeros(pairs, int), head=None)
+    regions = np.tile(np.eye(2 * pairs)[np.r_[0:pairs, 0:pairs]][:, None, :], (1, 3, 1))
+    return fold, regions
+
+
+def test_pair_matrix_puts_the_matching_pairs_on_the_diagonal() -> None:
+    rng = np.random.default_rng(2)
+    fold, regions = _fold(1, 5, rng)
+    cos = pair_matrix(fold, fold.vectors)
+    np.testing.assert_allclose(cos[1, 3], fold.vectors[1] @ fold.vectors[5 + 3])
+    late = pair_matrix(fold, None, regions)
+    np.testing.assert_array_equal(late, np.eye(5))
+
+
+def test_verification_with_late_interaction_chooses_lam_out_of_fold() -> None:
+    """Regions that tell every pair apart make AUC ~1 once lam > 0; the random cosine alone is
+    near chance. lam is picked on the other folds (all of them want the largest here)."""
+    rng = np.random.default_rng(3)
+    folds, regions = zip(*(_fold(k, 12, rng) for k in (1, 2, 3)), strict=True)
+    table = verification_table(list(folds), [f.vectors for f in folds],
+                               {"one-hot": list(regions)})
+    assert table["fold model"]["metrics"] == table["flip TTA"]["metrics"]
+    late = table["flip TTA cosine + lam x one-hot"]
+    assert all(lam > 0 for lam in late["lam"])
+    assert all(m["auc"] > 0.99 and m["tmr_at_far"] > 0.9 for m in late["metrics"])
+    assert np.mean([m["auc"] for m in table["fold model"]["metrics"]]) < 0.9
