@@ -46,13 +46,17 @@ declare -A ROWS=(
   [e30-lite01-mlp]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1 --head 1024,256"
   [e30-lite01-dropout-0.5]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1 --dropout 0.5"
   [e30-lite01-dropout-0.8]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1 --dropout 0.8"
+  [e30-lite01-head1024]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1 --head 1024"
+  [e30-lite01-head512-seed1]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1 --head 512 --seed 1"
+  [e30-lite01-head1024-seed1]="--epochs 30 --backbones efficientnet_lite0,efficientnet_lite1 --head 1024 --seed 1"
 )
 ORDER=(default epochs-30 temperature-0.05 faiss-hard-negatives dropout-0.5 e30 e30-t005 e30-grid4
        e30-views4 e30-taps567 e30-lite01 e30-lite012 e30-lite01-t005 e60-lite01 e30-lite01-s260
        e30-s260 e30-lite01-seed1 e30-lite01-seed2 e30-lite01-seed3 e30-ft2
        e30-ft2-lr1e-3 e30-lite01-contrastive-cosine e30-lite01-contrastive-euclidean
        e30-lite01-triplet-euclidean e30-lite01-triplet-cosine-batch-hard e30-lite01-head512
-       e30-lite01-mlp e30-lite01-dropout-0.5 e30-lite01-dropout-0.8)
+       e30-lite01-mlp e30-lite01-dropout-0.5 e30-lite01-dropout-0.8
+       e30-lite01-head1024 e30-lite01-head512-seed1 e30-lite01-head1024-seed1)
 
 for row in "${@:-${ORDER[@]}}"; do
   echo "== $row" >&2
