@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14, third session: re-rankers and test-time variants measured on the CV folds
+# Issue 14, third and fifth sessions: re-rankers and test-time variants measured on the CV folds
 # (benchmarks/RESULTS.md, "Third session"). The two CV rows are re-run with their fold models
 # kept (standardisation + head per fold, fold-K.head.safetensors; the folds are deterministic,
 # so the figures are those of cv-ablation.sh's e30 and e30-lite01), then
@@ -34,3 +34,10 @@ for model in models/default models/accurate; do
   $PYTHON -m lookalike.evaluation.fold_rerank --config "$RECIPE" --cv-dir unused \
     --speed-model "$model"
 done
+# Fifth session: the re-ranker's score on verification pairs (lam nested on AUC), and region
+# vectors *trained* for late interaction (a linear map of the trunks' 7 x 7 locations, per fold,
+# on the fold's training pairs), scored out of fold on sets and verification pairs.
+$PYTHON -m lookalike.evaluation.fold_rerank --config models/recipes/accurate.toml \
+  --cv-dir "$OUT/e30-lite01/model.work/cv" --regions explain-7x7,head-7x7 --verification
+$PYTHON -m lookalike.evaluation.fold_learned_regions --config models/recipes/accurate.toml \
+  --cv-dir "$OUT/e30-lite01/model.work/cv"
