@@ -32,21 +32,20 @@ from ..core.scoring import set_metrics
 from ..models.feature_cache import FeatureCache
 from ..models.network import EmbeddingNet
 from ..models.train import TrainConfig, load_data
-from .crossval import pair_figures
 from .fold_rerank import (
-    LAMBDAS,
     Fold,
     cell,
+    figures,
     load_folds,
     machine,
     nested,
+    nested_verification,
     pair_matrix,
     region_cache,
     signed,
     trunk_7x7,
     unit,
 )
-from .verification import matrix_pairs
 
 
 def batch_maxsim(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -64,9 +63,11 @@ def train_projection(tokens: torch.Tensor, pairs: np.ndarray, dim: int = 128, ep
     torch.manual_seed(seed)
     projection = torch.nn.Linear(tokens.shape[2], dim, bias=False)
     optimiser = torch.optim.AdamW(projection.parameters(), lr=lr, weight_decay=weight_decay)
-    per_epoch = -(-len(pairs) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, lr, total_steps=epochs * per_epoch,
-                                                   pct_start=0.1)
+    # One-cycle: 10% warm-up, then cosine decay; a short run (a smoke test) keeps >= 2 warm-up
+    # steps, which the scheduler needs, and may stop before the cycle ends.
+    steps = max(3, epochs * -(-len(pairs) // batch_size))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, lr, total_steps=steps,
+                                                   pct_start=max(0.1, 2 / steps))
     rng = np.random.default_rng(seed)
     for _ in range(epochs):
         order = rng.permutation(len(pairs))
@@ -167,22 +168,14 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"{[round(g, 3) for g in gain]} |")
         report[f"sets/{name}"] = {"lam": chosen, "metrics": found}
 
-    def figures(matrix: np.ndarray) -> dict[str, float]:
-        return pair_figures(*matrix_pairs(matrix))
-
     plain = [figures(m) for m in pair_cosines["plain"]]
     print("\n| verification score | lam per fold | AUC | EER | TMR @ 1% FMR | paired AUC |\n"
           "|---|---|---|---|---|---|")
     for name, cos in pair_cosines.items():
-        table = [[figures(c + lam * li) for lam in LAMBDAS]
-                 for c, li in zip(cos, pair_lates, strict=True)]
-        auc = np.array([[t["auc"] for t in row] for row in table])
-        picks = [int(np.argmax(np.delete(auc, k, axis=0).mean(axis=0)))
-                 for k in range(len(folds))]
+        lams, nested_found = nested_verification(cos, pair_lates)
         for label, found, chosen in (
                 (f"{name} cosine", [figures(c) for c in cos], ""),
-                (f"{name} cosine + lam x learned MaxSim",
-                 [table[k][p] for k, p in enumerate(picks)], [LAMBDAS[p] for p in picks])):
+                (f"{name} cosine + lam x learned MaxSim", nested_found, lams)):
             gain = signed([m["auc"] - b["auc"] for m, b in zip(found, plain, strict=True)])
             print(f"| {label} | {chosen} | {cell([m['auc'] for m in found])} | "
                   f"{cell([m['eer'] for m in found])} | {cell([m['tmr_at_far'] for m in found])}"

@@ -354,14 +354,27 @@ def pair_matrix(fold: Fold, vectors: np.ndarray, regions: np.ndarray | None = No
     return np.stack([maxsim(regions[q], regions[truth]) for q in fold.queries])
 
 
+def figures(matrix: np.ndarray) -> dict[str, float]:
+    """A fold's verification figures from its :func:`pair_matrix` scores."""
+    return pair_figures(*matrix_pairs(matrix))
+
+
+def nested_verification(cosines: list[np.ndarray], lates: list[np.ndarray]
+                        ) -> tuple[list[float], list[dict[str, float]]]:
+    """For each fold (its ``(N, N)`` pair matrices), ``lam`` best by mean AUC on the other
+    folds, and the fold's verification figures for ``cosine + lam * late`` at that ``lam``."""
+    table = [[figures(c + lam * li) for lam in LAMBDAS]
+             for c, li in zip(cosines, lates, strict=True)]
+    auc = np.array([[t["auc"] for t in row] for row in table])
+    picks = [int(np.argmax(np.delete(auc, k, axis=0).mean(axis=0))) for k in range(len(table))]
+    return [LAMBDAS[p] for p in picks], [table[k][p] for k, p in enumerate(picks)]
+
+
 def verification_table(folds: list[Fold], tta_vectors: list[np.ndarray],
                        regions_of: dict[str, list[np.ndarray]]) -> dict[str, object]:
     """Verification (AUC, EER, TMR at 1% FMR) when a pair's score is the re-ranker's
     ``cosine + lam * maxsim``, ``lam`` chosen per fold by mean AUC on the other folds; printed
     as a table against the fold model's plain cosine, paired on the same folds."""
-    def figures(matrix: np.ndarray) -> dict[str, float]:
-        return pair_figures(*matrix_pairs(matrix))
-
     plain = [pair_matrix(f, f.vectors) for f in folds]
     tta = [pair_matrix(f, v) for f, v in zip(folds, tta_vectors, strict=True)]
     rows: dict[str, tuple[object, list[dict[str, float]]]] = {
@@ -370,13 +383,7 @@ def verification_table(folds: list[Fold], tta_vectors: list[np.ndarray],
     for kind, per_fold in regions_of.items():
         late = [pair_matrix(f, None, r) for f, r in zip(folds, per_fold, strict=True)]
         for name, cos in (("plain", plain), ("flip TTA", tta)):
-            table = [[figures(c + lam * li) for lam in LAMBDAS]
-                     for c, li in zip(cos, late, strict=True)]
-            auc = np.array([[t["auc"] for t in row] for row in table])
-            chosen = [int(np.argmax(np.delete(auc, k, axis=0).mean(axis=0)))
-                      for k in range(len(folds))]
-            rows[f"{name} cosine + lam x {kind}"] = (
-                [LAMBDAS[c] for c in chosen], [table[k][c] for k, c in enumerate(chosen)])
+            rows[f"{name} cosine + lam x {kind}"] = nested_verification(cos, late)
     metrics = ("auc", "eer", "tmr_at_far")
     base = rows["fold model"][1]
     print("\n| verification score | lam per fold | " + " | ".join(metrics)
