@@ -44,7 +44,7 @@ from .fold_rerank import (
     region_cache,
     signed,
     trunk_7x7,
-    unit,
+    tta_vectors,
 )
 
 
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                       args.epochs, args.temperature, args.weight_decay,
                                       seed=fold.number)
         regions = project(projection, tokens[torch.from_numpy(fold.rows)])
-        tta = unit(fold.head.embed(features[fold.rows]) + fold.head.embed(mirror[fold.rows]))
+        tta = tta_vectors(fold, features, mirror)
         for name, vectors in (("plain", fold.vectors), ("flip TTA", tta)):
             cosines[name].append(fold.cosines(vectors))
             pair_cosines[name].append(pair_matrix(fold, vectors))
@@ -168,13 +168,14 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"{[round(g, 3) for g in gain]} |")
         report[f"sets/{name}"] = {"lam": chosen, "metrics": found}
 
-    plain = [figures(m) for m in pair_cosines["plain"]]
+    cosine_only = {name: [figures(c) for c in cos] for name, cos in pair_cosines.items()}
+    plain = cosine_only["plain"]
     print("\n| verification score | lam per fold | AUC | EER | TMR @ 1% FMR | paired AUC |\n"
           "|---|---|---|---|---|---|")
     for name, cos in pair_cosines.items():
         lams, nested_found = nested_verification(cos, pair_lates)
         for label, found, chosen in (
-                (f"{name} cosine", [figures(c) for c in cos], ""),
+                (f"{name} cosine", cosine_only[name], ""),
                 (f"{name} cosine + lam x learned MaxSim", nested_found, lams)):
             gain = signed([m["auc"] - b["auc"] for m, b in zip(found, plain, strict=True)])
             print(f"| {label} | {chosen} | {cell([m['auc'] for m in found])} | "

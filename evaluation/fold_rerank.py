@@ -328,18 +328,21 @@ def signed(values: Sequence[float]) -> str:
     return f"{mean:+.3f} ± {se:.3f}"
 
 
+def out_of_fold_picks(table: np.ndarray) -> list[int]:
+    """``(folds, options)`` scores -> per fold, the option best by mean over the *other*
+    folds (ties: the first), so no fold's own figure chooses what it is scored with."""
+    return [int(np.argmax(np.delete(table, k, axis=0).mean(axis=0))) for k in range(len(table))]
+
+
 def nested(cosines: list[np.ndarray], lates: list[np.ndarray], answers: list[np.ndarray],
            lambdas: Sequence[float] = LAMBDAS) -> tuple[list[float], list[dict[str, float]]]:
     """For each fold, ``lam`` best by mean top-1 on the other folds (ties: the smaller), and
     the fold's metrics at that ``lam``."""
     table = np.array([[set_metrics(c + lam * li, a)["top1"] for lam in lambdas]
                       for c, li, a in zip(cosines, lates, answers, strict=True)])
-    chosen, found = [], []
-    for k in range(len(cosines)):
-        others = np.delete(table, k, axis=0).mean(axis=0)
-        lam = lambdas[int(np.argmax(others))]
-        chosen.append(lam)
-        found.append(set_metrics(cosines[k] + lam * lates[k], answers[k]))
+    chosen = [lambdas[p] for p in out_of_fold_picks(table)]
+    found = [set_metrics(c + lam * li, a)
+             for c, li, a, lam in zip(cosines, lates, answers, chosen, strict=True)]
     return chosen, found
 
 
@@ -365,9 +368,14 @@ def nested_verification(cosines: list[np.ndarray], lates: list[np.ndarray]
     folds, and the fold's verification figures for ``cosine + lam * late`` at that ``lam``."""
     table = [[figures(c + lam * li) for lam in LAMBDAS]
              for c, li in zip(cosines, lates, strict=True)]
-    auc = np.array([[t["auc"] for t in row] for row in table])
-    picks = [int(np.argmax(np.delete(auc, k, axis=0).mean(axis=0))) for k in range(len(table))]
+    picks = out_of_fold_picks(np.array([[t["auc"] for t in row] for row in table]))
     return [LAMBDAS[p] for p in picks], [table[k][p] for k, p in enumerate(picks)]
+
+
+def tta_vectors(fold: Fold, features: np.ndarray, mirror: np.ndarray) -> np.ndarray:
+    """The fold model's flip-TTA unit vectors of its validation images: ``normalise(e +
+    e_mirror)`` from the cached features of the images and of their mirrors."""
+    return unit(fold.head.embed(features[fold.rows]) + fold.head.embed(mirror[fold.rows]))
 
 
 def verification_table(folds: list[Fold], tta_vectors: list[np.ndarray],
@@ -522,11 +530,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"fold heads vs saved vectors: largest difference {worst:.2e}")
 
     # 1. Flip TTA: all six CV figures, paired against the unchanged fold model.
+    flipped = [tta_vectors(f, features, mirror) for f in folds]
     base, tta = [], []
-    for f in folds:
-        plain = f.head.embed(features[f.rows])
-        both = unit(plain + f.head.embed(mirror[f.rows]))
-        for vectors, out in ((plain, base), (both, tta)):
+    for f, both in zip(folds, flipped, strict=True):
+        for vectors, out in ((f.head.embed(features[f.rows]), base), (both, tta)):
             scores = set_metrics(f.cosines(vectors), f.answers)
             out.append(fold_metrics(vectors, f.queries, f.candidates, f.answers, scores)[0])
     print("\n| scoring | " + " | ".join(CV_METRICS) + " |\n|---|" + "---|" * len(CV_METRICS))
@@ -538,8 +545,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # 2. Region late interaction, lam nested; with and without TTA's global cosine.
     cosines = [f.cosines() for f in folds]
-    tta_cos = [f.cosines(unit(f.head.embed(features[f.rows])
-                               + f.head.embed(mirror[f.rows]))) for f in folds]
+    tta_cos = [f.cosines(v) for f, v in zip(folds, flipped, strict=True)]
     answers = [f.answers for f in folds]
     lates: dict[tuple[str, bool], list[np.ndarray]] = {}
     regions_of: dict[str, list[np.ndarray]] = {}
@@ -599,8 +605,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         table = np.array([[set_metrics(cos[k] + lam * lates[key][k], answers[k])["top1"]
                            for key, lam in options] for k in range(len(folds))])
         picks, found = [], []
-        for k in range(len(folds)):
-            key, lam = options[int(np.argmax(np.delete(table, k, axis=0).mean(axis=0)))]
+        for k, pick in enumerate(out_of_fold_picks(table)):
+            key, lam = options[pick]
             picks.append(f"{key[0]}{' sym' if key[1] else ''} lam {lam}")
             found.append(set_metrics(cos[k] + lam * lates[key][k], answers[k]))
         print(f"\nall knobs nested, {name}: picks {picks}\n"
@@ -610,9 +616,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"{signed([m['top1'] - b['top1'] for m, b in zip(found, base_rank, strict=True)])}")
         report["folds"][f"nested-all/{name}"] = {"picks": picks, "metrics": found}
     if args.verification:
-        tta_vectors = [unit(f.head.embed(features[f.rows]) + f.head.embed(mirror[f.rows]))
-                       for f in folds]
-        report["folds"]["verification"] = verification_table(folds, tta_vectors, regions_of)
+        report["folds"]["verification"] = verification_table(folds, flipped, regions_of)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
