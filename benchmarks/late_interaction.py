@@ -25,12 +25,11 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from lookalike.core.machine import cpu_description
 from lookalike.core.scoring import set_cosines, set_metrics
-from lookalike.models.feature_cache import FeatureCache
-from lookalike.models.network import EmbeddingNet, stage_channels
+from lookalike.evaluation.fold_rerank import cached_features
+from lookalike.models.network import stage_channels
 from lookalike.models.rerank import maxsim
 from lookalike.models.train import TrainConfig, load_data
 
@@ -89,9 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     config = TrainConfig.from_file(args.config, progress=False)
     data = load_data(config)
-    net = EmbeddingNet(config.model_config(), pretrained=False)
-    cache = FeatureCache(net, config, torch.device("cpu"))
-    features = cache.get(data.images, 1, "all")[0].float().numpy()
+    features = cached_features(config, data.images)
     region = regions(features, config)
     rows = {str(path): row for row, path in enumerate(data.images)}
     folds = sorted(int(p.stem.split("-")[1]) for p in args.cv_dir.glob("fold-*.npz"))

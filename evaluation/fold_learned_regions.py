@@ -1,19 +1,24 @@
-"""Trained region late interaction, measured on the cross-validation folds (issue 14).
+"""Trained region late interaction, measured on the cross-validation folds, and shipped (issue 14).
 
 :mod:`.fold_rerank` scores candidates by MaxSim over region vectors that were never trained
 for it (untrained trunk channels, or the global head's per-location terms). Here the regions
-are *learned*, as ColBERT learns its token vectors: each image's 49 locations (stages 4-7 of
-the recipe's frozen trunks pooled to 7 x 7, standardised: :func:`~.fold_rerank.trunk_7x7`)
-go through one linear map ``W`` to ``dim`` values and unit length, and ``W`` is trained on the
-fold's *training* pairs with a symmetric InfoNCE over the in-batch MaxSim scores (query ->
-candidate). The fold's held-out sets are then scored by ``cosine + lam * learned MaxSim``
-with the fold model's cosine, ``lam`` chosen per fold on the other folds (nested), so every
-figure is out of fold; verification pairs too (``lam`` nested on AUC).
+are *learned* (:mod:`~lookalike.models.regions_net`): each image's 49 locations (stages 4-7
+of the recipe's frozen trunks pooled to 7 x 7, standardised) go through one linear map ``W``
+to ``dim`` values and unit length, and ``W`` is trained on the fold's *training* pairs with a
+symmetric InfoNCE over the in-batch MaxSim scores (query -> candidate). The fold's held-out
+sets are then scored by ``cosine + lam * learned MaxSim`` with the fold model's cosine,
+``lam`` chosen per fold on the other folds (nested), so every figure is out of fold;
+verification pairs too (``lam`` nested on AUC).
+
+``--write-rerank MODEL_DIR`` then ships it: ``W`` trained the same way on *all* pairs goes
+into the bundle (``regions.safetensors``) and the weight best over all folds, with the
+out-of-fold figures, into its ``calibration.json``; ``lookalike rank --rerank`` and ``POST
+/rank`` with ``rerank: true`` use them.
 
 Needs a CV row run with ``--keep-fold-models`` and the region cache of :mod:`.fold_rerank`::
 
     python -m lookalike.evaluation.fold_learned_regions --config models/recipes/accurate.toml \\
-        --cv-dir data/train/cv/e30-lite01/model.work/cv
+        --cv-dir data/train/cv/e30-lite01/model.work/cv --write-rerank models/accurate
 """
 
 from __future__ import annotations
@@ -29,11 +34,22 @@ import torch
 import torch.nn.functional as F
 
 from ..core.scoring import set_metrics
-from ..models.feature_cache import FeatureCache
-from ..models.network import EmbeddingNet
+from ..models.network import stage_channels
+from ..models.regions_net import (
+    LOCATIONS,
+    REGION_STAGES,
+    RegionMap,
+    location_tokens,
+    standardisation,
+    train_region_map,
+)
+from ..models.rerank import REGIONS
 from ..models.train import TrainConfig, load_data
+from .crossval import mean_se
 from .fold_rerank import (
+    LAMBDAS,
     Fold,
+    cached_features,
     cell,
     figures,
     load_folds,
@@ -43,52 +59,20 @@ from .fold_rerank import (
     pair_matrix,
     region_cache,
     signed,
-    trunk_7x7,
+    stage_maps,
     tta_vectors,
 )
+from .verification import matrix_pairs, threshold_at_far
+
+WEIGHTS = (*LAMBDAS, 4.0, 6.0, 10.0)
+"""Weights of the learned MaxSim to choose from: wider than the untrained regions' grid,
+whose top (3.0) the learned MaxSim reached in some folds."""
 
 
-def batch_maxsim(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """``(B, R, D)`` and ``(C, S, D)`` unit regions -> ``(B, C)``: each query's mean over its
-    regions of the best cosine among each candidate's regions (differentiable)."""
-    return torch.einsum("ird,jsd->ijrs", queries, candidates).amax(dim=3).mean(dim=2)
-
-
-def train_projection(tokens: torch.Tensor, pairs: np.ndarray, dim: int = 128, epochs: int = 20,
-                     temperature: float = 0.05, weight_decay: float = 0.01, lr: float = 1e-3,
-                     batch_size: int = 128, seed: int = 0) -> torch.nn.Linear:
-    """Train ``W`` (``tokens``' width -> ``dim``, no bias) so that a pair ``(first, second)``
-    of ``pairs`` (rows of ``tokens``) has a higher MaxSim than the batch's other pairs
-    (symmetric InfoNCE at ``temperature``; AdamW, one-cycle schedule)."""
-    torch.manual_seed(seed)
-    projection = torch.nn.Linear(tokens.shape[2], dim, bias=False)
-    optimiser = torch.optim.AdamW(projection.parameters(), lr=lr, weight_decay=weight_decay)
-    # One-cycle: 10% warm-up, then cosine decay; a short run (a smoke test) keeps >= 2 warm-up
-    # steps, which the scheduler needs, and may stop before the cycle ends.
-    steps = max(3, epochs * -(-len(pairs) // batch_size))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, lr, total_steps=steps,
-                                                   pct_start=max(0.1, 2 / steps))
-    rng = np.random.default_rng(seed)
-    for _ in range(epochs):
-        order = rng.permutation(len(pairs))
-        for start in range(0, len(order), batch_size):
-            batch = torch.from_numpy(pairs[order[start:start + batch_size]])
-            first = F.normalize(projection(tokens[batch[:, 0]]), dim=-1)
-            second = F.normalize(projection(tokens[batch[:, 1]]), dim=-1)
-            logits = batch_maxsim(first, second) / temperature
-            target = torch.arange(len(batch))
-            loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-    return projection
-
-
-def project(projection: torch.nn.Linear, tokens: torch.Tensor) -> np.ndarray:
+def project(weight: torch.Tensor, tokens: torch.Tensor) -> np.ndarray:
     """``(N, L, C)`` tokens -> ``(N, L, dim)`` unit learned regions."""
     with torch.no_grad():
-        return F.normalize(projection(tokens), dim=-1).numpy()
+        return F.normalize(tokens @ weight.T, dim=-1).numpy()
 
 
 def fold_training_pairs(pairs: np.ndarray, fold: Fold) -> np.ndarray:
@@ -98,30 +82,98 @@ def fold_training_pairs(pairs: np.ndarray, fold: Fold) -> np.ndarray:
     return pairs[~held_out]
 
 
+def rerank_entry(cosines: list[np.ndarray], lates: list[np.ndarray], answers: list[np.ndarray],
+                 base: list[dict[str, float]], lambdas: Sequence[float] = WEIGHTS
+                 ) -> dict[str, object]:
+    """The shipped re-ranker's calibration entry: the weight best by mean top-1 over every
+    fold (as a threshold is fitted on all out-of-fold scores), and the out-of-fold figures with
+    the weight chosen per fold on the others (what predicts unseen pairs)."""
+    table = np.array([[set_metrics(c + lam * li, a)["top1"] for lam in lambdas]
+                      for c, li, a in zip(cosines, lates, answers, strict=True)])
+    chosen, found = nested(cosines, lates, answers, lambdas)
+    entry: dict[str, object] = {
+        "weight": lambdas[int(np.argmax(table.mean(axis=0)))], "regions": REGIONS,
+        "direction": "query -> candidate", "nested_weights": chosen}
+    for metric in ("top1", "top5", "mrr"):
+        entry[metric], entry[f"{metric}_se"] = mean_se([m[metric] for m in found])
+    entry["top1_gain"], entry["top1_gain_se"] = mean_se(
+        [m["top1"] - b["top1"] for m, b in zip(found, base, strict=True)])
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}
+
+
+def verification_entry(cosines: list[np.ndarray], lates: list[np.ndarray],
+                       lambdas: Sequence[float] = WEIGHTS, far: float = 0.01
+                       ) -> dict[str, object]:
+    """The re-ranked verification score's calibration (``/compare`` with ``rerank``): the
+    weight best by mean AUC over every fold, the threshold at ``far`` on the pooled
+    out-of-fold non-matching scores at that weight (as ``calibration.json``'s cosine threshold
+    is fitted), and the out-of-fold figures with the weight chosen per fold on the others."""
+    table = np.array([[figures(c + lam * li)["auc"] for lam in lambdas]
+                      for c, li in zip(cosines, lates, strict=True)])
+    weight = lambdas[int(np.argmax(table.mean(axis=0)))]
+    split = [matrix_pairs(c + weight * li) for c, li in zip(cosines, lates, strict=True)]
+    positive = np.concatenate([p for p, _ in split])
+    negative = np.concatenate([n for _, n in split])
+    threshold = threshold_at_far(negative, far)
+    chosen, found = nested_verification(cosines, lates, lambdas)
+    plain = [figures(c) for c in cosines]
+    entry: dict[str, object] = {
+        "weight": weight, "threshold": threshold, "target_far": far,
+        "far": float((negative >= threshold).mean()), "tpr": float((positive >= threshold).mean()),
+        "positives": len(positive), "negatives": len(negative), "nested_weights": chosen}
+    for metric in ("auc", "eer", "tmr_at_far"):
+        entry[metric], entry[f"{metric}_se"] = mean_se([m[metric] for m in found])
+    entry["auc_gain"], entry["auc_gain_se"] = mean_se(
+        [m["auc"] - b["auc"] for m, b in zip(found, plain, strict=True)])
+    return {k: round(v, 4) if isinstance(v, float) and k != "threshold" else v
+            for k, v in entry.items()}
+
+
+def ship(model_dir: Path, region_map: RegionMap, entry: dict[str, object]) -> list[Path]:
+    """Write the region map beside the bundle and merge ``entry`` into its
+    ``calibration.json`` under ``rerank``: both name the bundle's fingerprint."""
+    from ..models.model import RERANK_KEY, update_calibration
+    from ..models.resolve import default_cache_dir, resolve_model
+
+    model = resolve_model(str(model_dir), default_cache_dir())
+    return [region_map.save(model_dir, model.fingerprint),
+            update_calibration(model_dir, model.fingerprint, {RERANK_KEY: entry})]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, required=True, help="the CV row's recipe")
     parser.add_argument("--cv-dir", type=Path, required=True,
                         help="WORK_DIR/cv of 'lookalike train --cv K --keep-fold-models'")
     parser.add_argument("--region-cache", type=Path, default=Path("data/train/region-cache"))
-    parser.add_argument("--dim", type=int, default=128, help="learned region width")
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--dim", type=int, default=256, help="learned region width")
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--lambdas", type=lambda text: tuple(float(v) for v in text.split(",")),
+                        default=WEIGHTS, help="comma-separated weights of the learned MaxSim "
+                        "to choose from (nested)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="added to each fold's seed for the map's init and batches (the "
+                        "all-pairs map uses it alone): to see how far seeds move the figures")
     parser.add_argument("--json", type=Path, help="write the per-fold figures here")
+    parser.add_argument("--write-rerank", type=Path, metavar="MODEL_DIR",
+                        help="ship it: train the map on all pairs into this bundle (the recipe's "
+                        "model) and write the weight best over all folds, with the out-of-fold "
+                        "figures, into its calibration.json")
     args = parser.parse_args(argv)
     config = TrainConfig.from_file(args.config, progress=False)
     print(f"machine: {machine()}", flush=True)
     started = time.perf_counter()
     data = load_data(config)
     rows = {str(p): i for i, p in enumerate(data.images)}
-    net = EmbeddingNet(config.model_config(), pretrained=False)
-    features = FeatureCache(net, config, torch.device("cpu")).get(data.images, 1, "all")[0]
-    features = features.float().numpy().astype(np.float64)
+    features = cached_features(config, data.images)
     cache = region_cache(config, data.images, args.region_cache)
     mirror = cache["mirror"].float().numpy().astype(np.float64)[:, :features.shape[1]]
     maps = {k: v.float().numpy() for k, v in cache.items() if k != "mirror"}
-    tokens = torch.from_numpy(trunk_7x7(maps, len(config.backbones)).astype(np.float32))
+    per_stage = stage_maps(maps, len(config.backbones))
+    mean, scale = standardisation(per_stage)
+    tokens = torch.from_numpy(location_tokens(per_stage, mean, scale))
     pairs = np.array([(rows[str(data.first_paths[a])], rows[str(data.second_paths[b])])
                       for (a, b), label in zip(data.pairs, data.targets, strict=True) if label])
     folds = load_folds(args.cv_dir, data.images)
@@ -132,10 +184,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     pair_cosines: dict[str, list[np.ndarray]] = {"plain": [], "flip TTA": []}
     lates, pair_lates, answers = [], [], []
     for fold in folds:
-        projection = train_projection(tokens, fold_training_pairs(pairs, fold), args.dim,
-                                      args.epochs, args.temperature, args.weight_decay,
-                                      seed=fold.number)
-        regions = project(projection, tokens[torch.from_numpy(fold.rows)])
+        weight = train_region_map(tokens, fold_training_pairs(pairs, fold), args.dim,
+                                  args.epochs, args.temperature, args.weight_decay,
+                                  seed=fold.number + args.seed)
+        regions = project(weight, tokens[torch.from_numpy(fold.rows)])
         tta = tta_vectors(fold, features, mirror)
         for name, vectors in (("plain", fold.vectors), ("flip TTA", tta)):
             cosines[name].append(fold.cosines(vectors))
@@ -149,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     report: dict[str, object] = {"machine": machine(), "settings": vars(args) | {
         "config": str(args.config), "cv_dir": str(args.cv_dir), "json": None,
-        "region_cache": str(args.region_cache)}}
+        "region_cache": str(args.region_cache),
+        "write_rerank": str(args.write_rerank) if args.write_rerank else None}}
     base = [set_metrics(c, a) for c, a in zip(cosines["plain"], answers, strict=True)]
     alone = [set_metrics(li, a) for li, a in zip(lates, answers, strict=True)]
     print(f"\nlearned regions {args.dim}-d, {args.epochs} epochs, temperature "
@@ -160,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"| learned MaxSim alone | | {cell([m['top1'] for m in alone])} | "
           f"{cell([m['top5'] for m in alone])} | {cell([m['mrr'] for m in alone])} | |")
     for name, cos in cosines.items():
-        chosen, found = nested(cos, lates, answers)
+        chosen, found = nested(cos, lates, answers, args.lambdas)
         gain = [m["top1"] - b["top1"] for m, b in zip(found, base, strict=True)]
         print(f"| {name} cosine + lam x learned MaxSim | {chosen} | "
               f"{cell([m['top1'] for m in found])} | {cell([m['top5'] for m in found])} | "
@@ -173,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("\n| verification score | lam per fold | AUC | EER | TMR @ 1% FMR | paired AUC |\n"
           "|---|---|---|---|---|---|")
     for name, cos in pair_cosines.items():
-        lams, nested_found = nested_verification(cos, pair_lates)
+        lams, nested_found = nested_verification(cos, pair_lates, args.lambdas)
         for label, found, chosen in (
                 (f"{name} cosine", cosine_only[name], ""),
                 (f"{name} cosine + lam x learned MaxSim", nested_found, lams)):
@@ -182,6 +235,22 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"{cell([m['eer'] for m in found])} | {cell([m['tmr_at_far'] for m in found])}"
                   f" | {gain} |")
             report[f"verification/{label}"] = {"lam": chosen, "metrics": found}
+    if args.write_rerank:
+        weight = train_region_map(tokens, pairs, args.dim, args.epochs, args.temperature,
+                                  args.weight_decay, seed=args.seed)
+        stages = tuple((b, s, stage_channels(name)[s]) for b, name in enumerate(config.backbones)
+                       for s in REGION_STAGES)
+        facts = {"dim": args.dim, "epochs": args.epochs, "temperature": args.temperature,
+                 "weight_decay": args.weight_decay, "pairs": len(pairs),
+                 "images": len(data.images), "recipe": str(args.config)}
+        region_map = RegionMap(weight.numpy(), mean, scale, stages, LOCATIONS, facts)
+        entry = rerank_entry(cosines["plain"], lates, answers, base, args.lambdas)
+        entry["verification"] = verification_entry(pair_cosines["plain"], pair_lates,
+                                                   args.lambdas)
+        entry["measured_on"] = {"cv_dir": str(args.cv_dir), "folds": len(folds),
+                                "pairs_file": str(config.pairs), "machine": machine(), **facts}
+        written = ship(args.write_rerank, region_map, entry)
+        print(f"\nre-ranker written: {', '.join(map(str, written))}: {entry}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))

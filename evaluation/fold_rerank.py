@@ -50,7 +50,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -61,18 +60,32 @@ from ..models.data import ImageDataset
 from ..models.feature_cache import FeatureCache
 from ..models.network import EmbeddingNet, stage_channels
 from ..models.preprocess import Preprocessor
+from ..models.regions_net import (
+    LOCATIONS,
+    REGION_STAGES,
+    location_tokens,
+    pool_locations,
+    standardisation,
+)
 from ..models.rerank import maxsim, unit
 from ..models.train import TrainConfig, load_data
 from .crossval import CV_METRICS, fold_metrics, head_path, mean_se, pair_figures
 from .verification import matrix_pairs
 
-REGION_STAGES = (4, 5, 6, 7)
-LOCATIONS = 7
 REGIONS = ("trunk-3x3", "trunk-7x7", "head-3x3", "head-7x7", "explain-7x7")
 LAMBDAS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
 
 # -- the one pass over the images: region maps and mirrored features ------------------------
+
+def cached_features(config: TrainConfig, images: Sequence[Path]) -> np.ndarray:
+    """The recipe's pooled trunk features of ``images`` ``(N, F)`` float64, from the training
+    feature cache (computed into it when missing, with the trunks' ImageNet weights: a net
+    left at random init would fill the cache with noise that every later run reads)."""
+    net = EmbeddingNet(config.model_config(), pretrained=True)
+    features = FeatureCache(net, config, torch.device("cpu")).get(images, 1, "all")[0]
+    return features.float().numpy().astype(np.float64)
+
 
 def region_cache(config: TrainConfig, images: Sequence[Path], directory: Path,
                  progress: bool = True) -> dict[str, torch.Tensor]:
@@ -101,7 +114,8 @@ def region_cache(config: TrainConfig, images: Sequence[Path], directory: Path,
                 for index, stage in enumerate(stages):
                     x = stage(x)
                     if index in REGION_STAGES:
-                        pooled = F.adaptive_avg_pool2d(x, LOCATIONS).half()
+                        pooled = pool_locations(x, LOCATIONS).half().unflatten(
+                            2, (LOCATIONS, LOCATIONS))
                         maps.setdefault(f"b{b}.s{index}", []).append(pooled)
                     if index >= max(REGION_STAGES):
                         break
@@ -184,17 +198,18 @@ def trunk_3x3(features: np.ndarray, config: TrainConfig) -> np.ndarray:
     return unit(np.concatenate(parts, axis=2))
 
 
+def stage_maps(maps: dict[str, np.ndarray], backbones: int) -> list[np.ndarray]:
+    """The cache's region maps as ``(N, C, 49)`` per stage, in the order of the learned
+    regions' tokens (:mod:`~lookalike.models.regions_net`): trunk, then stage."""
+    return [maps[f"b{b}.s{stage}"].reshape(len(maps[f"b{b}.s{stage}"]), -1, LOCATIONS**2)
+            for b in range(backbones) for stage in REGION_STAGES]
+
+
 def trunk_7x7(maps: dict[str, np.ndarray], backbones: int) -> np.ndarray:
-    """Region maps -> ``(N, 49, C)`` per-location vectors (same treatment as 3 x 3)."""
-    parts = []
-    for b in range(backbones):
-        for stage in REGION_STAGES:
-            x = maps[f"b{b}.s{stage}"]
-            x = x.reshape(len(x), x.shape[1], -1)
-            x = x - x.mean(axis=(0, 2), keepdims=True)
-            x = x / (x.std(axis=(0, 2), keepdims=True) + 1e-6)
-            parts.append(x.transpose(0, 2, 1) / np.sqrt(x.shape[1]))
-    return unit(np.concatenate(parts, axis=2))
+    """Region maps -> ``(N, 49, C)`` per-location vectors, standardised as the learned
+    regions' tokens are, at unit length."""
+    per_stage = stage_maps(maps, backbones)
+    return unit(location_tokens(per_stage, *standardisation(per_stage)))
 
 
 def head_3x3(features: np.ndarray, head: Head, config: TrainConfig) -> np.ndarray:
@@ -362,14 +377,15 @@ def figures(matrix: np.ndarray) -> dict[str, float]:
     return pair_figures(*matrix_pairs(matrix))
 
 
-def nested_verification(cosines: list[np.ndarray], lates: list[np.ndarray]
+def nested_verification(cosines: list[np.ndarray], lates: list[np.ndarray],
+                        lambdas: Sequence[float] = LAMBDAS
                         ) -> tuple[list[float], list[dict[str, float]]]:
     """For each fold (its ``(N, N)`` pair matrices), ``lam`` best by mean AUC on the other
     folds, and the fold's verification figures for ``cosine + lam * late`` at that ``lam``."""
-    table = [[figures(c + lam * li) for lam in LAMBDAS]
+    table = [[figures(c + lam * li) for lam in lambdas]
              for c, li in zip(cosines, lates, strict=True)]
     picks = out_of_fold_picks(np.array([[t["auc"] for t in row] for row in table]))
-    return [LAMBDAS[p] for p in picks], [table[k][p] for k, p in enumerate(picks)]
+    return [lambdas[p] for p in picks], [table[k][p] for k, p in enumerate(picks)]
 
 
 def tta_vectors(fold: Fold, features: np.ndarray, mirror: np.ndarray) -> np.ndarray:
@@ -402,33 +418,6 @@ def verification_table(folds: list[Fold], tta_vectors: list[np.ndarray],
         print(f"| {name} | {chosen} | " + " | ".join(cell([m[k] for m in found]) for k in metrics)
               + f" | {paired[0]} | {paired[1]} |", flush=True)
     return {name: {"lam": chosen, "metrics": found} for name, (chosen, found) in rows.items()}
-
-
-def rerank_entry(cosines: list[np.ndarray], lates: list[np.ndarray], answers: list[np.ndarray],
-                 base: list[dict[str, float]]) -> dict[str, object]:
-    """The shipped re-ranker's calibration entry: the weight best by mean top-1 over every
-    fold (as a threshold is fitted on all out-of-fold scores), and the out-of-fold figures with
-    the weight chosen per fold on the others (what predicts unseen pairs)."""
-    table = np.array([[set_metrics(c + lam * li, a)["top1"] for lam in LAMBDAS]
-                      for c, li, a in zip(cosines, lates, answers, strict=True)])
-    chosen, found = nested(cosines, lates, answers)
-    entry: dict[str, object] = {
-        "weight": LAMBDAS[int(np.argmax(table.mean(axis=0)))], "flip_tta": True,
-        "regions": "explain-7x7", "direction": "query -> candidate", "nested_weights": chosen}
-    for metric in ("top1", "top5", "mrr"):
-        entry[metric], entry[f"{metric}_se"] = mean_se([m[metric] for m in found])
-    entry["top1_gain"], entry["top1_gain_se"] = mean_se(
-        [m["top1"] - b["top1"] for m, b in zip(found, base, strict=True)])
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}
-
-
-def write_rerank(model_dir: Path, entry: dict[str, object]) -> Path:
-    """Merge ``entry`` into the bundle's ``calibration.json`` under ``rerank``."""
-    from ..models.model import RERANK_KEY, update_calibration
-    from ..models.resolve import default_cache_dir, resolve_model
-
-    model = resolve_model(str(model_dir), default_cache_dir())
-    return update_calibration(model_dir, model.fingerprint, {RERANK_KEY: entry})
 
 
 # -- what flip TTA costs -----------------------------------------------------------------------
@@ -485,10 +474,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="also score each fold's verification pairs (every query against "
                              "every pair's match) with each region kind's late interaction")
     parser.add_argument("--json", type=Path, help="write the per-fold figures here")
-    parser.add_argument("--write-rerank", type=Path, metavar="MODEL_DIR",
-                        help="write the shipped re-ranker (explain-7x7, query -> candidate, on "
-                             "the flip-TTA cosine; its weight best over all folds) into this "
-                             "bundle's calibration.json (needs explain-7x7 in --regions)")
     parser.add_argument("--speed-model", type=Path,
                         help="only measure flip TTA's cost (images/s) for this bundle")
     parser.add_argument("--speed-images", type=int, default=512)
@@ -508,9 +493,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"machine: {machine()}", flush=True)
     started = time.perf_counter()
     data = load_data(config)
-    net = EmbeddingNet(config.model_config(), pretrained=False)
-    features = FeatureCache(net, config, torch.device("cpu")).get(data.images, 1, "all")[0]
-    features = features.float().numpy().astype(np.float64)
+    features = cached_features(config, data.images)
     cache_config = TrainConfig.from_file(args.config, progress=False,
                                          **{**overrides, "backbones": args.cache_backbones})
     if cache_config.backbones[:len(config.backbones)] != config.backbones:
@@ -591,13 +574,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"{signed([m['mrr'] - b['mrr'] for m, b in zip(found, base_rank, strict=True)])}"
                   " |")
             report["folds"][f"{kind}/{direction}/{name}"] = {"lam": chosen, "metrics": found}
-
-    if args.write_rerank:
-        entry = rerank_entry(tta_cos, lates["explain-7x7", False], answers, base_rank)
-        entry["measured_on"] = {"recipe": str(args.config), "overrides": overrides,
-                                "cv_dir": str(args.cv_dir), "folds": len(folds),
-                                "pairs_file": str(config.pairs), "machine": machine()}
-        print(f"\nre-ranker written: {write_rerank(args.write_rerank, entry)}: {entry}")
 
     # 3. Every knob nested at once (region kind, direction, lam), on the plain and TTA cosine.
     for name, cos in (("plain cosine", cosines), ("flip-TTA cosine", tta_cos)):

@@ -29,7 +29,7 @@ def score_challenge(
     progress: bool = True,
 ) -> list[np.ndarray]:
     """Scores for every candidate of every query, in the file's order: cosines, or the
-    ``reranker``'s scores (flip-TTA cosine + weight x region late interaction).
+    ``reranker``'s scores (cosine + weight x learned region late interaction).
 
     All keys are resolved to files before anything is embedded, so a missing image fails in
     a second, not after an hour; then each unique file is embedded (or described) once.

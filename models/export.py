@@ -21,23 +21,25 @@ from typing import Any
 
 import numpy as np
 
-from ..core.files import atomic_write
-from .errors import EngineError
-from .model import CALIBRATION_FILE, Model
+from ..core.files import atomic_write, files_sha256
+from .errors import BundleError, EngineError
+from .model import CALIBRATION_FILE, REGIONS_FILE, Model
 from .runtime import VERIFY_IMAGES, ort_runner, quiet, reference_images, torch_runner, verify
 from .serving import (
     EXPLAIN_FACTS,
     EXPLAIN_ONNX,
     INT8_FILE,
     ONNX_FILE,
+    RERANK_FACTS,
+    RERANK_ONNX,
     SERVING_FILE,
     ServingModel,
     load_serving_model,
 )
 
-__all__ = ["EXPLAIN_TOLERANCE", "FP32_TOLERANCE", "INT8_TOLERANCE", "conversion_dir",
-           "explain_files", "export_explain", "export_onnx",
-           "export_serving_model", "onnx_conversions", "onnx_file", "require"]
+__all__ = ["EXPLAIN_TOLERANCE", "FP32_TOLERANCE", "INT8_TOLERANCE", "RERANK_TOLERANCE",
+           "conversion_dir", "explain_files", "export_explain", "export_onnx", "export_rerank",
+           "export_serving_model", "onnx_conversions", "onnx_file", "require", "rerank_files"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ INT8_TOLERANCE = 0.05
 EXPLAIN_TOLERANCE = 1e-4
 """Largest error of the exported per-location terms from PyTorch's, relative to the largest
 embedding value, on real photos."""
+RERANK_TOLERANCE = 1e-4
+"""Largest coordinate error of the exported re-ranker's unit vectors from PyTorch's."""
 EXPORT_PACKAGES = (("torch", "torch"), ("onnxscript", "onnxscript"))
 
 
@@ -163,34 +167,92 @@ def export_explain(model: Model, onnx_target: Path, facts_target: Path) -> None:
     images = reference_images(model, VERIFY_IMAGES)
     readout = derive_readout(net, torch.from_numpy(images[:2]))
     module = LocationTerms(net, readout).eval()
+
+    def error(expected: np.ndarray, got: np.ndarray) -> float:
+        """Relative to the largest embedding value."""
+        scale = float(np.abs(expected.sum(1) + readout.bias).max())
+        return float(np.abs(got - expected).max()) / scale
+
+    _export_checked(model, module, onnx_target, "terms", "explanation terms", error,
+                    EXPLAIN_TOLERANCE)
+    facts = {"grid": readout.grid, "bias": [float(v) for v in readout.bias],
+             "fingerprint": model.fingerprint}
+    atomic_write(facts_target, json.dumps(facts))
+
+
+def rerank_files(model: Model, directory: Path) -> tuple[Path, Path]:
+    """The model's ``rerank.onnx`` and ``rerank.json`` (embedding and learned regions in one
+    pass): its own export's, or converted once per fingerprint and region map into
+    ``directory`` (needs torch; :class:`~.errors.BundleError` when the model has no learned
+    regions)."""
+    if model.path is not None and (model.path / RERANK_ONNX).is_file():
+        return model.path / RERANK_ONNX, model.path / RERANK_FACTS
+    regions = model.path / REGIONS_FILE if model.path is not None else None
+    if regions is None or not regions.is_file():
+        raise BundleError(f"model {model.name!r} has no learned regions ({REGIONS_FILE}); "
+                          "the shipped ones are --model accurate's")
+    stem = f"{model.fingerprint}.{files_sha256(regions)[:16]}"
+    onnx, facts = directory / f"{stem}.{RERANK_ONNX}", directory / f"{stem}.{RERANK_FACTS}"
+    if not (onnx.is_file() and facts.is_file()):
+        for module, package in EXPORT_PACKAGES:
+            require("onnx", module, package)
+        export_rerank(model, onnx, facts)
+    return onnx, facts
+
+
+def export_rerank(model: Model, onnx_target: Path, facts_target: Path) -> None:
+    """Export the model's :class:`~.regions_net.DescribeNet` to ONNX, check it against
+    PyTorch on real photos, and write its layout beside it."""
+    from .regions_net import DescribeNet, RegionMap
+
+    log.info("exporting the re-ranker of model %s to ONNX (once per model)", model.name)
+    assert model.path is not None
+    region_map = RegionMap.load(model.path, model.fingerprint)
+    module = DescribeNet(model.torch_net(), region_map).eval()
+
+    def error(expected: np.ndarray, got: np.ndarray) -> float:
+        """Of unit vectors: their largest coordinate error."""
+        return float(np.abs(got - expected).max())
+
+    _export_checked(model, module, onnx_target, "descriptions", "re-ranker", error,
+                    RERANK_TOLERANCE)
+    facts = {"fingerprint": model.fingerprint, "embedding_dim": model.facts.embedding_dim,
+             "locations": region_map.locations, "region_dim": region_map.dim,
+             "regions_sha256": files_sha256(model.path / REGIONS_FILE)}
+    atomic_write(facts_target, json.dumps(facts))
+
+
+def _export_checked(model: Model, module: Any, target: Path, output: str, what: str,
+                    error: Callable[[np.ndarray, np.ndarray], float], tolerance: float) -> None:
+    """Export ``module`` (images in, ``output`` out, dynamic batch) to ``target`` once, and
+    refuse it when its output on real photos drifts from PyTorch's by more than
+    ``tolerance`` (``error(expected, got)``)."""
+    import torch
+
     size = model.facts.input_size
     batch = torch.export.Dim("batch", min=1, max=65536)
+    images = reference_images(model, VERIFY_IMAGES)
 
-    def build(target: Path) -> None:
+    def build(path: Path) -> None:
         try:
             with quiet(), torch.no_grad():
                 program = torch.onnx.export(
                     module, (torch.zeros(2, 3, size, size),), input_names=["images"],
-                    output_names=["terms"], dynamic_shapes=({0: batch},), dynamo=True,
+                    output_names=[output], dynamic_shapes=({0: batch},), dynamo=True,
                     optimize=True, verbose=False,
                 )
-                program.save(str(target))
+                program.save(str(path))
         except Exception as exc:  # the exporter raises many types for unsupported modules
-            raise EngineError(f"cannot export the explanation of {model.name}: {exc}") from exc
+            raise EngineError(f"cannot export the {what} of {model.name}: {exc}") from exc
         with torch.inference_mode():
             expected = module(torch.from_numpy(images)).numpy()
-        got = ort_runner(target, threads=1)(images)
-        scale = float(np.abs(expected.sum(1) + readout.bias).max())
-        error = float(np.abs(got - expected).max()) / scale
-        log.info("explain.onnx of %s: largest error %.2e of the embedding scale", model.name, error)
-        if not error <= EXPLAIN_TOLERANCE:
-            raise EngineError(f"the ONNX explanation terms of {model.name} drift from PyTorch: "
-                              f"{error:.2e} > {EXPLAIN_TOLERANCE:.0e}")
+        found = error(expected, ort_runner(path, threads=1)(images))
+        log.info("the ONNX %s of %s: largest error %.2e", what, model.name, found)
+        if not found <= tolerance:
+            raise EngineError(f"the ONNX {what} of {model.name} drift from PyTorch: "
+                              f"{found:.2e} > {tolerance:.0e}")
 
-    _cached(onnx_target, build)
-    facts = {"grid": readout.grid, "bias": [float(v) for v in readout.bias],
-             "fingerprint": model.fingerprint}
-    atomic_write(facts_target, json.dumps(facts))
+    _cached(target, build)
 
 
 CALIBRATION_IMAGES = 112
@@ -273,7 +335,7 @@ def export_serving_model(
             atomic_write(out / INT8_FILE, lambda target: shutil.copyfile(q8, target))
     if not int8:
         (out / INT8_FILE).unlink(missing_ok=True)
-    _export_explain_into(model, out, cache_dir)
+    _export_extras_into(model, out, cache_dir)
     facts = model.facts
     serving = {
         "name": model.name,
@@ -290,20 +352,26 @@ def export_serving_model(
     return load_serving_model(out)
 
 
-def _export_explain_into(model: Model, out: Path, cache_dir: str | Path | None) -> None:
-    """Copy the exact explanation's files into the export, so the torch-free service explains
-    exactly; a model outside the family gets none (it will explain by occlusion, and says so)."""
-    with conversion_dir(Path(cache_dir) if cache_dir else None) as directory:
-        try:
-            onnx, facts = explain_files(model, directory)
-        except EngineError as exc:
-            log.warning("no exact explanation for %s (it will use occlusion): %s", model.name, exc)
-            (out / EXPLAIN_ONNX).unlink(missing_ok=True)
-            (out / EXPLAIN_FACTS).unlink(missing_ok=True)
-            return
-        if onnx.parent != out:
-            atomic_write(out / EXPLAIN_ONNX, lambda target: shutil.copyfile(onnx, target))
-            atomic_write(out / EXPLAIN_FACTS, lambda target: shutil.copyfile(facts, target))
+def _export_extras_into(model: Model, out: Path, cache_dir: str | Path | None) -> None:
+    """Copy the exact explanation's files and the re-ranker's into the export, so the
+    torch-free service explains exactly and re-ranks; a model outside the exact family gets
+    no explanation files (it will explain by occlusion, and says so), one without learned
+    regions no re-ranker."""
+    for files, names, missing in (
+            (explain_files, (EXPLAIN_ONNX, EXPLAIN_FACTS), "no exact explanation for %s (it "
+             "will use occlusion): %s"),
+            (rerank_files, (RERANK_ONNX, RERANK_FACTS), "no re-ranker for %s: %s")):
+        with conversion_dir(Path(cache_dir) if cache_dir else None) as directory:
+            try:
+                made = files(model, directory)
+            except (BundleError, EngineError) as exc:
+                log.warning(missing, model.name, exc)
+                for name in names:
+                    (out / name).unlink(missing_ok=True)
+                continue
+            if made[0].parent != out:
+                for source, name in zip(made, names, strict=True):
+                    atomic_write(out / name, lambda target, s=source: shutil.copyfile(s, target))
 
 
 def _portable(value: Any) -> Any:

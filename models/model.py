@@ -21,8 +21,8 @@ from ..core.files import atomic_write
 from .errors import BundleError
 
 __all__ = [
-    "CALIBRATION_FILE", "DEDUP_KEY", "RERANK_KEY", "Model", "ModelFacts", "load_calibration",
-    "update_calibration",
+    "CALIBRATION_FILE", "DEDUP_KEY", "REGIONS_FILE", "RERANK_KEY", "Model", "ModelFacts",
+    "load_calibration", "update_calibration",
 ]
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,12 @@ DEDUP_KEY = "dedup"
 the weights they were measured with."""
 
 RERANK_KEY = "rerank"
-"""The candidate re-ranker measured by cross-validation (``weight`` of region late interaction
-on the flip-TTA cosine, and how it was measured; see :mod:`.rerank`), kept here for the same
-reason."""
+"""The candidate re-ranker measured by cross-validation (``weight`` of the learned regions'
+late interaction added to the cosine, and how it was measured; see :mod:`.rerank`), kept here
+for the same reason."""
+REGIONS_FILE = "regions.safetensors"
+"""A bundle's learned region map (:mod:`.regions_net`), trained for its weights after the
+fact like its calibration, and likewise outside the fingerprinted files."""
 
 
 @dataclass(frozen=True)
@@ -123,10 +126,16 @@ def _check_dedup(file: Path, dedup: Any) -> None:
 def _check_rerank(file: Path, rerank: Any) -> None:
     """Reject a damaged ``rerank`` entry when the model loads, not in a request."""
     weight = rerank.get("weight") if isinstance(rerank, dict) else None
-    if not isinstance(weight, int | float) or not 0.0 <= weight <= 10.0:
+    verification = rerank.get("verification", {}) if isinstance(rerank, dict) else None
+    valid = isinstance(verification, dict) and (not verification or all(
+        isinstance(verification.get(k), int | float) for k in ("weight", "threshold",
+                                                                "target_far")))
+    if not isinstance(weight, int | float) or not 0.0 <= weight <= 10.0 or not valid:
         raise BundleError(
             f"{file} has a damaged {RERANK_KEY!r} entry ({rerank!r}): it needs a 'weight' in "
-            "[0, 10]; delete the entry or measure it again (benchmarks/RESULTS.md, issue 14)")
+            "[0, 10] (and a 'verification' entry, if any, its 'weight', 'threshold' and "
+            "'target_far'); delete the entry or measure it again (benchmarks/RESULTS.md, "
+            "issue 14)")
 
 
 def update_calibration(directory: Path, fingerprint: str, values: dict[str, Any]) -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -203,14 +203,24 @@ class EmbeddingNet(nn.Module):
         """Pooled, concatenated backbone features ``(B, F)`` (what a frozen trunk caches):
         per backbone and in stage order, the average-pooled ``taps``, the grid-pooled
         ``grid_taps`` (channel-major: ``C x grid x grid``), then the pooled last stage."""
-        pooled = []
-        for stages in self._stages:
+        return self.features_and_maps(images)[0]
+
+    def features_and_maps(
+        self, images: torch.Tensor, keep: Collection[tuple[int, int]] = ()
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """:meth:`features`, and the output maps of the stages ``keep`` names as ``(trunk,
+        stage)``, in trunk then stage order, from the same pass (what the learned regions of
+        :mod:`.regions_net` pool)."""
+        pooled, maps = [], []
+        for trunk, stages in enumerate(self._stages):
             x = images
             for index, stage in enumerate(stages):
                 x = stage(x)
                 pooled += self._taps(index, x)
+                if (trunk, index) in keep:
+                    maps.append(x)
             pooled.append(self.pool(x))
-        return torch.cat(pooled, dim=1)
+        return torch.cat(pooled, dim=1), maps
 
     def _taps(self, index: int, x: torch.Tensor) -> list[torch.Tensor]:
         """What stage ``index``'s output ``x`` adds to the features."""

@@ -1,44 +1,67 @@
-"""Re-ranking a query's candidates by region late interaction on a flip-TTA cosine (issue 14).
+"""Re-ranking a query's candidates by the cosine plus learned region late interaction (issue 14).
 
-A candidate's score is ``cosine_tta + weight * maxsim``:
+A candidate's score is ``cosine + weight * maxsim``:
 
-* ``cosine_tta`` is the cosine of flip test-time-augmented embeddings (each image's embedding
-  plus its mirror's, normalised);
-* ``maxsim`` is ColBERT-style late interaction over the model's exact per-location terms (the
-  ones ``/explain`` splits a cosine with, :class:`~.explain_net.LocationTerms`): the mean over
-  the query's regions of the best cosine among the candidate's regions. TLL likeness is often
-  partial (a hairstyle, a pose, a shape in one corner); matching region to region scores that.
+* ``cosine`` is the model's own embedding cosine;
+* ``maxsim`` is ColBERT-style late interaction over the model's *learned* region vectors
+  (:mod:`.regions_net`: the trunks' 7 x 7 locations through a linear map trained on look-alike
+  pairs): the mean over the query's regions of the best cosine among the candidate's regions.
+  TLL likeness is often partial (a hairstyle, a pose, a shape in one corner); matching region
+  to region scores that.
 
-Both come from one forward pass of the location terms over the image and its mirror: the terms
-plus the readout's bias *are* the embedding before normalisation. Neither part helped the
-``accurate`` model alone; together they gained +0.015 ± 0.003 top-1 in 5-fold
-cross-validation, in every fold (``benchmarks/RESULTS.md``, issue 14 "Third session"). The
-weight is a measured property of one model's weights, so it lives in the model's
-``calibration.json`` (key :data:`~.model.RERANK_KEY`); a model without one has no re-ranker.
+Both come from one pass of the trunks (:class:`~.regions_net.DescribeNet`, or its ONNX export
+``rerank.onnx`` on the ONNX engines). In 5-fold cross-validation on the ``accurate`` model it
+gained about +0.027 top-1 over the cosine (``benchmarks/RESULTS.md``, issue 14, "Sixth
+session"). The weight is a measured property of one model's weights, so it lives in the
+model's ``calibration.json`` (key :data:`~.model.RERANK_KEY`), and the region map beside it
+(:data:`~.model.REGIONS_FILE`); a model without both has no re-ranker.
 
 This module imports no torch.
 """
 
 from __future__ import annotations
 
+import json
+import threading
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .embedder import Embedder
 from .errors import EngineError
-from .explain import Explainer, explainer_for
+from .export import conversion_dir
 from .model import RERANK_KEY
 
-__all__ = ["Reranker", "RerankSpec", "maxsim", "reranker_for", "unit"]
+__all__ = ["REGIONS", "Layout", "Reranker", "RerankSpec", "VerificationSpec", "maxsim",
+           "reranker_for", "unit"]
+
+REGIONS = "learned-7x7"
+"""The kind of regions this version re-ranks with, as a calibration entry records it."""
+
+
+@dataclass(frozen=True)
+class VerificationSpec:
+    """The re-ranked pair score's calibration (``/compare`` with ``rerank``): its own
+    ``weight`` (best by AUC) and the ``threshold`` at ``target_far``, fitted on out-of-fold
+    scores; ``entry`` is how it was measured."""
+
+    weight: float
+    threshold: float
+    target_far: float
+    entry: dict[str, Any]
 
 
 @dataclass(frozen=True)
 class RerankSpec:
-    """The re-ranker measured for one model: ``weight`` of the late-interaction term."""
+    """The re-ranker measured for one model: ``weight`` of the late-interaction term when
+    ranking a candidate set, and, when measured, its calibrated pair score."""
 
     weight: float
+    verification: VerificationSpec | None = None
 
     @classmethod
     def of(cls, embedder: Embedder) -> RerankSpec:
@@ -48,7 +71,16 @@ class RerankSpec:
             raise EngineError(
                 f"model {embedder.bundle.name!r} has no measured re-ranker ('{RERANK_KEY}' in its "
                 "calibration.json); the shipped one is --model accurate")
-        return cls(weight=float(entry["weight"]))
+        if entry.get("regions") != REGIONS:
+            raise EngineError(
+                f"model {embedder.bundle.name!r} has a re-ranker measured for "
+                f"{entry.get('regions')!r} regions; this version re-ranks with {REGIONS!r}: "
+                "measure it again (python -m lookalike.evaluation.fold_learned_regions "
+                "--write-rerank MODEL_DIR)")
+        found = entry.get("verification")
+        verification = None if found is None else VerificationSpec(
+            float(found["weight"]), float(found["threshold"]), float(found["target_far"]), found)
+        return cls(float(entry["weight"]), verification)
 
 
 def maxsim(query: np.ndarray, candidates: np.ndarray, symmetric: bool = False) -> np.ndarray:
@@ -64,52 +96,125 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a description ``(D + L * d,)`` splits: embedding width, regions, region width."""
+
+    embedding_dim: int
+    regions: int
+    region_dim: int
+
+    @property
+    def width(self) -> int:
+        return self.embedding_dim + self.regions * self.region_dim
+
+
 class Reranker:
     """Describes images for re-ranking and scores candidates against a query.
 
-    An image's *description* is one ``(1 + R, D)`` float32 array: row 0 its flip-TTA unit
-    embedding, rows 1.. its ``R`` unit region vectors. :meth:`embedder` wraps it as an
+    An image's *description* is one float32 vector: its unit embedding, then its ``L`` unit
+    region vectors. :meth:`embedder` wraps :meth:`describe` as an
     :class:`~.embedder.Embedder` whose "vectors" are descriptions, so the file pipeline
     (decoding beside the forward pass, errors per file, progress) is the usual one.
     """
 
-    def __init__(self, explainer: Explainer, spec: RerankSpec) -> None:
-        if not explainer.exact:
-            raise EngineError(
-                f"re-ranking needs the model's exact location terms, which "
-                f"{explainer.embedder.bundle.name!r} has not here: {explainer.reason}")
-        self.explainer = explainer
+    def __init__(self, embedder: Embedder, run: Callable[[np.ndarray], np.ndarray],
+                 layout: Layout, spec: RerankSpec) -> None:
+        self.source = embedder
+        self.layout = layout
         self.spec = spec
+        self._run = run
+        self._lock = threading.Lock()
 
     def describe(self, batch: np.ndarray) -> np.ndarray:
-        """``(B, 3, S, S)`` preprocessed images -> ``(B, 1 + R, D)`` descriptions."""
+        """``(B, 3, S, S)`` preprocessed images -> ``(B, D + L * d)`` descriptions."""
         if len(batch) == 0:
-            return np.zeros((0, self.explainer.grid**2 + 1, self.explainer.embedder.dim),
-                            np.float32)
-        mirrored = np.ascontiguousarray(batch[..., ::-1])
-        terms = self.explainer.terms(np.concatenate([batch, mirrored]))
-        bias = self.explainer.bias
-        plain, mirror = terms[: len(batch)], terms[len(batch):]
-        embedding = unit(unit(bias + plain.sum(1)) + unit(bias + mirror.sum(1)))
-        return np.concatenate([embedding[:, None], unit(plain)], axis=1).astype(np.float32)
+            return np.zeros((0, self.layout.width), np.float32)
+        with self._lock:
+            return np.asarray(self._run(np.ascontiguousarray(batch, np.float32)), np.float32)
+
+    def cosines(self, query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """The embeddings' cosines of ``(K, width)`` candidates' descriptions to the query's."""
+        dim = self.layout.embedding_dim
+        return (candidates[:, :dim] @ query[:dim]).astype(np.float32)
+
+    def regions(self, descriptions: np.ndarray) -> np.ndarray:
+        """``(..., width)`` -> ``(..., L, d)`` unit region vectors."""
+        shape = descriptions.shape[:-1] + (self.layout.regions, self.layout.region_dim)
+        return descriptions[..., self.layout.embedding_dim:].reshape(shape)
 
     def scores(self, query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        """``(1 + R, D)`` query description, ``(K, 1 + R, D)`` candidates' -> ``(K,)``."""
+        """``(width,)`` query description, ``(K, width)`` candidates' -> ``(K,)``."""
         if len(candidates) == 0:
             return np.zeros(0, np.float32)
-        cosine = candidates[:, 0] @ query[0]
-        return (cosine + self.spec.weight * maxsim(query[1:], candidates[:, 1:])).astype(
-            np.float32)
+        late = maxsim(self.regions(query), self.regions(candidates))
+        return (self.cosines(query, candidates) + self.spec.weight * late).astype(np.float32)
+
+    def pair_score(self, a: np.ndarray, b: np.ndarray) -> tuple[float, VerificationSpec]:
+        """The calibrated pair score of two descriptions (``a`` the query side), and the
+        calibration it is judged by; a clear error when the model has none."""
+        verification = self.spec.verification
+        if verification is None:
+            raise EngineError(
+                f"model {self.source.bundle.name!r} has a re-ranker for candidate sets but no "
+                "calibrated pair score ('verification' in its re-ranker entry)")
+        late = maxsim(self.regions(a), self.regions(b)[None])[0]
+        return float(self.cosines(a, b[None])[0] + verification.weight * late), verification
 
     def embedder(self) -> Embedder:
         """An embedder over the same model and preprocessing whose output is descriptions."""
-        source = self.explainer.embedder
+        source = self.source
         return Embedder(source.bundle, f"{source.engine_name}+rerank",
                         source.preprocessor.max_pixels, source.decode_workers, run=self.describe)
 
 
+def _torch_describe(embedder: Embedder) -> tuple[Callable[[np.ndarray], np.ndarray], Layout]:
+    """Eager PyTorch descriptions (the reference)."""
+    import torch
+
+    from .regions_net import DescribeNet, RegionMap
+
+    model = embedder.bundle
+    if model.path is None:
+        raise EngineError(f"model {model.name!r} has no directory, so no learned regions")
+    region_map = RegionMap.load(model.path, model.fingerprint)
+    module = DescribeNet(model.torch_net(), region_map).eval()
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(batch)).numpy()
+
+    return run, Layout(embedder.dim, region_map.locations**2, region_map.dim)
+
+
+def _onnx_describe(embedder: Embedder, cache_dir: str | Path | None
+                   ) -> tuple[Callable[[np.ndarray], np.ndarray], Layout]:
+    """ONNX Runtime descriptions from the model's ``rerank.onnx`` or a cached conversion."""
+    from .export import rerank_files
+    from .runtime import ort_runner
+
+    with conversion_dir(Path(cache_dir) if cache_dir is not None else None) as directory:
+        onnx, facts_file = rerank_files(embedder.bundle, directory)
+        facts = json.loads(facts_file.read_text())
+        return ort_runner(onnx, threads=2), Layout(
+            int(facts["embedding_dim"]), int(facts["locations"]) ** 2, int(facts["region_dim"]))
+
+
+_rerankers: weakref.WeakKeyDictionary[Embedder, Reranker] = weakref.WeakKeyDictionary()
+_rerankers_lock = threading.Lock()
+
+
 def reranker_for(embedder: Embedder, cache_dir: str | Path | None = None) -> Reranker:
-    """The embedder's model's measured re-ranker, on the embedder's engine (exact location
-    terms from PyTorch or from ``explain.onnx``)."""
+    """The embedder's model's measured re-ranker on the embedder's engine (PyTorch, or the
+    model's ``rerank.onnx``), built on first use: converting a bundle's costs a minute once
+    per model and cache, loading it seconds. A model without one fails before anything runs."""
     spec = RerankSpec.of(embedder)
-    return Reranker(explainer_for(embedder, cache_dir), spec)
+    with _rerankers_lock:
+        reranker = _rerankers.get(embedder)
+        if reranker is None or reranker.spec != spec:
+            if embedder.engine_name.startswith("torch"):
+                run, layout = _torch_describe(embedder)
+            else:
+                run, layout = _onnx_describe(embedder, cache_dir)
+            reranker = _rerankers[embedder] = Reranker(embedder, run, layout, spec)
+        return reranker

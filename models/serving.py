@@ -21,7 +21,8 @@ from typing import Any
 from .errors import BundleError, EngineError
 from .model import ModelFacts, load_calibration
 
-__all__ = ["EXPLAIN_FACTS", "EXPLAIN_ONNX", "INT8_FILE", "ONNX_FILE", "SERVING_FILE",
+__all__ = ["EXPLAIN_FACTS", "EXPLAIN_ONNX", "INT8_FILE", "ONNX_FILE", "RERANK_FACTS",
+           "RERANK_ONNX", "SERVING_FILE",
            "ServingModel", "is_serving_model", "load_serving_model"]
 
 SERVING_FILE = "serving.json"
@@ -31,6 +32,10 @@ EXPLAIN_ONNX = "explain.onnx"
 """Per-location embedding terms for exact explanations (see models/explain.py), when the
 model's family allows them."""
 EXPLAIN_FACTS = "explain.json"
+RERANK_ONNX = "rerank.onnx"
+"""The re-ranker's descriptions (embedding and learned regions, see models/regions_net.py),
+when the model has learned regions."""
+RERANK_FACTS = "rerank.json"
 
 
 @dataclass(frozen=True)

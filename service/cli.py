@@ -539,10 +539,10 @@ def rank(
         bool,
         typer.Option(
             "--rerank",
-            help="Score by the model's measured re-ranker: flip-TTA cosine + weight x region "
-            "late interaction over the /explain location terms. For --model accurate it gained "
-            "+0.015 +/- 0.003 top-1 in 5-fold cross-validation (0.569 against 0.554) at about "
-            "4x the time per image; scores are then not cosines (up to 1 + weight).",
+            help="Score by the model's measured re-ranker: cosine + weight x late interaction "
+            "over learned region vectors (ColBERT-style MaxSim). For --model accurate its "
+            "5-fold cross-validated top-1 and gain are in its calibration.json ('rerank'); "
+            "one fp32 pass per image; scores are then not cosines (up to 1 + weight).",
         ),
     ] = False,
     answers: Annotated[

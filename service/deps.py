@@ -14,7 +14,8 @@ from starlette.concurrency import run_in_threadpool
 from ..index.store import IndexStore
 from ..models.embedder import Embedder
 from ..models.preprocess import declared_work
-from .batching import DirectEmbedder, MicroBatcher, Then
+from ..models.rerank import Reranker, reranker_for
+from .batching import DirectEmbedder, MicroBatcher, Then, prepare_inputs
 from .schemas import ModelInfo
 from .settings import Settings
 
@@ -56,6 +57,20 @@ class ServiceState:
         when ``names`` are given.
         """
         return await self._batcher.embed(list(uploads), names, then)
+
+    async def describe_named(self, uploads: dict[str, bytes]) -> tuple[Reranker,
+                                                                        dict[str, np.ndarray]]:
+        """The model's re-ranker (a model without one fails here, before any upload is
+        decoded) and the uploads' descriptions by field name, decoded and described in the
+        thread pool, as /explain does."""
+        reranker = await run_in_threadpool(reranker_for, self.embedder, self.settings.cache_dir)
+
+        def described() -> dict[str, np.ndarray]:
+            arrays = prepare_inputs(self.embedder.preprocessor, list(uploads.values()),
+                                    list(uploads))
+            return dict(zip(uploads, reranker.describe(arrays), strict=True))
+
+        return reranker, await run_in_threadpool(described)
 
     async def embed_named(self, uploads: dict[str, bytes]) -> dict[str, np.ndarray]:
         """Embed uploads by field name -> ``{name: (D,) vector}``; a decoding error names the

@@ -130,10 +130,10 @@ class RankRequest(BaseModel):
     )
     rerank: bool = Field(
         False,
-        description="Rank by the model's measured re-ranker (flip-TTA cosine + weight x region "
-        "late interaction over the /explain location terms; ~4x the time per image; "
-        "--model accurate has one): every query and candidate must then be an upload, "
-        "because the store keeps only thumbnails of indexed images.",
+        description="Rank by the model's measured re-ranker (cosine + weight x late "
+        "interaction over learned region vectors, one fp32 pass per image; --model accurate "
+        "has one): every query and candidate must then be an upload, because the store keeps "
+        "only thumbnails of indexed images.",
     )
 
 
@@ -141,8 +141,7 @@ class RankedCandidate(BaseModel):
     key: str | None = None
     upload: str | None = None
     position: int = Field(ge=0, description="Index in the request's candidate list.")
-    score: float = Field(ge=-1.0, le=1.0, description="Cosine similarity to the query (of the "
-                         "flip-TTA embeddings when re-ranked).")
+    score: float = Field(ge=-1.0, le=1.0, description="Cosine similarity to the query.")
     rerank_score: float | None = Field(
         None, description="With rerank=true: the score ranked by, cosine + weight x MaxSim.")
     rank: int = Field(ge=1)
@@ -164,7 +163,11 @@ class RankResponse(BaseModel):
 
 class CompareResponse(BaseModel):
     score: float = Field(ge=-1.0, le=1.0, description="Cosine similarity of the two images.")
-    same: bool = Field(description="score >= threshold: the two look alike.")
+    rerank_score: float | None = Field(
+        None, description="With rerank=true: the re-ranked pair score, cosine + weight x MaxSim "
+        "over learned regions, which same and threshold then apply to.")
+    same: bool = Field(description="score (rerank_score when re-ranked) >= threshold: the two "
+                       "look alike.")
     threshold: float
     calibrated: bool = Field(
         description="True: the threshold comes from the model's calibration.json; false: the "

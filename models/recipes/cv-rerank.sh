@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14, third and fifth sessions: re-rankers and test-time variants measured on the CV folds
+# Issue 14, third to sixth sessions: re-rankers and test-time variants measured on the CV folds
 # (benchmarks/RESULTS.md, "Third session"). The two CV rows are re-run with their fold models
 # kept (standardisation + head per fold, fold-K.head.safetensors; the folds are deterministic,
 # so the figures are those of cv-ablation.sh's e30 and e30-lite01), then
@@ -23,12 +23,10 @@ $PYTHON -m lookalike.evaluation.fold_rerank --config "$RECIPE" --set epochs=30 \
   --cv-dir "$OUT/e30/model.work/cv"
 $PYTHON -m lookalike.evaluation.fold_rerank --config models/recipes/accurate.toml \
   --cv-dir "$OUT/e30-lite01/model.work/cv"
-# The regions a production re-ranker would use: the fold models' exact location terms (the
-# /explain split; one forward pass of each fold's images per fold); the shipped re-ranker
-# (explain-7x7, query -> candidate, on the flip-TTA cosine) goes into models/accurate.
+# Untrained regions from the fold models: their exact location terms (the /explain split; one
+# forward pass of each fold's images per fold) and the head's per-location terms.
 $PYTHON -m lookalike.evaluation.fold_rerank --config models/recipes/accurate.toml \
-  --cv-dir "$OUT/e30-lite01/model.work/cv" --regions explain-7x7,head-7x7,head-3x3 \
-  --write-rerank models/accurate
+  --cv-dir "$OUT/e30-lite01/model.work/cv" --regions explain-7x7,head-7x7,head-3x3
 # What flip TTA costs, end to end on onnx-int8 (plain and TTA interleaved).
 for model in models/default models/accurate; do
   $PYTHON -m lookalike.evaluation.fold_rerank --config "$RECIPE" --cv-dir unused \
@@ -39,5 +37,8 @@ done
 # on the fold's training pairs), scored out of fold on sets and verification pairs.
 $PYTHON -m lookalike.evaluation.fold_rerank --config models/recipes/accurate.toml \
   --cv-dir "$OUT/e30-lite01/model.work/cv" --regions explain-7x7,head-7x7 --verification
+# Sixth session: shipped. The map trained on all pairs goes into
+# models/accurate/regions.safetensors, and the weight best over all folds, with the out-of-fold
+# figures, into its calibration.json.
 $PYTHON -m lookalike.evaluation.fold_learned_regions --config models/recipes/accurate.toml \
-  --cv-dir "$OUT/e30-lite01/model.work/cv"
+  --cv-dir "$OUT/e30-lite01/model.work/cv" --write-rerank models/accurate

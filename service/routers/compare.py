@@ -3,14 +3,20 @@
 The verdict uses the model's calibrated threshold (``calibration.json`` in the bundle, written
 by ``lookalike evaluate --write-calibration`` for a chosen false-match rate). A model without
 one falls back to the service's ``compare_threshold`` and says so (``calibrated: false``).
+
+With ``rerank=true`` (both images uploaded; a model with a calibrated re-ranker, such as
+``accurate``) the verdict is on the re-ranked pair score instead, ``cosine + weight x MaxSim``
+over learned regions, at its own threshold fitted on out-of-fold scores (issue 14: ROC-AUC
++0.011 over the cosine in 5-fold cross-validation).
 """
 
 from __future__ import annotations
 
 import time
+from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, UploadFile
+from fastapi import APIRouter, Form, HTTPException, UploadFile
 
 from ...evaluation.ranking import cosine_scores
 from ..deps import ImageOpt, KeyOpt, ServiceState, StateDep, read_upload
@@ -24,7 +30,8 @@ ERRORS = error_responses(
         404: "Unknown key.",
         413: "Upload or image too large.",
         415: "Not an image in a supported format.",
-        422: "Not exactly one image or key per side, or an undecodable image.",
+        422: "Not exactly one image or key per side, an undecodable image, or rerank=true with "
+        "a key or a model without a calibrated re-ranker.",
     }
 )
 
@@ -58,15 +65,37 @@ async def compare(
     image_b: ImageOpt = None,
     key_a: KeyOpt = None,
     key_b: KeyOpt = None,
+    rerank: Annotated[bool, Form(description=(
+        "Judge by the model's calibrated re-ranked pair score (cosine + weight x MaxSim over "
+        "learned regions, image_a's regions to image_b's) at its own threshold; both images "
+        "uploaded."))] = False,
 ) -> CompareResponse:
     started = time.perf_counter()
-    vectors = await _vectors(state, {"a": (image_a, key_a), "b": (image_b, key_b)})
-    score = float(cosine_scores(vectors["a"], vectors["b"][None])[0])
+    rerank_score = None
     calibration = state.embedder.bundle.calibration
-    threshold = float(calibration["threshold"]) if calibration else state.settings.compare_threshold
+    if rerank:
+        if key_a is not None or key_b is not None:
+            raise HTTPException(422, "rerank=true needs both images uploaded: the store keeps "
+                                "only thumbnails of indexed images")
+        if image_a is None or image_b is None:
+            raise HTTPException(422, "give 'image_a' and 'image_b'")
+        uploads = {f"image_{side}": await read_upload(upload, state.settings)
+                   for side, upload in (("a", image_a), ("b", image_b))}
+        reranker, described = await state.describe_named(uploads)
+        a, b = described["image_a"], described["image_b"]
+        score = float(reranker.cosines(a, b[None])[0])
+        rerank_score, verification = reranker.pair_score(a, b)
+        judged, threshold = rerank_score, verification.threshold
+        calibration = verification.entry
+    else:
+        vectors = await _vectors(state, {"a": (image_a, key_a), "b": (image_b, key_b)})
+        score = judged = float(cosine_scores(vectors["a"], vectors["b"][None])[0])
+        threshold = (float(calibration["threshold"]) if calibration
+                     else state.settings.compare_threshold)
     return CompareResponse(
         score=score,
-        same=score >= threshold,
+        rerank_score=rerank_score,
+        same=judged >= threshold,
         threshold=threshold,
         calibrated=calibration is not None,
         target_far=calibration.get("target_far") if calibration else None,

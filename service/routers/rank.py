@@ -27,8 +27,7 @@ from ...evaluation.ranking import (
     cosine_scores,
     ranked_order,
 )
-from ...models.rerank import Reranker, reranker_for
-from ..batching import prepare_inputs
+from ...models.rerank import Reranker
 from ..deps import ServiceState, StateDep, read_upload
 from ..schemas import (
     ImageRef,
@@ -197,23 +196,12 @@ async def rank(request: Request, state: StateDep) -> Response:
     raw, uploads = await _read_request(request, state.settings)
     spec, queries, by_key = await run_in_threadpool(_checked_spec, raw, uploads, state)
     reranker = None
-    if spec.rerank:  # a model without one fails here, before any upload is described
-        reranker = await run_in_threadpool(reranker_for, state.embedder,
-                                           state.settings.cache_dir)
-        by_upload = await run_in_threadpool(_described, state, reranker, uploads)
+    if spec.rerank:
+        reranker, by_upload = await state.describe_named(uploads)
     else:
         by_upload = await state.embed_named(uploads)
     return await run_in_threadpool(_answer, state, spec, queries, by_key, by_upload, reranker,
                                    started)
-
-
-def _described(
-    state: ServiceState, reranker: Reranker, uploads: dict[str, bytes]
-) -> dict[str, np.ndarray]:
-    """The uploads' re-ranking descriptions (flip-TTA embedding and region vectors), decoded
-    and described in the thread pool, as /explain does."""
-    arrays = prepare_inputs(state.embedder.preprocessor, list(uploads.values()), list(uploads))
-    return dict(zip(uploads, reranker.describe(arrays), strict=True))
 
 
 Queries = list[tuple[ImageRef, list[ImageRef], list[int]]]
@@ -269,14 +257,14 @@ def _answer(
 
     def scored(query: ImageRef, candidates: list[ImageRef]) -> tuple[np.ndarray, np.ndarray]:
         """What the candidates are ranked by, and their cosines (the same without a
-        re-ranker; a description's row 0 is its flip-TTA embedding)."""
+        re-ranker)."""
         if not candidates:
             return np.zeros(0, np.float32), np.zeros(0, np.float32)
         mine, theirs = vector(query), np.stack([vector(c) for c in candidates])
         if reranker is None:
             cosines = cosine_scores(mine, theirs)
             return cosines, cosines
-        return reranker.scores(mine, theirs), cosine_scores(mine[0], theirs[:, 0])
+        return reranker.scores(mine, theirs), reranker.cosines(mine, theirs)
 
     both = [scored(query, candidates) for query, candidates, _ in queries]
     scores, cosines = [ranked_by for ranked_by, _ in both], [cosine for _, cosine in both]

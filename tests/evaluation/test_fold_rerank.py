@@ -17,7 +17,6 @@ from lookalike.evaluation.fold_rerank import (
     layout,
     nested,
     pair_matrix,
-    rerank_entry,
     verification_table,
 )
 from lookalike.models.train import TrainConfig
@@ -80,18 +79,6 @@ def test_nested_lam_is_chosen_on_the_other_folds() -> None:
     # Folds 1 and 2 see one fold for each lam: a tie, which goes to the smaller.
     assert chosen[0] == chosen[1] == 0.0
     assert found[0]["top1"] == pytest.approx(0.0)
-
-
-def test_rerank_entry_reports_out_of_fold_figures_and_the_best_weight() -> None:
-    """The shipped entry: a weight that flips the wrong cosine ranking, the nested weights, and
-    the out-of-fold gain over the unchanged model (here from 0 to 1 in every fold)."""
-    answers = [np.zeros(4, int)] * 3
-    cosines, lates = [np.tile([0.5, 0.6], (4, 1))] * 3, [np.tile([1.0, 0.0], (4, 1))] * 3
-    base = [{"top1": 0.0, "top5": 1.0, "mrr": 0.5}] * 3
-    entry = rerank_entry(cosines, lates, answers, base)
-    assert entry["weight"] >= 0.1 and all(w >= 0.1 for w in entry["nested_weights"])
-    assert entry["top1"] == entry["top1_gain"] == 1.0 and entry["top1_gain_se"] == 0.0
-    assert entry["flip_tta"] and entry["regions"] == "explain-7x7"
 
 
 def _fold(number: int, pairs: int, rng: np.random.Generator) -> tuple[Fold, np.ndarray]:

@@ -1,7 +1,7 @@
-"""The shipped re-ranker (issue 14): MaxSim against a plain loop; descriptions that rebuild the
-model's own flip-TTA embedding from the exact location terms; scores that are that cosine plus
-the measured weight times MaxSim; `lookalike rank --rerank` end to end on real demo images; and
-clear errors for a model without one or a damaged entry."""
+"""The shipped re-ranker (issue 14): MaxSim against a plain loop; descriptions that are the
+model's own embedding and unit learned regions; scores that are the cosine plus the measured
+weight times MaxSim; `lookalike rank --rerank` end to end on real demo images; and clear errors
+for a model without one, one measured for the old regions, or a damaged entry."""
 
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ from typer.testing import CliRunner
 
 from lookalike.models.embedder import Embedder
 from lookalike.models.errors import BundleError, EngineError
-from lookalike.models.explain import Explainer
 from lookalike.models.model import CALIBRATION_FILE, RERANK_KEY
-from lookalike.models.rerank import Reranker, RerankSpec, maxsim, reranker_for
+from lookalike.models.rerank import REGIONS, Reranker, RerankSpec, maxsim, reranker_for
 from lookalike.models.resolve import resolve_model
 from lookalike.service.cli import app
 
@@ -58,35 +57,35 @@ def _batch(embedder: Embedder, demo_dir: Path, demo_pairs: list[tuple[str, str]]
 def test_the_accurate_model_ships_its_measured_reranker(accurate: Embedder) -> None:
     entry = accurate.bundle.calibration[RERANK_KEY]
     assert RerankSpec.of(accurate).weight == entry["weight"] > 0
-    assert entry["flip_tta"] and entry["regions"] == "explain-7x7"
+    assert entry["regions"] == REGIONS
     assert entry["top1_gain"] - 2 * entry["top1_gain_se"] > 0, "measured gain, out of fold"
 
 
-def test_descriptions_are_the_flip_tta_embedding_and_unit_regions(
+def test_descriptions_are_the_embedding_and_unit_regions(
     accurate: Embedder, reranker: Reranker, demo_dir: Path, demo_pairs: list[tuple[str, str]]
 ) -> None:
-    """Row 0 is the model's own embedding averaged with its mirror's (rebuilt from the
-    location terms plus the bias); the regions are the /explain terms at unit length."""
+    """The first part is the model's own embedding (the same engine's); each region vector
+    has unit length."""
     batch = _batch(accurate, demo_dir, demo_pairs)
     described = reranker.describe(batch)
-    grid = reranker.explainer.grid
-    assert described.shape == (len(batch), 1 + grid * grid, accurate.dim)
-    plain = accurate.embed_arrays(batch)
-    mirrored = accurate.embed_arrays(np.ascontiguousarray(batch[..., ::-1]))
-    np.testing.assert_allclose(described[:, 0], _unit(plain + mirrored), atol=1e-4)
-    np.testing.assert_allclose(np.linalg.norm(described, axis=-1), 1.0, atol=1e-5)
-    terms = reranker.explainer.terms(batch)
-    np.testing.assert_allclose(described[:, 1:], _unit(terms), atol=1e-5)
-    assert reranker.describe(batch[:0]).shape == (0, 1 + grid * grid, accurate.dim)
+    layout = reranker.layout
+    assert described.shape == (len(batch), layout.width) and layout.regions == 49
+    dim = accurate.dim
+    np.testing.assert_allclose(described[:, :dim], accurate.embed_arrays(batch), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(reranker.regions(described), axis=-1), 1.0,
+                               atol=1e-5)
+    assert reranker.describe(batch[:0]).shape == (0, layout.width)
 
 
-def test_scores_add_the_weighted_maxsim_to_the_tta_cosine(
+def test_scores_add_the_weighted_maxsim_to_the_cosine(
     accurate: Embedder, reranker: Reranker, demo_dir: Path, demo_pairs: list[tuple[str, str]]
 ) -> None:
     described = reranker.describe(_batch(accurate, demo_dir, demo_pairs))
     query, candidates = described[0], described[1:]
-    expected = [candidate[0] @ query[0] + reranker.spec.weight * np.mean(
-        [max(q @ r for r in candidate[1:]) for q in query[1:]]) for candidate in candidates]
+    regions, dim = reranker.regions(described), accurate.dim
+    expected = [candidate[:dim] @ query[:dim] + reranker.spec.weight * np.mean(
+        [max(q @ r for r in mine) for q in regions[0]])
+        for candidate, mine in zip(candidates, regions[1:], strict=True)]
     np.testing.assert_allclose(reranker.scores(query, candidates), expected, atol=1e-5)
     assert reranker.scores(query, candidates[:0]).shape == (0,)
 
@@ -96,9 +95,18 @@ def test_a_model_without_a_reranker_says_so(embedder: Embedder) -> None:
         RerankSpec.of(embedder)
 
 
-def test_occlusion_cannot_rerank(accurate: Embedder) -> None:
-    with pytest.raises(EngineError, match="exact location terms"):
-        Reranker(Explainer(accurate, occlusion=True), RerankSpec(0.75))
+def test_an_entry_for_the_old_regions_asks_to_measure_again(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    """The explain-7x7 re-ranker of earlier versions is gone: its entry gets a clear error
+    naming the command that measures the learned one, not a wrong score."""
+    copy = tmp_path / "accurate"
+    shutil.copytree(resolve_model("accurate", cache_dir).path, copy)
+    calibration = json.loads((copy / CALIBRATION_FILE).read_text())
+    calibration[RERANK_KEY] = {**calibration[RERANK_KEY], "regions": "explain-7x7"}
+    (copy / CALIBRATION_FILE).write_text(json.dumps(calibration))
+    with pytest.raises(EngineError, match="'explain-7x7'.*fold_learned_regions"):
+        RerankSpec.of(Embedder(resolve_model(str(copy), cache_dir)))
 
 
 def test_a_damaged_entry_fails_when_the_model_loads(tmp_path: Path) -> None:

@@ -100,3 +100,19 @@ def run(cache_dir: Path) -> Callable[..., Result]:
         return runner.invoke(cli_app, [str(a) for a in args], env=env)
 
     return invoke
+
+
+@pytest.fixture(scope="session")
+def accurate_client(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path
+                    ) -> Iterator[TestClient]:
+    """The app serving --model accurate (it has a measured re-ranker) over an empty store."""
+    from lookalike.models.resolve import resolve_model
+
+    embedder = Embedder(resolve_model("accurate", cache_dir))
+    path = tmp_path_factory.mktemp("accurate-store") / "index"
+    IndexStore.create(path, dim=embedder.dim, model_fingerprint=embedder.fingerprint).close()
+    settings = Settings(index=path, cache_dir=cache_dir)
+    store = IndexStore.open(path, model_fingerprint=embedder.fingerprint)
+    with TestClient(create_app(settings, ServiceState(settings, embedder, store))) as client:
+        yield client
+    store.close()

@@ -125,3 +125,49 @@ def test_a_calibrated_model_uses_its_threshold(
     assert body["threshold"] == pytest.approx(calibrated.calibration["threshold"])
     assert 0.4 < body["threshold"] < 0.7
     assert body["calibration"]["measured_on"]["split"] == "val"
+
+
+def _pair_files(demo_dir: Path, demo_pairs: list[tuple[str, str]]) -> tuple[list[Path], dict]:
+    left, right = demo_pairs[0]
+    paths = [demo_dir / "left" / f"{left}.jpg", demo_dir / "right" / f"{right}.jpg"]
+    return paths, {f"image_{side}": (path.name, path.read_bytes(), "image/jpeg")
+                   for side, path in zip("ab", paths, strict=True)}
+
+
+def test_rerank_judges_the_calibrated_pair_score(
+    accurate_client: TestClient, demo_dir: Path, demo_pairs: list[tuple[str, str]],
+    cache_dir: Path
+) -> None:
+    """rerank=true: rerank_score is the re-ranker's pair score of the two files (computed here),
+    score their cosine, and the verdict is the pair score against its own threshold."""
+    from lookalike.models.rerank import reranker_for
+    from lookalike.models.resolve import resolve_model
+
+    paths, files = _pair_files(demo_dir, demo_pairs)
+    response = accurate_client.post("/compare", data={"rerank": "true"}, files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    embedder = Embedder(resolve_model("accurate", cache_dir))
+    reranker = reranker_for(embedder, cache_dir)
+    a, b = reranker.describe(np.stack([embedder.load_file(p)[0] for p in paths]))
+    expected, verification = reranker.pair_score(a, b)
+    assert body["rerank_score"] == pytest.approx(expected, abs=1e-4)
+    assert body["score"] == pytest.approx(float(a[:embedder.dim] @ b[:embedder.dim]), abs=1e-4)
+    assert body["threshold"] == verification.threshold != embedder.bundle.calibration["threshold"]
+    assert body["same"] == (expected >= verification.threshold) and body["calibrated"]
+    assert body["calibration"]["auc_gain"] > 0
+    plain = accurate_client.post("/compare", files=files).json()
+    assert plain["rerank_score"] is None and plain["score"] == pytest.approx(body["score"],
+                                                                             abs=0.05)
+
+
+def test_rerank_refuses_keys_and_models_without_one(
+    client: TestClient, accurate_client: TestClient, demo_dir: Path,
+    demo_pairs: list[tuple[str, str]]
+) -> None:
+    _, files = _pair_files(demo_dir, demo_pairs)
+    response = accurate_client.post("/compare", data={"rerank": "true", "key_b": "x"},
+                                    files={"image_a": files["image_a"]})
+    assert response.status_code == 422 and "both images uploaded" in response.json()["detail"]
+    response = client.post("/compare", data={"rerank": "true"}, files=files)
+    assert response.status_code == 422 and "no measured re-ranker" in response.json()["detail"]

@@ -205,21 +205,6 @@ def test_assign_without_scipy_is_a_clear_501(
     assert response.status_code == 501 and "needs scipy" in response.json()["detail"]
 
 
-@pytest.fixture(scope="module")
-def accurate_client(tmp_path_factory: pytest.TempPathFactory, cache_dir) -> Iterator[TestClient]:
-    """The app serving --model accurate (it has a measured re-ranker) over an empty store."""
-    from lookalike.models.resolve import resolve_model
-
-    embedder = Embedder(resolve_model("accurate", cache_dir))
-    path = tmp_path_factory.mktemp("accurate-store") / "index"
-    IndexStore.create(path, dim=embedder.dim, model_fingerprint=embedder.fingerprint).close()
-    settings = Settings(index=path, cache_dir=cache_dir)
-    store = IndexStore.open(path, model_fingerprint=embedder.fingerprint)
-    with TestClient(create_app(settings, ServiceState(settings, embedder, store))) as client:
-        yield client
-    store.close()
-
-
 def _upload_spec(demo_dir, demo_pairs, count: int) -> tuple[dict, dict, list]:
     lefts = [left for left, _ in demo_pairs[:count]]
     rights = [right for _, right in demo_pairs[:count]]
@@ -237,7 +222,7 @@ def test_rerank_ranks_uploads_by_the_models_reranker(
     accurate_client: TestClient, demo_dir, demo_pairs, cache_dir
 ) -> None:
     """rerank=true: each candidate's rerank_score is the re-ranker's (computed here from the
-    same files), they are ranked by it, and score is the flip-TTA cosine."""
+    same files), they are ranked by it, and score is the cosine."""
     from lookalike.models.rerank import reranker_for
     from lookalike.models.resolve import resolve_model
 
@@ -249,7 +234,7 @@ def test_rerank_ranks_uploads_by_the_models_reranker(
     reranker = reranker_for(embedder, cache_dir)
     described = reranker.describe(np.stack([embedder.load_file(p)[0] for p in paths]))
     expected = reranker.scores(described[0], described[1:])
-    cosines = described[1:, 0] @ described[0, 0]
+    cosines = reranker.cosines(described[0], described[1:])
     assert [c["position"] for c in ranked] == list(np.argsort(-expected, kind="stable"))
     for candidate in ranked:
         assert candidate["rerank_score"] == pytest.approx(expected[candidate["position"]],
