@@ -153,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--lambdas", type=lambda text: tuple(float(v) for v in text.split(",")),
                         default=WEIGHTS, help="comma-separated weights of the learned MaxSim "
                         "to choose from (nested)")
+    parser.add_argument("--symmetric", action="store_true",
+                        help="score candidate sets by MaxSim both ways (query -> candidate and "
+                        "back, averaged) instead of query -> candidate")
     parser.add_argument("--seed", type=int, default=0,
                         help="added to each fold's seed for the map's init and batches (the "
                         "all-pairs map uses it alone): to see how far seeds move the figures")
@@ -162,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "model) and write the weight best over all folds, with the out-of-fold "
                         "figures, into its calibration.json")
     args = parser.parse_args(argv)
+    if args.symmetric and args.write_rerank:
+        parser.error("--write-rerank ships the query -> candidate re-ranker: drop --symmetric")
     config = TrainConfig.from_file(args.config, progress=False)
     print(f"machine: {machine()}", flush=True)
     started = time.perf_counter()
@@ -192,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name, vectors in (("plain", fold.vectors), ("flip TTA", tta)):
             cosines[name].append(fold.cosines(vectors))
             pair_cosines[name].append(pair_matrix(fold, vectors))
-        lates.append(fold.late(regions, False))
+        lates.append(fold.late(regions, args.symmetric))
         pair_lates.append(pair_matrix(fold, None, regions))
         answers.append(fold.answers)
         print(f"fold {fold.number}: learned MaxSim alone top-1 "

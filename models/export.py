@@ -146,12 +146,18 @@ def explain_files(model: Model, directory: Path) -> tuple[Path, Path]:
     e.g. a model outside the exact family)."""
     if model.path is not None and (model.path / EXPLAIN_ONNX).is_file():
         return model.path / EXPLAIN_ONNX, model.path / EXPLAIN_FACTS
-    onnx = directory / f"{model.fingerprint}.{EXPLAIN_ONNX}"
-    facts = directory / f"{model.fingerprint}.{EXPLAIN_FACTS}"
+    return _converted(model, directory, model.fingerprint, EXPLAIN_ONNX, EXPLAIN_FACTS,
+                      export_explain)
+
+
+def _converted(model: Model, directory: Path, stem: str, onnx_name: str, facts_name: str,
+               export: Callable[[Model, Path, Path], None]) -> tuple[Path, Path]:
+    """``directory/STEM.onnx_name`` and ``.facts_name``, made by ``export`` when missing."""
+    onnx, facts = directory / f"{stem}.{onnx_name}", directory / f"{stem}.{facts_name}"
     if not (onnx.is_file() and facts.is_file()):
         for module, package in EXPORT_PACKAGES:
             require("onnx", module, package)
-        export_explain(model, onnx, facts)
+        export(model, onnx, facts)
     return onnx, facts
 
 
@@ -192,12 +198,7 @@ def rerank_files(model: Model, directory: Path) -> tuple[Path, Path]:
         raise BundleError(f"model {model.name!r} has no learned regions ({REGIONS_FILE}); "
                           "the shipped ones are --model accurate's")
     stem = f"{model.fingerprint}.{files_sha256(regions)[:16]}"
-    onnx, facts = directory / f"{stem}.{RERANK_ONNX}", directory / f"{stem}.{RERANK_FACTS}"
-    if not (onnx.is_file() and facts.is_file()):
-        for module, package in EXPORT_PACKAGES:
-            require("onnx", module, package)
-        export_rerank(model, onnx, facts)
-    return onnx, facts
+    return _converted(model, directory, stem, RERANK_ONNX, RERANK_FACTS, export_rerank)
 
 
 def export_rerank(model: Model, onnx_target: Path, facts_target: Path) -> None:
