@@ -11,9 +11,10 @@ A candidate's score is ``cosine + weight * maxsim``:
 
 Both come from one pass of the trunks (:class:`~.regions_net.DescribeNet`, or its ONNX export
 ``rerank.onnx`` on the ONNX engines). In 5-fold cross-validation on the ``accurate`` model it
-gained about +0.027 top-1 over the cosine (``benchmarks/RESULTS.md``, issue 14, "Sixth
-session"). The weight is a measured property of one model's weights, so it lives in the
-model's ``calibration.json`` (key :data:`~.model.RERANK_KEY`), and the region map beside it
+gained +0.042 ± 0.007 top-1 over the cosine (0.597; +0.029 with another seed of the map) and
++0.011 ROC-AUC as a pair score (``benchmarks/RESULTS.md``, issue 14, "Sixth session").
+The weights are measured properties of one model's weights, so they live in the model's
+``calibration.json`` (key :data:`~.model.RERANK_KEY`), and the region map beside it
 (:data:`~.model.REGIONS_FILE`); a model without both has no re-ranker.
 
 This module imports no torch.

@@ -109,12 +109,16 @@ def test_an_entry_for_the_old_regions_asks_to_measure_again(
         RerankSpec.of(Embedder(resolve_model(str(copy), cache_dir)))
 
 
-def test_a_damaged_entry_fails_when_the_model_loads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("entry", [
+    {"weight": "high"},
+    {"weight": 1.5, "regions": REGIONS, "verification": {"weight": 3.0}},
+], ids=["weight", "verification-without-threshold"])
+def test_a_damaged_entry_fails_when_the_model_loads(tmp_path: Path, entry: dict) -> None:
     source = resolve_model("accurate", tmp_path / "cache").path
     copy = tmp_path / "accurate"
     shutil.copytree(source, copy)
     calibration = json.loads((copy / CALIBRATION_FILE).read_text())
-    calibration[RERANK_KEY] = {"weight": "high"}
+    calibration[RERANK_KEY] = entry
     (copy / CALIBRATION_FILE).write_text(json.dumps(calibration))
     with pytest.raises(BundleError, match="damaged 'rerank' entry"):
         resolve_model(str(copy), tmp_path / "cache")
