@@ -156,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--symmetric", action="store_true",
                         help="score candidate sets by MaxSim both ways (query -> candidate and "
                         "back, averaged) instead of query -> candidate")
+    parser.add_argument("--maps", type=int, default=1,
+                        help="an ensemble: train this many maps per fold (seeds 100 apart) and "
+                        "average their MaxSims (measurement only)")
     parser.add_argument("--seed", type=int, default=0,
                         help="added to each fold's seed for the map's init and batches (the "
                         "all-pairs map uses it alone): to see how far seeds move the figures")
@@ -165,8 +168,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "model) and write the weight best over all folds, with the out-of-fold "
                         "figures, into its calibration.json")
     args = parser.parse_args(argv)
-    if args.symmetric and args.write_rerank:
-        parser.error("--write-rerank ships the query -> candidate re-ranker: drop --symmetric")
+    if args.write_rerank and (args.symmetric or args.maps != 1):
+        parser.error("--write-rerank ships one map, query -> candidate: drop --symmetric and "
+                     "--maps")
     config = TrainConfig.from_file(args.config, progress=False)
     print(f"machine: {machine()}", flush=True)
     started = time.perf_counter()
@@ -189,16 +193,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     pair_cosines: dict[str, list[np.ndarray]] = {"plain": [], "flip TTA": []}
     lates, pair_lates, answers = [], [], []
     for fold in folds:
-        weight = train_region_map(tokens, fold_training_pairs(pairs, fold), args.dim,
-                                  args.epochs, args.temperature, args.weight_decay,
-                                  seed=fold.number + args.seed)
-        regions = project(weight, tokens[torch.from_numpy(fold.rows)])
+        regions = [project(train_region_map(tokens, fold_training_pairs(pairs, fold), args.dim,
+                                            args.epochs, args.temperature, args.weight_decay,
+                                            seed=fold.number + args.seed + 100 * k),
+                           tokens[torch.from_numpy(fold.rows)]) for k in range(args.maps)]
         tta = tta_vectors(fold, features, mirror)
         for name, vectors in (("plain", fold.vectors), ("flip TTA", tta)):
             cosines[name].append(fold.cosines(vectors))
             pair_cosines[name].append(pair_matrix(fold, vectors))
-        lates.append(fold.late(regions, args.symmetric))
-        pair_lates.append(pair_matrix(fold, None, regions))
+        lates.append(np.mean([fold.late(r, args.symmetric) for r in regions], axis=0))
+        pair_lates.append(np.mean([pair_matrix(fold, None, r) for r in regions], axis=0))
         answers.append(fold.answers)
         print(f"fold {fold.number}: learned MaxSim alone top-1 "
               f"{set_metrics(lates[-1], fold.answers)['top1']:.3f} "
@@ -210,7 +214,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "write_rerank": str(args.write_rerank) if args.write_rerank else None}}
     base = [set_metrics(c, a) for c, a in zip(cosines["plain"], answers, strict=True)]
     alone = [set_metrics(li, a) for li, a in zip(lates, answers, strict=True)]
-    print(f"\nlearned regions {args.dim}-d, {args.epochs} epochs, temperature "
+    ensemble = f" x {args.maps} maps (MaxSims averaged)" if args.maps > 1 else ""
+    print(f"\nlearned regions {args.dim}-d{ensemble}, {args.epochs} epochs, temperature "
           f"{args.temperature}, weight decay {args.weight_decay}\n\n| scoring | lam per fold "
           "| top-1 | top-5 | MRR | paired top-1 |\n|---|---|---|---|---|---|")
     print(f"| fold model (plain cosine) | | {cell([m['top1'] for m in base])} | "
