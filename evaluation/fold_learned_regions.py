@@ -57,7 +57,10 @@ from .fold_rerank import (
     nested,
     nested_verification,
     pair_matrix,
+    pair_table,
+    pick_nested,
     region_cache,
+    set_table,
     signed,
     stage_maps,
     tta_vectors,
@@ -88,11 +91,11 @@ def rerank_entry(cosines: list[np.ndarray], lates: list[np.ndarray], answers: li
     """The shipped re-ranker's calibration entry: the weight best by mean top-1 over every
     fold (as a threshold is fitted on all out-of-fold scores), and the out-of-fold figures with
     the weight chosen per fold on the others (what predicts unseen pairs)."""
-    table = np.array([[set_metrics(c + lam * li, a)["top1"] for lam in lambdas]
-                      for c, li, a in zip(cosines, lates, answers, strict=True)])
-    chosen, found = nested(cosines, lates, answers, lambdas)
+    table = set_table(cosines, lates, answers, lambdas)
+    chosen, found = pick_nested(table, lambdas, "top1")
+    top1 = np.array([[t["top1"] for t in row] for row in table])
     entry: dict[str, object] = {
-        "weight": lambdas[int(np.argmax(table.mean(axis=0)))], "regions": REGIONS,
+        "weight": lambdas[int(np.argmax(top1.mean(axis=0)))], "regions": REGIONS,
         "direction": "query -> candidate", "nested_weights": chosen}
     for metric in ("top1", "top5", "mrr"):
         entry[metric], entry[f"{metric}_se"] = mean_se([m[metric] for m in found])
@@ -108,14 +111,14 @@ def verification_entry(cosines: list[np.ndarray], lates: list[np.ndarray],
     weight best by mean AUC over every fold, the threshold at ``far`` on the pooled
     out-of-fold non-matching scores at that weight (as ``calibration.json``'s cosine threshold
     is fitted), and the out-of-fold figures with the weight chosen per fold on the others."""
-    table = np.array([[figures(c + lam * li)["auc"] for lam in lambdas]
-                      for c, li in zip(cosines, lates, strict=True)])
-    weight = lambdas[int(np.argmax(table.mean(axis=0)))]
+    table = pair_table(cosines, lates, lambdas)
+    chosen, found = pick_nested(table, lambdas, "auc")
+    auc = np.array([[t["auc"] for t in row] for row in table])
+    weight = lambdas[int(np.argmax(auc.mean(axis=0)))]
     split = [matrix_pairs(c + weight * li) for c, li in zip(cosines, lates, strict=True)]
     positive = np.concatenate([p for p, _ in split])
     negative = np.concatenate([n for _, n in split])
     threshold = threshold_at_far(negative, far)
-    chosen, found = nested_verification(cosines, lates, lambdas)
     plain = [figures(c) for c in cosines]
     entry: dict[str, object] = {
         "weight": weight, "threshold": threshold, "target_far": far,

@@ -349,16 +349,30 @@ def out_of_fold_picks(table: np.ndarray) -> list[int]:
     return [int(np.argmax(np.delete(table, k, axis=0).mean(axis=0))) for k in range(len(table))]
 
 
+Table = list[list[dict[str, float]]]
+"""Per fold, per weight ``lam``: the fold's figures for ``cosine + lam * late``."""
+
+
+def set_table(cosines: list[np.ndarray], lates: list[np.ndarray], answers: list[np.ndarray],
+              lambdas: Sequence[float] = LAMBDAS) -> Table:
+    """Each fold's candidate-set figures (top-1, top-5, MRR) at each ``lam``."""
+    return [[set_metrics(c + lam * li, a) for lam in lambdas]
+            for c, li, a in zip(cosines, lates, answers, strict=True)]
+
+
+def pick_nested(table: Table, lambdas: Sequence[float], metric: str
+                ) -> tuple[list[float], list[dict[str, float]]]:
+    """For each fold, the ``lam`` best by mean ``metric`` on the other folds (ties: the
+    smaller), and the fold's figures at that ``lam``."""
+    picks = out_of_fold_picks(np.array([[t[metric] for t in row] for row in table]))
+    return [lambdas[p] for p in picks], [table[k][p] for k, p in enumerate(picks)]
+
+
 def nested(cosines: list[np.ndarray], lates: list[np.ndarray], answers: list[np.ndarray],
            lambdas: Sequence[float] = LAMBDAS) -> tuple[list[float], list[dict[str, float]]]:
     """For each fold, ``lam`` best by mean top-1 on the other folds (ties: the smaller), and
     the fold's metrics at that ``lam``."""
-    table = np.array([[set_metrics(c + lam * li, a)["top1"] for lam in lambdas]
-                      for c, li, a in zip(cosines, lates, answers, strict=True)])
-    chosen = [lambdas[p] for p in out_of_fold_picks(table)]
-    found = [set_metrics(c + lam * li, a)
-             for c, li, a, lam in zip(cosines, lates, answers, chosen, strict=True)]
-    return chosen, found
+    return pick_nested(set_table(cosines, lates, answers, lambdas), lambdas, "top1")
 
 
 def pair_matrix(fold: Fold, vectors: np.ndarray, regions: np.ndarray | None = None
@@ -377,15 +391,19 @@ def figures(matrix: np.ndarray) -> dict[str, float]:
     return pair_figures(*matrix_pairs(matrix))
 
 
+def pair_table(cosines: list[np.ndarray], lates: list[np.ndarray],
+               lambdas: Sequence[float] = LAMBDAS) -> Table:
+    """Each fold's verification figures (its ``(N, N)`` pair matrices) at each ``lam``."""
+    return [[figures(c + lam * li) for lam in lambdas]
+            for c, li in zip(cosines, lates, strict=True)]
+
+
 def nested_verification(cosines: list[np.ndarray], lates: list[np.ndarray],
                         lambdas: Sequence[float] = LAMBDAS
                         ) -> tuple[list[float], list[dict[str, float]]]:
     """For each fold (its ``(N, N)`` pair matrices), ``lam`` best by mean AUC on the other
     folds, and the fold's verification figures for ``cosine + lam * late`` at that ``lam``."""
-    table = [[figures(c + lam * li) for lam in lambdas]
-             for c, li in zip(cosines, lates, strict=True)]
-    picks = out_of_fold_picks(np.array([[t["auc"] for t in row] for row in table]))
-    return [lambdas[p] for p in picks], [table[k][p] for k, p in enumerate(picks)]
+    return pick_nested(pair_table(cosines, lates, lambdas), lambdas, "auc")
 
 
 def tta_vectors(fold: Fold, features: np.ndarray, mirror: np.ndarray) -> np.ndarray:

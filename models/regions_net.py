@@ -34,6 +34,7 @@ from torch import nn
 from .errors import BundleError
 from .model import REGIONS_FILE
 from .network import EmbeddingNet, grid_pool
+from .rerank import unit
 
 __all__ = ["LOCATIONS", "REGION_STAGES", "DescribeNet", "RegionMap", "batch_maxsim",
            "pool_locations", "standardisation", "train_region_map"]
@@ -124,8 +125,7 @@ class RegionMap:
 
     def regions(self, tokens: np.ndarray) -> np.ndarray:
         """``(N, L, C)`` standardised tokens -> ``(N, L, dim)`` unit region vectors."""
-        projected = tokens @ self.weight.T
-        return projected / np.maximum(np.linalg.norm(projected, axis=-1, keepdims=True), 1e-12)
+        return unit(tokens @ self.weight.T)
 
     def save(self, directory: Path, fingerprint: str) -> Path:
         """Write :data:`~.model.REGIONS_FILE` into the bundle ``directory`` (atomically),
