@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.scoring import unit
 from .errors import BundleError
 from .model import REGIONS_FILE
 from .network import EmbeddingNet, grid_pool
-from .rerank import unit
 
 __all__ = ["LOCATIONS", "REGION_STAGES", "DescribeNet", "RegionMap", "batch_maxsim",
            "pool_locations", "standardisation", "train_region_map"]

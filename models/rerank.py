@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.scoring import unit
 from .embedder import Embedder
 from .errors import EngineError
 from .export import conversion_dir
@@ -90,11 +91,6 @@ def maxsim(query: np.ndarray, candidates: np.ndarray, symmetric: bool = False) -
     sims = np.matmul(candidates, query.T)  # (K, S, R), one BLAS product per candidate
     forward = sims.max(axis=1).mean(axis=1)
     return 0.5 * (forward + sims.max(axis=2).mean(axis=1)) if symmetric else forward
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    """``x`` scaled to unit length along its last axis (any shape; zero vectors stay zero)."""
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["CandidateSetEvaluator", "Evaluator", "answer_ranks", "candidate_metrics",
-           "score_candidate_sets", "set_cosines", "set_metrics"]
+           "score_candidate_sets", "set_cosines", "set_metrics", "unit"]
 
 
 def answer_ranks(scores: Sequence[np.ndarray], answers: Sequence[int]) -> np.ndarray:
@@ -73,3 +73,8 @@ class CandidateSetEvaluator:
 
     def __call__(self, vectors: np.ndarray) -> dict[str, float]:
         return score_candidate_sets(vectors, self.queries, self.candidates, self.answers)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    """``x`` scaled to unit length along its last axis (any shape; zero vectors stay zero)."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
