@@ -72,6 +72,16 @@ WEIGHTS = (*LAMBDAS, 4.0, 6.0, 10.0)
 whose top (3.0) the learned MaxSim reached in some folds."""
 
 
+def multiscale(tokens: torch.Tensor, scales: Sequence[int]) -> torch.Tensor:
+    """``(N, L*L, C)`` location tokens -> ``(N, sum s*s, C)``: the grid average-pooled to each
+    of ``scales`` cells per side (``L`` among them keeps the tokens). The map is linear, so a
+    pooled token's region is the map of the pooled locations: a coarse region costs no pass."""
+    side = int(round(tokens.shape[1] ** 0.5))
+    grid = tokens.transpose(1, 2).unflatten(2, (side, side))
+    return torch.cat([F.adaptive_avg_pool2d(grid, s).flatten(2) for s in scales],
+                     dim=2).transpose(1, 2).contiguous()
+
+
 def project(weight: torch.Tensor, tokens: torch.Tensor) -> np.ndarray:
     """``(N, L, C)`` tokens -> ``(N, L, dim)`` unit learned regions."""
     with torch.no_grad():
@@ -153,6 +163,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="pairs per training batch: each pair's negatives are the batch's "
+                        "other pairs")
     parser.add_argument("--lambdas", type=lambda text: tuple(float(v) for v in text.split(",")),
                         default=WEIGHTS, help="comma-separated weights of the learned MaxSim "
                         "to choose from (nested)")
@@ -165,15 +178,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="added to each fold's seed for the map's init and batches (the "
                         "all-pairs map uses it alone): to see how far seeds move the figures")
+    parser.add_argument("--scales", type=lambda text: tuple(int(v) for v in text.split(",")),
+                        default=(LOCATIONS,), help="comma-separated grids (cells per side) of "
+                        "the region tokens, e.g. 7,3,1 adds a 3 x 3 and a whole-image region "
+                        "to the 7 x 7 ones (measurement only)")
     parser.add_argument("--json", type=Path, help="write the per-fold figures here")
     parser.add_argument("--write-rerank", type=Path, metavar="MODEL_DIR",
                         help="ship it: train the map on all pairs into this bundle (the recipe's "
                         "model) and write the weight best over all folds, with the out-of-fold "
                         "figures, into its calibration.json")
     args = parser.parse_args(argv)
-    if args.write_rerank and (args.symmetric or args.maps != 1):
-        parser.error("--write-rerank ships one map, query -> candidate: drop --symmetric and "
-                     "--maps")
+    if args.write_rerank and (args.symmetric or args.maps != 1 or args.scales != (LOCATIONS,)):
+        parser.error("--write-rerank ships one map, query -> candidate, on the 7 x 7 grid: "
+                     "drop --symmetric, --maps and --scales")
     config = TrainConfig.from_file(args.config, progress=False)
     print(f"machine: {machine()}", flush=True)
     started = time.perf_counter()
@@ -185,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     maps = {k: v.float().numpy() for k, v in cache.items() if k != "mirror"}
     per_stage = stage_maps(maps, len(config.backbones))
     mean, scale = standardisation(per_stage)
-    tokens = torch.from_numpy(location_tokens(per_stage, mean, scale))
+    tokens = multiscale(torch.from_numpy(location_tokens(per_stage, mean, scale)), args.scales)
     pairs = np.array([(rows[str(data.first_paths[a])], rows[str(data.second_paths[b])])
                       for (a, b), label in zip(data.pairs, data.targets, strict=True) if label])
     folds = load_folds(args.cv_dir, data.images)
@@ -198,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for fold in folds:
         regions = [project(train_region_map(tokens, fold_training_pairs(pairs, fold), args.dim,
                                             args.epochs, args.temperature, args.weight_decay,
+                                            batch_size=args.batch_size,
                                             seed=fold.number + args.seed + 100 * k),
                            tokens[torch.from_numpy(fold.rows)]) for k in range(args.maps)]
         tta = tta_vectors(fold, features, mirror)
@@ -219,7 +237,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     alone = [set_metrics(li, a) for li, a in zip(lates, answers, strict=True)]
     ensemble = f" x {args.maps} maps (MaxSims averaged)" if args.maps > 1 else ""
     print(f"\nlearned regions {args.dim}-d{ensemble}, {args.epochs} epochs, temperature "
-          f"{args.temperature}, weight decay {args.weight_decay}\n\n| scoring | lam per fold "
+          f"{args.temperature}, weight decay {args.weight_decay}, batch {args.batch_size}\n\n"
+          "| scoring | lam per fold "
           "| top-1 | top-5 | MRR | paired top-1 |\n|---|---|---|---|---|---|")
     print(f"| fold model (plain cosine) | | {cell([m['top1'] for m in base])} | "
           f"{cell([m['top5'] for m in base])} | {cell([m['mrr'] for m in base])} | |")
@@ -250,12 +269,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             report[f"verification/{label}"] = {"lam": chosen, "metrics": found}
     if args.write_rerank:
         weight = train_region_map(tokens, pairs, args.dim, args.epochs, args.temperature,
-                                  args.weight_decay, seed=args.seed)
+                                  args.weight_decay, batch_size=args.batch_size, seed=args.seed)
         stages = tuple((b, s, stage_channels(name)[s]) for b, name in enumerate(config.backbones)
                        for s in REGION_STAGES)
         facts = {"dim": args.dim, "epochs": args.epochs, "temperature": args.temperature,
-                 "weight_decay": args.weight_decay, "pairs": len(pairs),
-                 "images": len(data.images), "recipe": str(args.config)}
+                 "weight_decay": args.weight_decay, "batch_size": args.batch_size,
+                 "pairs": len(pairs), "images": len(data.images), "recipe": str(args.config)}
         region_map = RegionMap(weight.numpy(), mean, scale, stages, LOCATIONS, facts)
         entry = rerank_entry(cosines["plain"], lates, answers, base, args.lambdas)
         entry["verification"] = verification_entry(pair_cosines["plain"], pair_lates,

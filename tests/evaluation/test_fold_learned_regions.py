@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lookalike.evaluation.fold_learned_regions import (
     fold_training_pairs,
+    multiscale,
     rerank_entry,
     ship,
     verification_entry,
@@ -30,6 +32,19 @@ def test_a_fold_trains_only_on_pairs_outside_it() -> None:
     fold = Fold(1, np.array([2, 3]), np.zeros((2, 2)), np.zeros(1, int), np.zeros((1, 1), int),
                 np.zeros(1, int), head=None)
     np.testing.assert_array_equal(fold_training_pairs(pairs, fold), [[0, 1], [4, 5]])
+
+
+def test_multiscale_keeps_the_grid_and_adds_its_pooled_cells() -> None:
+    """``--scales 7,3,1``: the 49 tokens unchanged, then 9 means of overlapping 3 x 3 cells
+    (adaptive pooling of a 7-cell side: rows 0-2, 2-4, 4-6), then the whole image's mean."""
+    tokens = torch.arange(2 * 49 * 3, dtype=torch.float32).reshape(2, 49, 3)
+    pooled = multiscale(tokens, (7, 3, 1))
+    assert pooled.shape == (2, 59, 3)
+    torch.testing.assert_close(pooled[:, :49], tokens)
+    grid = tokens.reshape(2, 7, 7, 3)
+    torch.testing.assert_close(pooled[:, 49], grid[:, 0:3, 0:3].mean(dim=(1, 2)))
+    torch.testing.assert_close(pooled[:, 57], grid[:, 4:7, 4:7].mean(dim=(1, 2)))
+    torch.testing.assert_close(pooled[:, 58], tokens.mean(dim=1))
 
 
 def test_rerank_entry_reports_out_of_fold_figures_and_the_best_weight() -> None:
