@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.scoring import set_metrics
+from ..core.scoring import hubness, set_metrics, unit
 from ..models.network import stage_channels
 from ..models.regions_net import (
     LOCATIONS,
@@ -49,6 +49,7 @@ from .crossval import mean_se
 from .fold_rerank import (
     LAMBDAS,
     Fold,
+    Head,
     cached_features,
     cell,
     figures,
@@ -70,6 +71,8 @@ from .verification import matrix_pairs, threshold_at_far
 WEIGHTS = (*LAMBDAS, 4.0, 6.0, 10.0)
 """Weights of the learned MaxSim to choose from: wider than the untrained regions' grid,
 whose top (3.0) the learned MaxSim reached in some folds."""
+HUBNESS_KS = (0, 5, 10, 20, 50)
+"""Cohort neighbours of the pair score's hubness correction to choose from (0: none)."""
 
 
 def multiscale(tokens: torch.Tensor, scales: Sequence[int]) -> torch.Tensor:
@@ -114,26 +117,42 @@ def rerank_entry(cosines: list[np.ndarray], lates: list[np.ndarray], answers: li
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}
 
 
-def verification_entry(cosines: list[np.ndarray], lates: list[np.ndarray],
+def corrected_pairs(fold: Fold, cosines: np.ndarray, cohort: np.ndarray, k: int) -> np.ndarray:
+    """A fold's :func:`pair_matrix` cosines minus half of each side's hubness against
+    ``cohort`` (its ``k`` nearest; ``k`` 0: unchanged), as :meth:`Reranker.pair_score` does."""
+    if not k:
+        return cosines
+    hub = hubness(fold.vectors, cohort, k)
+    truth = fold.candidates[np.arange(len(fold.answers)), fold.answers]
+    return cosines - 0.5 * (hub[fold.queries][:, None] + hub[truth][None, :])
+
+
+def verification_entry(cosines: dict[int, list[np.ndarray]], lates: list[np.ndarray],
                        lambdas: Sequence[float] = WEIGHTS, far: float = 0.01
                        ) -> dict[str, object]:
-    """The re-ranked verification score's calibration (``/compare`` with ``rerank``): the
-    weight best by mean AUC over every fold, the threshold at ``far`` on the pooled
-    out-of-fold non-matching scores at that weight (as ``calibration.json``'s cosine threshold
-    is fitted), and the out-of-fold figures with the weight chosen per fold on the others."""
-    table = pair_table(cosines, lates, lambdas)
-    chosen, found = pick_nested(table, lambdas, "auc")
+    """The re-ranked verification score's calibration (``/compare`` with ``rerank``):
+    ``cosines`` per hubness ``k`` (0: uncorrected). The ``k`` and weight best by mean AUC over
+    every fold, the threshold at ``far`` on the pooled out-of-fold non-matching scores with
+    them (as ``calibration.json``'s cosine threshold is fitted), and the out-of-fold figures
+    with ``k`` and weight chosen per fold on the others."""
+    options = [(k, lam) for k in cosines for lam in lambdas]
+    tables = [pair_table(cos, lates, lambdas) for cos in cosines.values()]
+    table = [[t for tab in tables for t in tab[fold]] for fold in range(len(lates))]
+    chosen, found = pick_nested(table, options, "auc")
     auc = np.array([[t["auc"] for t in row] for row in table])
-    weight = lambdas[int(np.argmax(auc.mean(axis=0)))]
-    split = [matrix_pairs(c + weight * li) for c, li in zip(cosines, lates, strict=True)]
+    hubness_k, weight = options[int(np.argmax(auc.mean(axis=0)))]
+    split = [matrix_pairs(c + weight * li)
+             for c, li in zip(cosines[hubness_k], lates, strict=True)]
     positive = np.concatenate([p for p, _ in split])
     negative = np.concatenate([n for _, n in split])
     threshold = threshold_at_far(negative, far)
-    plain = [figures(c) for c in cosines]
+    plain = [figures(c) for c in cosines[0]]
     entry: dict[str, object] = {
-        "weight": weight, "threshold": threshold, "target_far": far,
+        "weight": weight, "hubness_k": hubness_k, "threshold": threshold, "target_far": far,
         "far": float((negative >= threshold).mean()), "tpr": float((positive >= threshold).mean()),
-        "positives": len(positive), "negatives": len(negative), "nested_weights": chosen}
+        "positives": len(positive), "negatives": len(negative),
+        "nested_weights": [lam for _, lam in chosen],
+        "nested_hubness_k": [k for k, _ in chosen]}
     for metric in ("auc", "eer", "tmr_at_far"):
         entry[metric], entry[f"{metric}_se"] = mean_se([m[metric] for m in found])
     entry["auc_gain"], entry["auc_gain_se"] = mean_se(
@@ -142,14 +161,21 @@ def verification_entry(cosines: list[np.ndarray], lates: list[np.ndarray],
             for k, v in entry.items()}
 
 
-def ship(model_dir: Path, region_map: RegionMap, entry: dict[str, object]) -> list[Path]:
-    """Write the region map beside the bundle and merge ``entry`` into its
-    ``calibration.json`` under ``rerank``: both name the bundle's fingerprint."""
+def ship(model_dir: Path, region_map: RegionMap, features: np.ndarray, facts: dict[str, object],
+         entry: dict[str, object]) -> list[Path]:
+    """Write the region map and the cohort (the bundle's embeddings of the training images'
+    cached ``features``, as each fold's cohort was made) beside the bundle, and merge
+    ``entry`` into its ``calibration.json`` under ``rerank``: all name its fingerprint."""
+    from ..models.bundle import WEIGHTS_FILE
+    from ..models.cohort import Cohort
     from ..models.model import RERANK_KEY, update_calibration
     from ..models.resolve import default_cache_dir, resolve_model
 
     model = resolve_model(str(model_dir), default_cache_dir())
+    cohort = Cohort(Head.load(Path(model_dir) / WEIGHTS_FILE).embed(features).astype(np.float32),
+                    facts)
     return [region_map.save(model_dir, model.fingerprint),
+            cohort.save(model_dir, model.fingerprint),
             update_calibration(model_dir, model.fingerprint, {RERANK_KEY: entry})]
 
 
@@ -182,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         default=(LOCATIONS,), help="comma-separated grids (cells per side) of "
                         "the region tokens, e.g. 7,3,1 adds a 3 x 3 and a whole-image region "
                         "to the 7 x 7 ones (measurement only)")
+    parser.add_argument("--hubness-k", type=lambda text: tuple(int(v) for v in text.split(",")),
+                        default=HUBNESS_KS, help="comma-separated cohort neighbours of the pair "
+                        "score's hubness correction to choose from (0: none; nested with the "
+                        "weight, on AUC); each fold's cohort is the images it trained on")
     parser.add_argument("--json", type=Path, help="write the per-fold figures here")
     parser.add_argument("--write-rerank", type=Path, metavar="MODEL_DIR",
                         help="ship it: train the map on all pairs into this bundle (the recipe's "
@@ -211,8 +241,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                          "--keep-fold-models")
     cosines: dict[str, list[np.ndarray]] = {"plain": [], "flip TTA": []}
     pair_cosines: dict[str, list[np.ndarray]] = {"plain": [], "flip TTA": []}
+    corrected: dict[int, list[np.ndarray]] = {k: [] for k in (0, *args.hubness_k)}
     lates, pair_lates, answers = [], [], []
     for fold in folds:
+        cohort = unit(fold.head.embed(np.delete(features, fold.rows, axis=0)))
         regions = [project(train_region_map(tokens, fold_training_pairs(pairs, fold), args.dim,
                                             args.epochs, args.temperature, args.weight_decay,
                                             batch_size=args.batch_size,
@@ -222,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name, vectors in (("plain", fold.vectors), ("flip TTA", tta)):
             cosines[name].append(fold.cosines(vectors))
             pair_cosines[name].append(pair_matrix(fold, vectors))
+        for k, found in corrected.items():
+            found.append(corrected_pairs(fold, pair_cosines["plain"][-1], cohort, k))
         lates.append(np.mean([fold.late(r, args.symmetric) for r in regions], axis=0))
         pair_lates.append(np.mean([pair_matrix(fold, None, r) for r in regions], axis=0))
         answers.append(fold.answers)
@@ -267,6 +301,27 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"{cell([m['eer'] for m in found])} | {cell([m['tmr_at_far'] for m in found])}"
                   f" | {gain} |")
             report[f"verification/{label}"] = {"lam": chosen, "metrics": found}
+    for k, cos in corrected.items():
+        if not k:
+            continue
+        for label, (chosen, found) in (
+                (f"plain cosine - hubness (k={k})", ("", [figures(c) for c in cos])),
+                (f"plain cosine - hubness (k={k}) + lam x learned MaxSim",
+                 nested_verification(cos, pair_lates, args.lambdas))):
+            gain = signed([m["auc"] - b["auc"] for m, b in zip(found, plain, strict=True)])
+            print(f"| {label} | {chosen} | {cell([m['auc'] for m in found])} | "
+                  f"{cell([m['eer'] for m in found])} | {cell([m['tmr_at_far'] for m in found])}"
+                  f" | {gain} |")
+            report[f"verification/{label}"] = {"lam": chosen, "metrics": found}
+    verification = verification_entry(corrected, pair_lates, args.lambdas)
+    picks = list(zip(verification["nested_hubness_k"], verification["nested_weights"],
+                     strict=True))
+    print(f"| plain cosine - hubness + lam x learned MaxSim, k and lam nested | {picks} | "
+          f"{verification['auc']:.3f} ± {verification['auc_se']:.3f} | "
+          f"{verification['eer']:.3f} ± {verification['eer_se']:.3f} | "
+          f"{verification['tmr_at_far']:.3f} ± {verification['tmr_at_far_se']:.3f} | "
+          f"{verification['auc_gain']:+.3f} ± {verification['auc_gain_se']:.3f} |")
+    report["verification/shipped"] = verification
     if args.write_rerank:
         weight = train_region_map(tokens, pairs, args.dim, args.epochs, args.temperature,
                                   args.weight_decay, batch_size=args.batch_size, seed=args.seed)
@@ -277,11 +332,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                  "pairs": len(pairs), "images": len(data.images), "recipe": str(args.config)}
         region_map = RegionMap(weight.numpy(), mean, scale, stages, LOCATIONS, facts)
         entry = rerank_entry(cosines["plain"], lates, answers, base, args.lambdas)
-        entry["verification"] = verification_entry(pair_cosines["plain"], pair_lates,
-                                                   args.lambdas)
+        entry["verification"] = verification
         entry["measured_on"] = {"cv_dir": str(args.cv_dir), "folds": len(folds),
                                 "pairs_file": str(config.pairs), "machine": machine(), **facts}
-        written = ship(args.write_rerank, region_map, entry)
+        written = ship(args.write_rerank, region_map, features, {
+            "images": len(data.images), "pairs_file": str(config.pairs),
+            "recipe": str(args.config)}, entry)
         print(f"\nre-ranker written: {', '.join(map(str, written))}: {entry}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

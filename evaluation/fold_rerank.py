@@ -53,7 +53,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ..core.files import atomic_write
+from ..core.files import atomic_write, images_identity
 from ..core.machine import cpu_description
 from ..core.scoring import set_cosines, set_metrics
 from ..models.data import ImageDataset
@@ -97,7 +97,7 @@ def region_cache(config: TrainConfig, images: Sequence[Path], directory: Path,
     facts = {"backbones": model.backbones, "taps": model.taps, "grid_taps": model.grid_taps,
              "grid": model.grid, "pooling": model.pooling, "size": model.input_size,
              "stages": REGION_STAGES, "locations": LOCATIONS,
-             "images": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in images]}
+             "images": images_identity(images)}
     key = hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
     path = directory / f"regions-{key}.safetensors"
     if path.is_file():

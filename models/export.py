@@ -23,7 +23,7 @@ import numpy as np
 
 from ..core.files import atomic_write, files_sha256
 from .errors import BundleError, EngineError
-from .model import CALIBRATION_FILE, REGIONS_FILE, Model
+from .model import CALIBRATION_FILE, COHORT_FILE, REGIONS_FILE, Model
 from .runtime import VERIFY_IMAGES, ort_runner, quiet, reference_images, torch_runner, verify
 from .serving import (
     EXPLAIN_FACTS,
@@ -354,10 +354,10 @@ def export_serving_model(
 
 
 def _export_extras_into(model: Model, out: Path, cache_dir: str | Path | None) -> None:
-    """Copy the exact explanation's files and the re-ranker's into the export, so the
-    torch-free service explains exactly and re-ranks; a model outside the exact family gets
-    no explanation files (it will explain by occlusion, and says so), one without learned
-    regions no re-ranker."""
+    """Copy the exact explanation's files and the re-ranker's (with its cohort) into the
+    export, so the torch-free service explains exactly and re-ranks; a model outside the
+    exact family gets no explanation files (it will explain by occlusion, and says so), one
+    without learned regions no re-ranker."""
     for files, names, missing in (
             (explain_files, (EXPLAIN_ONNX, EXPLAIN_FACTS), "no exact explanation for %s (it "
              "will use occlusion): %s"),
@@ -373,6 +373,10 @@ def _export_extras_into(model: Model, out: Path, cache_dir: str | Path | None) -
             if made[0].parent != out:
                 for source, name in zip(made, names, strict=True):
                     atomic_write(out / name, lambda target, s=source: shutil.copyfile(s, target))
+    # The re-ranked pair score's cohort is data, not a conversion: copied as it is.
+    cohort = model.path / COHORT_FILE if model.path is not None else None
+    if cohort is not None and cohort.is_file() and cohort.parent != out:
+        atomic_write(out / COHORT_FILE, lambda target: shutil.copyfile(cohort, target))
 
 
 def _portable(value: Any) -> Any:

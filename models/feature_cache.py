@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ..core.files import atomic_write
+from ..core.files import atomic_write, images_identity
 from .data import Augment, ImageDataset
 from .device import autocast
 from .network import EmbeddingNet, FrozenPart
@@ -46,7 +46,7 @@ class FeatureCache:
             "grid_taps": model.grid_taps, "grid": model.grid,
             "size": model.input_size, "view": view,
             "augment": [config.seed, config.crop_scale, config.flip, config.jitter] if view else [],
-            "images": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in images],
+            "images": images_identity(images),
         }
         if trainable:
             facts["trainable"] = trainable

@@ -21,8 +21,8 @@ from ..core.files import atomic_write
 from .errors import BundleError
 
 __all__ = [
-    "CALIBRATION_FILE", "DEDUP_KEY", "REGIONS_FILE", "RERANK_KEY", "Model", "ModelFacts",
-    "load_calibration", "update_calibration",
+    "CALIBRATION_FILE", "COHORT_FILE", "DEDUP_KEY", "REGIONS_FILE", "RERANK_KEY", "Model",
+    "ModelFacts", "load_calibration", "update_calibration",
 ]
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,9 @@ for the same reason."""
 REGIONS_FILE = "regions.safetensors"
 """A bundle's learned region map (:mod:`.regions_net`), trained for its weights after the
 fact like its calibration, and likewise outside the fingerprinted files."""
+COHORT_FILE = "cohort.safetensors"
+"""A bundle's cohort (:mod:`.cohort`): its unit embeddings of the images it was trained on,
+against which the re-ranked pair score corrects hubness; outside the fingerprinted files too."""
 
 
 @dataclass(frozen=True)
@@ -129,13 +132,15 @@ def _check_rerank(file: Path, rerank: Any) -> None:
     verification = rerank.get("verification", {}) if isinstance(rerank, dict) else None
     valid = isinstance(verification, dict) and (not verification or all(
         isinstance(verification.get(k), int | float) for k in ("weight", "threshold",
-                                                                "target_far")))
+                                                                "target_far"))) and \
+        isinstance(verification.get("hubness_k", 0), int) and \
+        0 <= verification.get("hubness_k", 0) <= 10_000
     if not isinstance(weight, int | float) or not 0.0 <= weight <= 10.0 or not valid:
         raise BundleError(
             f"{file} has a damaged {RERANK_KEY!r} entry ({rerank!r}): it needs a 'weight' in "
             "[0, 10] (and a 'verification' entry, if any, its 'weight', 'threshold' and "
-            "'target_far'); delete the entry or measure it again (benchmarks/RESULTS.md, "
-            "issue 14)")
+            "'target_far', and a 'hubness_k' in [0, 10000] if any); delete the entry or "
+            "measure it again (benchmarks/RESULTS.md, issue 14)")
 
 
 def update_calibration(directory: Path, fingerprint: str, values: dict[str, Any]) -> Path:

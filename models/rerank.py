@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..core.scoring import unit
+from .cohort import Cohort
 from .embedder import Embedder
 from .errors import EngineError
 from .export import conversion_dir
@@ -48,13 +49,15 @@ REGIONS = "learned-7x7"
 @dataclass(frozen=True)
 class VerificationSpec:
     """The re-ranked pair score's calibration (``/compare`` with ``rerank``): its own
-    ``weight`` (best by AUC) and the ``threshold`` at ``target_far``, fitted on out-of-fold
-    scores; ``entry`` is how it was measured."""
+    ``weight`` (best by AUC), the ``hubness_k`` of its hubness correction against the model's
+    cohort (:mod:`.cohort`; 0: none) and the ``threshold`` at ``target_far``, fitted on
+    out-of-fold scores; ``entry`` is how it was measured."""
 
     weight: float
     threshold: float
     target_far: float
     entry: dict[str, Any]
+    hubness_k: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,8 @@ class RerankSpec:
                 "--write-rerank MODEL_DIR)")
         found = entry.get("verification")
         verification = None if found is None else VerificationSpec(
-            float(found["weight"]), float(found["threshold"]), float(found["target_far"]), found)
+            float(found["weight"]), float(found["threshold"]), float(found["target_far"]), found,
+            int(found.get("hubness_k", 0)))
         return cls(float(entry["weight"]), verification)
 
 
@@ -122,6 +126,7 @@ class Reranker:
         self.spec = spec
         self._run = run
         self._lock = threading.Lock()
+        self._cohort: Cohort | None = None
 
     def describe(self, batch: np.ndarray) -> np.ndarray:
         """``(B, 3, S, S)`` preprocessed images -> ``(B, D + L * d)`` descriptions."""
@@ -148,15 +153,31 @@ class Reranker:
         return (self.cosines(query, candidates) + self.spec.weight * late).astype(np.float32)
 
     def pair_score(self, a: np.ndarray, b: np.ndarray) -> tuple[float, VerificationSpec]:
-        """The calibrated pair score of two descriptions (``a`` the query side), and the
-        calibration it is judged by; a clear error when the model has none."""
+        """The calibrated pair score of two descriptions (``a`` the query side): cosine plus
+        weight x MaxSim, minus half of each image's hubness when the calibration corrects it;
+        and the calibration it is judged by. A clear error when the model has none."""
         verification = self.spec.verification
         if verification is None:
             raise EngineError(
                 f"model {self.source.bundle.name!r} has a re-ranker for candidate sets but no "
                 "calibrated pair score ('verification' in its re-ranker entry)")
         late = maxsim(self.regions(a), self.regions(b)[None])[0]
-        return float(self.cosines(a, b[None])[0] + verification.weight * late), verification
+        score = float(self.cosines(a, b[None])[0] + verification.weight * late)
+        if verification.hubness_k:
+            dim = self.layout.embedding_dim
+            hubs = self.cohort().hubness(np.stack([a[:dim], b[:dim]]), verification.hubness_k)
+            score -= 0.5 * float(hubs.sum())
+        return score, verification
+
+    def cohort(self) -> Cohort:
+        """The model's cohort, loaded on first use (only the pair score needs it)."""
+        with self._lock:
+            if self._cohort is None:
+                model = self.source.bundle
+                if model.path is None:
+                    raise EngineError(f"model {model.name!r} has no directory, so no cohort")
+                self._cohort = Cohort.load(model.path, model.fingerprint, self.layout.embedding_dim)
+            return self._cohort
 
     def embedder(self) -> Embedder:
         """An embedder over the same model and preprocessing whose output is descriptions."""

@@ -165,7 +165,8 @@ class CompareResponse(BaseModel):
     score: float = Field(ge=-1.0, le=1.0, description="Cosine similarity of the two images.")
     rerank_score: float | None = Field(
         None, description="With rerank=true: the re-ranked pair score, cosine + weight x MaxSim "
-        "over learned regions, which same and threshold then apply to.")
+        "over learned regions minus half of each image's hubness against the model's cohort "
+        "(calibration.hubness_k nearest; 0: none), which same and threshold then apply to.")
     same: bool = Field(description="score (rerank_score when re-ranked) >= threshold: the two "
                        "look alike.")
     threshold: float

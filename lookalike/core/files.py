@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "file_sha256",
     "files_sha256",
     "fsync_dir",
+    "images_identity",
 ]
 
 #: Image file name suffixes (lower case) in the order a key without one is looked up.
@@ -69,6 +70,13 @@ def fsync_dir(directory: str | Path) -> None:
 def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes, read in chunks (never the whole file in memory)."""
     return files_sha256(path, chunk_size=chunk_size)
+
+
+def images_identity(paths: Sequence[str | Path]) -> list[tuple[str, str]]:
+    """``(path, sha256 of its bytes)`` per image, for a cache key: by content, not by size and
+    modification time, so a data set copied or unpacked again (new mtimes, same bytes) keeps
+    its caches, and an image edited in place (same size and mtime) does not."""
+    return [(str(path), file_sha256(path)) for path in paths]
 
 
 def files_sha256(*paths: str | Path, chunk_size: int = 1 << 20) -> str:

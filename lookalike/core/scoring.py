@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["CandidateSetEvaluator", "Evaluator", "answer_ranks", "candidate_metrics",
-           "score_candidate_sets", "set_cosines", "set_metrics", "unit"]
+           "hubness", "score_candidate_sets", "set_cosines", "set_metrics", "unit"]
 
 
 def answer_ranks(scores: Sequence[np.ndarray], answers: Sequence[int]) -> np.ndarray:
@@ -78,3 +78,17 @@ class CandidateSetEvaluator:
 def unit(x: np.ndarray) -> np.ndarray:
     """``x`` scaled to unit length along its last axis (any shape; zero vectors stay zero)."""
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def hubness(vectors: np.ndarray, cohort: np.ndarray, k: int) -> np.ndarray:
+    """``(M, D)`` unit vectors, ``(N, D)`` unit cohort -> ``(M,)``: each vector's mean cosine
+    to its ``k`` nearest cohort vectors.
+
+    Some images ("hubs") are close to many others, so any pair with one of them scores high.
+    A pair score minus half of each side's hubness (CSLS, Lample et al. 2018) puts every pair
+    on the same footing; one threshold then suits all of them (issue 14: +0.006 ROC-AUC and
+    +0.025 true-match rate at 1% false matches on top of the learned re-ranker, out of fold).
+    """
+    sims = np.asarray(vectors, np.float32) @ np.asarray(cohort, np.float32).T
+    k = min(int(k), sims.shape[1])
+    return np.partition(sims, sims.shape[1] - k, axis=1)[:, -k:].mean(axis=1)

@@ -6,8 +6,9 @@ one falls back to the service's ``compare_threshold`` and says so (``calibrated:
 
 With ``rerank=true`` (both images uploaded; a model with a calibrated re-ranker, such as
 ``accurate``) the verdict is on the re-ranked pair score instead, ``cosine + weight x MaxSim``
-over learned regions, at its own threshold fitted on out-of-fold scores (issue 14: ROC-AUC
-+0.011 over the cosine in 5-fold cross-validation).
+over learned regions, minus half of each image's hubness against the model's cohort when its
+calibration says so, at its own threshold fitted on out-of-fold scores (issue 14; the figures
+are in ``calibration`` of the response).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ async def compare(
     key_b: KeyOpt = None,
     rerank: Annotated[bool, Form(description=(
         "Judge by the model's calibrated re-ranked pair score (cosine + weight x MaxSim over "
-        "learned regions, image_a's regions to image_b's) at its own threshold; both images "
+        "learned regions, image_a's regions to image_b's, minus half of each image's hubness: "
+        "its mean cosine to its nearest training images) at its own threshold; both images "
         "uploaded."))] = False,
 ) -> CompareResponse:
     started = time.perf_counter()

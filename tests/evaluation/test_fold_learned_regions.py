@@ -1,6 +1,8 @@
 """Trained region late interaction on the CV folds (issue 14): a fold trains only on pairs that
-share no image with it; the shipped entry reports out-of-fold figures and the weight best over
-all folds; shipping writes the map and the entry into a bundle, which then re-ranks."""
+share no image with it; the shipped entry reports out-of-fold figures and the weight (and
+hubness k) best over all folds; the hubness correction is the pair score's; shipping writes
+the map, the cohort (the bundle's own embeddings) and the entry into a bundle, which then
+re-ranks."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from lookalike.core.scoring import unit
 from lookalike.evaluation.fold_learned_regions import (
+    corrected_pairs,
     fold_training_pairs,
     multiscale,
     rerank_entry,
@@ -19,6 +23,7 @@ from lookalike.evaluation.fold_learned_regions import (
     verification_entry,
 )
 from lookalike.evaluation.fold_rerank import Fold
+from lookalike.models.cohort import Cohort
 from lookalike.models.embedder import Embedder
 from lookalike.models.model import RERANK_KEY
 from lookalike.models.network import stage_channels
@@ -70,13 +75,22 @@ def test_ship_writes_a_map_and_entry_the_bundle_reranks_with(
     region_map = RegionMap(rng.normal(size=(8, channels)).astype(np.float32),
                            np.zeros(channels, np.float32), np.ones(channels, np.float32), stages)
     entry = {"weight": 0.5, "regions": REGIONS, "top1": 0.6}
-    written = ship(copy, region_map, entry)
-    assert [p.name for p in written] == ["regions.safetensors", "calibration.json"]
+    model = resolve_model(str(copy), cache_dir)
+    embedder = Embedder(model, "torch")
+    images = np.stack([embedder.load_file(p)[0] for p in sorted((demo_dir / "left").glob(
+        "*.jpg"))[:3]])
+    with torch.no_grad():
+        features = model.torch_net().features(torch.from_numpy(images)).double().numpy()
+    written = ship(copy, region_map, features, {"images": 3}, entry)
+    assert [p.name for p in written] == ["regions.safetensors", "cohort.safetensors",
+                                         "calibration.json"]
     embedder = Embedder(resolve_model(str(copy), cache_dir), "torch")
     assert embedder.bundle.calibration[RERANK_KEY] == entry
+    cohort = Cohort.load(copy, model.fingerprint, embedder.dim)
+    assert cohort.facts == {"images": 3}
+    np.testing.assert_allclose(cohort.vectors, embedder.embed_arrays(images), atol=2e-3)
     reranker = reranker_for(embedder)
-    image = embedder.load_file(next((demo_dir / "left").glob("*.jpg")))[0][None]
-    described = reranker.describe(image)
+    described = reranker.describe(images[:1])
     assert reranker.scores(described[0], described) == pytest.approx([1.5], abs=1e-5)
 
 
@@ -94,10 +108,43 @@ def test_verification_entry_fits_the_threshold_on_the_pooled_out_of_fold_scores(
         late[np.diag_indices(12)] = 1.0
         cosines.append(cosine)
         lates.append(late)
-    entry = verification_entry(cosines, lates, (0.0, 1.0))
+    entry = verification_entry({0: cosines}, lates, (0.0, 1.0))
     assert entry["weight"] == 1.0 and entry["nested_weights"] == [1.0] * 3
+    assert entry["hubness_k"] == 0 and entry["nested_hubness_k"] == [0] * 3
     assert entry["auc"] == 1.0 and entry["auc_gain"] > 0
     assert entry["positives"] == 36 and entry["negatives"] == 3 * 132
     assert entry["far"] <= 0.01 and entry["tpr"] == 1.0
     negatives = np.sort(np.concatenate([c[~np.eye(12, dtype=bool)] for c in cosines]))[::-1]
     assert negatives[3] < entry["threshold"] <= negatives[2] <= 1.6  # 3 of 396 let through
+
+
+def test_verification_entry_chooses_the_hubness_k_that_wins_out_of_fold() -> None:
+    """A hub (query 0 close to every image) puts its non-matching pairs above the matching
+    ones; the corrected scores (k=5) rank them below, so k=5 is chosen in every fold."""
+    plain, fixed = [], []
+    for _ in range(3):
+        cosine = np.full((10, 10), 0.2)
+        cosine[np.diag_indices(10)] = 0.6
+        cosine[0, :] = 0.8
+        cosine[0, 0] = 0.9
+        plain.append(cosine)
+        fixed.append(cosine - 0.5 * np.where(np.arange(10) == 0, 0.8, 0.2)[:, None])
+    entry = verification_entry({0: plain, 5: fixed}, [np.zeros((10, 10))] * 3, (0.0,))
+    assert entry["hubness_k"] == 5 and entry["nested_hubness_k"] == [5] * 3
+    assert entry["auc"] == 1.0 > entry["auc"] - entry["auc_gain"]
+
+
+def test_corrected_pairs_subtract_half_of_each_sides_hubness() -> None:
+    """As the served pair score: cosine - (hub(query) + hub(match)) / 2, each hub the mean
+    cosine to the k nearest cohort vectors; k=0 leaves the cosines alone."""
+    rng = np.random.default_rng(1)
+    vectors, cohort = unit(rng.normal(size=(6, 8))), unit(rng.normal(size=(30, 8)))
+    queries, candidates = np.array([0, 1, 2]), np.array([[3, 4], [5, 3], [4, 5]])
+    fold = Fold(1, np.arange(6), vectors, queries, candidates, np.array([0, 1, 1]), head=None)
+    truth = np.array([3, 3, 5])
+    cosines = vectors[queries] @ vectors[truth].T
+    hub = [np.sort(cohort @ v)[-4:].mean() for v in vectors]
+    expected = [[cosines[i, j] - 0.5 * (hub[q] + hub[t]) for j, t in enumerate(truth)]
+                for i, q in enumerate(queries)]
+    np.testing.assert_allclose(corrected_pairs(fold, cosines, cohort, 4), expected, atol=1e-6)
+    assert corrected_pairs(fold, cosines, cohort, 0) is cosines

@@ -3,7 +3,7 @@ channels carry a pair's likeness, so held-out pairs (new identities) match bette
 training; the describe network is the model's own embedding followed by the map of its stage
 maps pooled to 7 x 7 (checked against adaptive pooling and NumPy); a region map round-trips
 and refuses damage and other weights; the ONNX export describes as PyTorch does, torch-free
-from a serving model too."""
+from a serving model too, which carries the cohort."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lookalike.models.cohort import Cohort
 from lookalike.models.embedder import Embedder
 from lookalike.models.errors import BundleError
 from lookalike.models.export import export_serving_model
@@ -89,6 +90,8 @@ def default_copy(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> P
                            mean.astype(np.float32), scale.astype(np.float32), stages,
                            facts={"test": True})
     region_map.save(copy, source.fingerprint)
+    Cohort(unit(rng.normal(size=(10, source.facts.embedding_dim))).astype(np.float32)).save(
+        copy, source.fingerprint)
     update_calibration(copy, source.fingerprint, {RERANK_KEY: {"weight": 1.0,
                                                                "regions": REGIONS}})
     return copy
@@ -167,6 +170,9 @@ def test_onnx_describes_as_pytorch_does_and_travels_in_the_serving_export(
     assert by_onnx.describe(images[:0]).shape == (0, layout.width)
     serving = export_serving_model(model, tmp_path / "serving", cache_dir, int8=False)
     assert (serving.path / RERANK_ONNX).is_file()
+    np.testing.assert_array_equal(  # the pair score's cohort travels too
+        Cohort.load(serving.path, serving.fingerprint, layout.embedding_dim).vectors,
+        Cohort.load(default_copy, model.fingerprint, layout.embedding_dim).vectors)
     by_serving = reranker_for(Embedder(serving, "onnx"), None)
     np.testing.assert_allclose(by_serving.describe(images), expected, atol=1e-4)
     scores = by_onnx.scores(expected[0], expected[1:])

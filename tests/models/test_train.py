@@ -32,10 +32,11 @@ def make_config(pairs_file: Path, demo_dir: Path, tmp_path_factory: pytest.TempP
             pairs=pairs_file, left_dir=demo_dir / "left", right_dir=demo_dir / "right",
             foils=5, taps=[6, 7], head=[32], views=2, epochs=3, batch_size=8, lr=1e-2,
             patience=10, out=out, progress=False,
+            # Every run here caches the same features: computed once, shared by the module.
+            feature_cache=shared,
         )
         values.update(changes)
-        # Every run here caches the same features: computed once, shared by the module.
-        return TrainConfig(**values, feature_cache=shared)
+        return TrainConfig(**values)
 
     return make
 
@@ -211,3 +212,31 @@ def test_the_shipped_models_are_what_their_recipes_make(tmp_path: Path, name: st
         config = json.loads((shipped_path / "config.json").read_text())
         assert sorted(config["offline_trunks"]) == ["0", "1"]
         assert size < 8_000_000
+
+
+def test_feature_cache_survives_a_data_set_copied_again(make_config, demo_dir: Path,
+                                                        tmp_path: Path) -> None:
+    """The cache is keyed on the images' bytes: new mtimes (a data set unpacked again) reuse
+    it, an edited image makes a new one."""
+    import os
+    import shutil
+
+    from lookalike.models.feature_cache import FeatureCache
+    from lookalike.models.network import EmbeddingNet
+
+    images = []
+    for source in sorted((demo_dir / "left").iterdir())[:3]:
+        images.append(tmp_path / source.name)
+        shutil.copy(source, images[-1])
+    config = make_config(tmp_path / "model", feature_cache=tmp_path / "cache")
+    cache = FeatureCache(EmbeddingNet(config.model_config(), pretrained=False), config,
+                         torch.device("cpu"))
+    first = cache.get(images, 1, "probe")
+    files = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+    for image in images:
+        os.utime(image, ns=(0, 10**18))
+    torch.testing.assert_close(cache.get(images, 1, "probe"), first)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == files
+    shutil.copy(demo_dir / "right" / sorted(os.listdir(demo_dir / "right"))[0], images[0])
+    cache.get(images, 1, "probe")
+    assert len(list((tmp_path / "cache").iterdir())) == 2

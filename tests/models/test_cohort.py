@@ -1,0 +1,82 @@
+"""The re-ranked pair score's cohort (issue 14): hubness is the mean cosine to the k nearest
+cohort vectors; a cohort round-trips and refuses damage, other weights and other widths; the
+pair score subtracts half of each side's hubness; the shipped accurate model carries its
+cohort of the 3,000 training images."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lookalike.core.scoring import hubness, unit
+from lookalike.models.cohort import Cohort
+from lookalike.models.embedder import Embedder
+from lookalike.models.errors import BundleError
+from lookalike.models.model import COHORT_FILE
+from lookalike.models.rerank import Reranker, maxsim, reranker_for
+from lookalike.models.resolve import resolve_model
+
+
+def test_hubness_is_the_mean_of_the_k_nearest_cosines() -> None:
+    rng = np.random.default_rng(0)
+    vectors, cohort = unit(rng.normal(size=(5, 8))), unit(rng.normal(size=(40, 8)))
+    expected = [np.sort(cohort @ v)[::-1][:7].mean() for v in vectors]
+    np.testing.assert_allclose(hubness(vectors, cohort, 7), expected, atol=1e-6)
+    np.testing.assert_allclose(hubness(vectors, cohort, 100), (vectors @ cohort.T).mean(axis=1),
+                               atol=1e-6)
+
+
+def test_a_cohort_round_trips_and_refuses_damage_other_weights_and_widths(
+    tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(1)
+    vectors = unit(rng.normal(size=(20, 8))).astype(np.float32)
+    Cohort(vectors, {"images": 20}).save(tmp_path, "a" * 64)
+    loaded = Cohort.load(tmp_path, "a" * 64, 8)
+    assert loaded.facts == {"images": 20}
+    np.testing.assert_allclose(loaded.vectors, vectors, atol=2e-3)
+    with pytest.raises(BundleError, match="embedded by other weights"):
+        Cohort.load(tmp_path, "b" * 64, 8)
+    with pytest.raises(BundleError, match=r"needs \(N, 16\)"):
+        Cohort.load(tmp_path, "a" * 64, 16)
+    (tmp_path / COHORT_FILE).write_bytes((tmp_path / COHORT_FILE).read_bytes()[:50])
+    with pytest.raises(BundleError, match="damaged"):
+        Cohort.load(tmp_path, "a" * 64, 8)
+    with pytest.raises(BundleError, match="no cohort.*fold_learned_regions"):
+        Cohort.load(tmp_path / "missing", "a" * 64, 8)
+
+
+@pytest.fixture(scope="module")
+def accurate(cache_dir: Path) -> Embedder:
+    return Embedder(resolve_model("accurate", cache_dir))
+
+
+def test_the_accurate_model_ships_its_cohort(accurate: Embedder) -> None:
+    model = accurate.bundle
+    cohort = Cohort.load(model.path, model.fingerprint, accurate.dim)
+    assert cohort.vectors.shape == (3000, accurate.dim) and cohort.facts["images"] == 3000
+    verification = model.calibration["rerank"]["verification"]
+    assert verification["hubness_k"] in (0, 5, 10, 20, 50)
+
+
+def test_the_pair_score_subtracts_half_of_each_sides_hubness(
+    accurate: Embedder, cache_dir: Path, demo_dir: Path
+) -> None:
+    """Computed here from the descriptions and the cohort file, for a correction of k=20 and
+    none: cosine + weight x MaxSim - (hub(a) + hub(b)) / 2."""
+    reranker = reranker_for(accurate, cache_dir)
+    paths = sorted((demo_dir / "left").glob("*.jpg"))[:2]
+    a, b = reranker.describe(np.stack([accurate.load_file(p)[0] for p in paths]))
+    dim, cohort = accurate.dim, reranker.cohort().vectors
+    spec = reranker.spec.verification
+    plain = a[:dim] @ b[:dim] + spec.weight * maxsim(reranker.regions(a),
+                                                     reranker.regions(b)[None])[0]
+    for k in (0, 20):
+        hubs = [np.sort(cohort @ v[:dim])[-k:].mean() if k else 0.0 for v in (a, b)]
+        changed = dataclasses.replace(reranker.spec,
+                                      verification=dataclasses.replace(spec, hubness_k=k))
+        score, _ = Reranker(accurate, reranker.describe, reranker.layout, changed).pair_score(a, b)
+        assert score == pytest.approx(plain - 0.5 * sum(hubs), abs=1e-4)
