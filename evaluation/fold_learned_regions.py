@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.scoring import hubness, set_metrics, unit
+from ..core.scoring import set_metrics
 from ..models.network import stage_channels
 from ..models.regions_net import (
     LOCATIONS,
@@ -49,10 +49,12 @@ from .crossval import mean_se
 from .fold_rerank import (
     LAMBDAS,
     Fold,
-    Head,
+    bundle_cohort,
     cached_features,
     cell,
+    corrected_pairs,
     figures,
+    fold_cohort,
     load_folds,
     machine,
     nested,
@@ -117,16 +119,6 @@ def rerank_entry(cosines: list[np.ndarray], lates: list[np.ndarray], answers: li
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}
 
 
-def corrected_pairs(fold: Fold, cosines: np.ndarray, cohort: np.ndarray, k: int) -> np.ndarray:
-    """A fold's :func:`pair_matrix` cosines minus half of each side's hubness against
-    ``cohort`` (its ``k`` nearest; ``k`` 0: unchanged), as :meth:`Reranker.pair_score` does."""
-    if not k:
-        return cosines
-    hub = hubness(fold.vectors, cohort, k)
-    truth = fold.candidates[np.arange(len(fold.answers)), fold.answers]
-    return cosines - 0.5 * (hub[fold.queries][:, None] + hub[truth][None, :])
-
-
 def verification_entry(cosines: dict[int, list[np.ndarray]], lates: list[np.ndarray],
                        lambdas: Sequence[float] = WEIGHTS, far: float = 0.01
                        ) -> dict[str, object]:
@@ -161,21 +153,18 @@ def verification_entry(cosines: dict[int, list[np.ndarray]], lates: list[np.ndar
             for k, v in entry.items()}
 
 
-def ship(model_dir: Path, region_map: RegionMap, features: np.ndarray, facts: dict[str, object],
-         entry: dict[str, object]) -> list[Path]:
+def ship(model_dir: Path, region_map: RegionMap, features: np.ndarray, config: TrainConfig,
+         recipe: Path, entry: dict[str, object]) -> list[Path]:
     """Write the region map and the cohort (the bundle's embeddings of the training images'
     cached ``features``, as each fold's cohort was made) beside the bundle, and merge
     ``entry`` into its ``calibration.json`` under ``rerank``: all name its fingerprint."""
-    from ..models.bundle import WEIGHTS_FILE
-    from ..models.cohort import Cohort
     from ..models.model import RERANK_KEY, update_calibration
     from ..models.resolve import default_cache_dir, resolve_model
 
     model = resolve_model(str(model_dir), default_cache_dir())
-    cohort = Cohort(Head.load(Path(model_dir) / WEIGHTS_FILE).embed(features).astype(np.float32),
-                    facts)
     return [region_map.save(model_dir, model.fingerprint),
-            cohort.save(model_dir, model.fingerprint),
+            bundle_cohort(model_dir, features, config, recipe).save(model_dir,
+                                                                     model.fingerprint),
             update_calibration(model_dir, model.fingerprint, {RERANK_KEY: entry})]
 
 
@@ -244,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     corrected: dict[int, list[np.ndarray]] = {k: [] for k in (0, *args.hubness_k)}
     lates, pair_lates, answers = [], [], []
     for fold in folds:
-        cohort = unit(fold.head.embed(np.delete(features, fold.rows, axis=0)))
+        cohort = fold_cohort(fold, features)
         regions = [project(train_region_map(tokens, fold_training_pairs(pairs, fold), args.dim,
                                             args.epochs, args.temperature, args.weight_decay,
                                             batch_size=args.batch_size,
@@ -335,9 +324,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         entry["verification"] = verification
         entry["measured_on"] = {"cv_dir": str(args.cv_dir), "folds": len(folds),
                                 "pairs_file": str(config.pairs), "machine": machine(), **facts}
-        written = ship(args.write_rerank, region_map, features, {
-            "images": len(data.images), "pairs_file": str(config.pairs),
-            "recipe": str(args.config)}, entry)
+        written = ship(args.write_rerank, region_map, features, config, args.config, entry)
         print(f"\nre-ranker written: {', '.join(map(str, written))}: {entry}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,8 @@ from tqdm import tqdm
 
 from ..core.files import atomic_write, images_identity
 from ..core.machine import cpu_description
-from ..core.scoring import set_cosines, set_metrics
+from ..core.scoring import hubness, set_cosines, set_metrics
+from ..models.cohort import Cohort
 from ..models.data import ImageDataset
 from ..models.feature_cache import FeatureCache
 from ..models.network import EmbeddingNet, stage_channels
@@ -404,6 +405,34 @@ def nested_verification(cosines: list[np.ndarray], lates: list[np.ndarray],
     """For each fold (its ``(N, N)`` pair matrices), ``lam`` best by mean AUC on the other
     folds, and the fold's verification figures for ``cosine + lam * late`` at that ``lam``."""
     return pick_nested(pair_table(cosines, lates, lambdas), lambdas, "auc")
+
+
+def fold_cohort(fold: Fold, features: np.ndarray) -> np.ndarray:
+    """The fold model's unit embeddings of the images it trained on (every image outside the
+    fold): the cohort its pair scores are corrected against, as a shipped model's is its
+    training images (:func:`bundle_cohort`); stored as a bundle stores it."""
+    return Cohort.as_stored(fold.head.embed(np.delete(features, fold.rows, axis=0)))
+
+
+def corrected_pairs(fold: Fold, cosines: np.ndarray, cohort: np.ndarray, k: int) -> np.ndarray:
+    """A fold's :func:`pair_matrix` cosines minus half of each side's hubness against
+    ``cohort`` (its ``k`` nearest; ``k`` 0: unchanged), as the served pair scores do."""
+    if not k:
+        return cosines
+    hub = hubness(fold.vectors, cohort, k)
+    truth = fold.candidates[np.arange(len(fold.answers)), fold.answers]
+    return cosines - 0.5 * (hub[fold.queries][:, None] + hub[truth][None, :])
+
+
+def bundle_cohort(model_dir: Path, features: np.ndarray, config: TrainConfig,
+                  recipe: Path) -> Cohort:
+    """A bundle's cohort: its own embeddings (its trained head on the cached trunk ``features``
+    of the training images of ``config``, as each fold's cohort is made)."""
+    from ..models.bundle import WEIGHTS_FILE
+
+    vectors = Head.load(Path(model_dir) / WEIGHTS_FILE).embed(features)
+    return Cohort(vectors.astype(np.float32), {
+        "images": len(features), "pairs_file": str(config.pairs), "recipe": str(recipe)})
 
 
 def tta_vectors(fold: Fold, features: np.ndarray, mirror: np.ndarray) -> np.ndarray:

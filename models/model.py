@@ -21,8 +21,8 @@ from ..core.files import atomic_write
 from .errors import BundleError
 
 __all__ = [
-    "CALIBRATION_FILE", "COHORT_FILE", "DEDUP_KEY", "REGIONS_FILE", "RERANK_KEY", "Model",
-    "ModelFacts", "load_calibration", "update_calibration",
+    "CALIBRATION_FILE", "COHORT_FILE", "DEDUP_KEY", "HUBNESS_KEY", "REGIONS_FILE", "RERANK_KEY",
+    "Model", "ModelFacts", "load_calibration", "update_calibration",
 ]
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,11 @@ RERANK_KEY = "rerank"
 """The candidate re-ranker measured by cross-validation (``weight`` of the learned regions'
 late interaction added to the cosine, and how it was measured; see :mod:`.rerank`), kept here
 for the same reason."""
+HUBNESS_KEY = "hubness"
+"""The plain pair score's hubness correction (``k`` cohort neighbours, and the ``threshold`` at
+``target_far`` for ``cosine - (hubness(a) + hubness(b)) / 2``, fitted on out-of-fold scores; see
+:mod:`.cohort`). Its own entry with its own threshold, so that a top-level threshold written
+later for the plain cosine never meets a correction it was not fitted with."""
 REGIONS_FILE = "regions.safetensors"
 """A bundle's learned region map (:mod:`.regions_net`), trained for its weights after the
 fact like its calibration, and likewise outside the fingerprinted files."""
@@ -109,6 +114,11 @@ def load_calibration(directory: Path, fingerprint: str) -> dict[str, Any] | None
         _check_dedup(file, calibration[DEDUP_KEY])
     if RERANK_KEY in calibration:
         _check_rerank(file, calibration[RERANK_KEY])
+    if HUBNESS_KEY in calibration:
+        _check_hubness(file, calibration[HUBNESS_KEY])
+        if not (file.parent / COHORT_FILE).is_file():
+            raise BundleError(f"{file} corrects hubness, but the model has no {COHORT_FILE}; "
+                              "measure it again (python -m lookalike.evaluation.fold_hubness)")
     return {**calibration, "threshold": threshold}
 
 
@@ -126,6 +136,19 @@ def _check_dedup(file: Path, dedup: Any) -> None:
             "'lookalike dedup-evaluate --write-calibration'")
 
 
+def _check_hubness(file: Path, hubness: Any) -> None:
+    """Reject a damaged ``hubness`` entry when the model loads, not in a request."""
+    valid = isinstance(hubness, dict) and isinstance(hubness.get("k"), int) and \
+        1 <= hubness["k"] <= 10_000 and all(
+            isinstance(hubness.get(k), int | float) for k in ("threshold", "target_far")) and \
+        -2.0 <= hubness["threshold"] <= 2.0
+    if not valid:
+        raise BundleError(
+            f"{file} has a damaged {HUBNESS_KEY!r} entry ({hubness!r}): it needs a 'k' in "
+            "[1, 10000], a 'threshold' in [-2, 2] and a 'target_far'; delete the entry or "
+            "measure it again (python -m lookalike.evaluation.fold_hubness)")
+
+
 def _check_rerank(file: Path, rerank: Any) -> None:
     """Reject a damaged ``rerank`` entry when the model loads, not in a request."""
     weight = rerank.get("weight") if isinstance(rerank, dict) else None
@@ -141,6 +164,11 @@ def _check_rerank(file: Path, rerank: Any) -> None:
             "[0, 10] (and a 'verification' entry, if any, its 'weight', 'threshold' and "
             "'target_far', and a 'hubness_k' in [0, 10000] if any); delete the entry or "
             "measure it again (benchmarks/RESULTS.md, issue 14)")
+    if verification and verification.get("hubness_k", 0) and \
+            not (file.parent / COHORT_FILE).is_file():
+        raise BundleError(f"{file}: the re-ranked pair score corrects hubness, but the model has "
+                          f"no {COHORT_FILE}; measure it again (python -m "
+                          "lookalike.evaluation.fold_learned_regions --write-rerank MODEL_DIR)")
 
 
 def update_calibration(directory: Path, fingerprint: str, values: dict[str, Any]) -> Path:

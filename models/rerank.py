@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..core.scoring import unit
-from .cohort import Cohort
+from .cohort import Cohort, cohort_of
 from .embedder import Embedder
 from .errors import EngineError
 from .export import conversion_dir
@@ -126,7 +126,6 @@ class Reranker:
         self.spec = spec
         self._run = run
         self._lock = threading.Lock()
-        self._cohort: Cohort | None = None
 
     def describe(self, batch: np.ndarray) -> np.ndarray:
         """``(B, 3, S, S)`` preprocessed images -> ``(B, D + L * d)`` descriptions."""
@@ -171,13 +170,7 @@ class Reranker:
 
     def cohort(self) -> Cohort:
         """The model's cohort, loaded on first use (only the pair score needs it)."""
-        with self._lock:
-            if self._cohort is None:
-                model = self.source.bundle
-                if model.path is None:
-                    raise EngineError(f"model {model.name!r} has no directory, so no cohort")
-                self._cohort = Cohort.load(model.path, model.fingerprint, self.layout.embedding_dim)
-            return self._cohort
+        return cohort_of(self.source.bundle, self.layout.embedding_dim)
 
     def embedder(self) -> Embedder:
         """An embedder over the same model and preprocessing whose output is descriptions."""

@@ -167,8 +167,11 @@ class CompareResponse(BaseModel):
         None, description="With rerank=true: the re-ranked pair score, cosine + weight x MaxSim "
         "over learned regions minus half of each image's hubness against the model's cohort "
         "(calibration.hubness_k nearest; 0: none), which same and threshold then apply to.")
-    same: bool = Field(description="score (rerank_score when re-ranked) >= threshold: the two "
-                       "look alike.")
+    verdict_score: float = Field(
+        description="The score same and threshold apply to: rerank_score when re-ranked; else, "
+        "when the model's calibration corrects hubness, score minus half of each image's "
+        "hubness (its mean cosine to its nearest training images); else score.")
+    same: bool = Field(description="verdict_score >= threshold: the two look alike.")
     threshold: float
     calibrated: bool = Field(
         description="True: the threshold comes from the model's calibration.json; false: the "

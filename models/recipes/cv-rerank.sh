@@ -46,3 +46,12 @@ $PYTHON -m lookalike.evaluation.fold_rerank --config models/recipes/accurate.tom
 # and threshold) best over all folds, with the out-of-fold figures, into its calibration.json.
 $PYTHON -m lookalike.evaluation.fold_learned_regions --config models/recipes/accurate.toml \
   --cv-dir "$OUT/e30-lite01/model.work/cv" --write-rerank models/accurate
+# Seventh session: the plain pair score's hubness correction (/compare), per model, on its own
+# recipe's folds: the default's CV row with its fold models kept (60 epochs, as shipped), then
+# the cohort and the calibration entry 'hubness' of each model.
+$LOOKALIKE train --config "$RECIPE" --cv 5 --out "$OUT/default/model" --no-progress \
+  --keep-fold-models
+$PYTHON -m lookalike.evaluation.fold_hubness --config "$RECIPE" \
+  --cv-dir "$OUT/default/model.work/cv" --write-calibration models/default
+$PYTHON -m lookalike.evaluation.fold_hubness --config models/recipes/accurate.toml \
+  --cv-dir "$OUT/e30-lite01/model.work/cv" --write-calibration models/accurate

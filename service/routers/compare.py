@@ -3,6 +3,9 @@
 The verdict uses the model's calibrated threshold (``calibration.json`` in the bundle, written
 by ``lookalike evaluate --write-calibration`` for a chosen false-match rate). A model without
 one falls back to the service's ``compare_threshold`` and says so (``calibrated: false``).
+A model whose calibration has a ``hubness`` entry is judged on ``cosine - (hubness(a) +
+hubness(b)) / 2`` (each image's mean cosine to its ``k`` nearest training images, the model's
+cohort) at that entry's threshold, fitted on out-of-fold scores (issue 14).
 
 With ``rerank=true`` (both images uploaded; a model with a calibrated re-ranker, such as
 ``accurate``) the verdict is on the re-ranked pair score instead, ``cosine + weight x MaxSim``
@@ -20,6 +23,8 @@ import numpy as np
 from fastapi import APIRouter, Form, HTTPException, UploadFile
 
 from ...evaluation.ranking import cosine_scores
+from ...models.cohort import cohort_of
+from ...models.model import HUBNESS_KEY
 from ..deps import ImageOpt, KeyOpt, ServiceState, StateDep, read_upload
 from ..schemas import CompareResponse, error_responses
 
@@ -94,9 +99,16 @@ async def compare(
         score = judged = float(cosine_scores(vectors["a"], vectors["b"][None])[0])
         threshold = (float(calibration["threshold"]) if calibration
                      else state.settings.compare_threshold)
+        hubness = (calibration or {}).get(HUBNESS_KEY)
+        if hubness is not None:
+            cohort = cohort_of(state.embedder.bundle, len(vectors["a"]))
+            hubs = cohort.hubness(np.stack([vectors["a"], vectors["b"]]), hubness["k"])
+            judged = score - 0.5 * float(hubs.sum())
+            threshold, calibration = float(hubness["threshold"]), hubness
     return CompareResponse(
         score=score,
         rerank_score=rerank_score,
+        verdict_score=judged,
         same=judged >= threshold,
         threshold=threshold,
         calibrated=calibration is not None,

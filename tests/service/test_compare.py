@@ -84,7 +84,7 @@ def test_keys_and_a_mix_of_key_and_upload(
     store.close()
     by_keys = client.post("/compare", data={"key_a": key, "key_b": other}).json()
     assert by_keys["score"] == pytest.approx(expected, abs=1e-5)
-    assert by_keys["same"] is (by_keys["score"] >= by_keys["threshold"])
+    assert by_keys["same"] is (by_keys["verdict_score"] >= by_keys["threshold"])
     mixed = client.post(
         "/compare", data={"key_b": other}, files={"image_a": ("a.jpg", data, "image/jpeg")}
     ).json()
@@ -134,6 +134,31 @@ def _pair_files(demo_dir: Path, demo_pairs: list[tuple[str, str]]) -> tuple[list
                    for side, path in zip("ab", paths, strict=True)}
 
 
+def test_a_hubness_entry_judges_the_corrected_cosine(
+    accurate_client: TestClient, demo_dir: Path, demo_pairs: list[tuple[str, str]],
+    cache_dir: Path
+) -> None:
+    """The accurate model's calibration corrects hubness: verdict_score is the cosine minus
+    half of each image's mean cosine to its k nearest cohort vectors (computed here from the
+    cohort file), judged at the entry's own threshold; score stays the cosine."""
+    from lookalike.models.cohort import Cohort
+    from lookalike.models.resolve import resolve_model
+
+    paths, files = _pair_files(demo_dir, demo_pairs)
+    body = accurate_client.post("/compare", files=files).json()
+    model = resolve_model("accurate", cache_dir)
+    embedder = Embedder(model)
+    a, b = embedder.embed_arrays(np.stack([embedder.load_file(p)[0] for p in paths]))
+    entry = model.calibration["hubness"]
+    cohort = Cohort.load(model.path, model.fingerprint, embedder.dim).vectors
+    hubs = [np.sort(cohort @ v)[-entry["k"]:].mean() for v in (a, b)]
+    assert body["score"] == pytest.approx(float(a @ b), abs=1e-4)
+    assert body["verdict_score"] == pytest.approx(float(a @ b) - 0.5 * sum(hubs), abs=1e-4)
+    assert body["threshold"] == entry["threshold"] != model.calibration["threshold"]
+    assert body["same"] is (body["verdict_score"] >= body["threshold"])
+    assert body["calibration"]["k"] == entry["k"] and body["calibration"]["auc_gain"] > 0
+
+
 def test_rerank_judges_the_calibrated_pair_score(
     accurate_client: TestClient, demo_dir: Path, demo_pairs: list[tuple[str, str]],
     cache_dir: Path
@@ -155,6 +180,7 @@ def test_rerank_judges_the_calibrated_pair_score(
     assert body["score"] == pytest.approx(float(a[:embedder.dim] @ b[:embedder.dim]), abs=1e-4)
     assert body["threshold"] == verification.threshold != embedder.bundle.calibration["threshold"]
     assert body["same"] == (expected >= verification.threshold) and body["calibrated"]
+    assert body["verdict_score"] == body["rerank_score"]
     assert body["calibration"]["auc_gain"] > 0
     plain = accurate_client.post("/compare", files=files).json()
     assert plain["rerank_score"] is None and plain["score"] == pytest.approx(body["score"],

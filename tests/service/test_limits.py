@@ -153,9 +153,14 @@ def test_a_slow_but_complete_request_and_keep_alive(settings: Settings, embedder
         sock.sendall(b"GET /health HTTP/1.1\r\n")
         time.sleep(0.5)
         sock.sendall(b"Host: t\r\n\r\n")
-        assert (answer_within(sock, 5) or b"").startswith(b"HTTP/1.1 200")
+        answer = answer_within(sock, 5) or b""
+        assert answer.startswith(b"HTTP/1.1 200")
         started = time.monotonic()
-        assert answer_within(sock, 5) == b"" and time.monotonic() - started < 3
+        # The body may arrive in a segment of its own (seen on a loaded machine); then EOF.
+        while (more := answer_within(sock, 5)):
+            answer += more
+        assert more == b"" and time.monotonic() - started < 3
+        assert answer.endswith(b'{"status":"ok"}')
 
 
 def test_exposed_open_writes_are_refused() -> None:
