@@ -22,9 +22,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Form, HTTPException, UploadFile
 
-from ...evaluation.ranking import cosine_scores
-from ...models.cohort import cohort_of
-from ...models.model import HUBNESS_KEY
+from ...models.verdict import plain_verdict, reranked_verdict
 from ..deps import ImageOpt, KeyOpt, ServiceState, StateDep, read_upload
 from ..schemas import CompareResponse, error_responses
 
@@ -78,8 +76,6 @@ async def compare(
         "uploaded."))] = False,
 ) -> CompareResponse:
     started = time.perf_counter()
-    rerank_score = None
-    calibration = state.embedder.bundle.calibration
     if rerank:
         if key_a is not None or key_b is not None:
             raise HTTPException(422, "rerank=true needs both images uploaded: the store keeps "
@@ -89,29 +85,19 @@ async def compare(
         uploads = {f"image_{side}": await read_upload(upload, state.settings)
                    for side, upload in (("a", image_a), ("b", image_b))}
         reranker, described = await state.describe_named(uploads)
-        a, b = described["image_a"], described["image_b"]
-        score = float(reranker.cosines(a, b[None])[0])
-        rerank_score, verification = reranker.pair_score(a, b)
-        judged, threshold = rerank_score, verification.threshold
-        calibration = verification.entry
+        verdict = reranked_verdict(reranker, described["image_a"], described["image_b"])
     else:
         vectors = await _vectors(state, {"a": (image_a, key_a), "b": (image_b, key_b)})
-        score = judged = float(cosine_scores(vectors["a"], vectors["b"][None])[0])
-        threshold = (float(calibration["threshold"]) if calibration
-                     else state.settings.compare_threshold)
-        hubness = (calibration or {}).get(HUBNESS_KEY)
-        if hubness is not None:
-            cohort = cohort_of(state.embedder.bundle, len(vectors["a"]))
-            hubs = cohort.hubness(np.stack([vectors["a"], vectors["b"]]), hubness["k"])
-            judged = score - 0.5 * float(hubs.sum())
-            threshold, calibration = float(hubness["threshold"]), hubness
+        verdict = plain_verdict(state.embedder.bundle, vectors["a"], vectors["b"],
+                                state.settings.compare_threshold)
+    calibration = verdict.calibration
     return CompareResponse(
-        score=score,
-        rerank_score=rerank_score,
-        verdict_score=judged,
-        same=judged >= threshold,
-        threshold=threshold,
-        calibrated=calibration is not None,
+        score=verdict.score,
+        rerank_score=verdict.rerank_score,
+        verdict_score=verdict.verdict_score,
+        same=verdict.same,
+        threshold=verdict.threshold,
+        calibrated=verdict.calibrated,
         target_far=calibration.get("target_far") if calibration else None,
         calibration=calibration,
         took_ms=round((time.perf_counter() - started) * 1000, 2),

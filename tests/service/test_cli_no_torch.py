@@ -1,5 +1,5 @@
 """The commands that need no PyTorch do not import it: ``--help``, ``index info``, and
-``search`` / the serving app with an exported model or a cached ONNX conversion.
+``search`` / ``compare`` / the serving app with an exported model or a cached ONNX conversion.
 
 Each case runs in a fresh interpreter (this test process has torch loaded already) and reports
 whether ``torch`` ended up in ``sys.modules``.
@@ -125,3 +125,17 @@ def test_explain_imports_no_torch(
     assert result["code"] == 0 and result["torch"] is False
     answer = json.loads(str(result["out"]))["explanation"]
     assert answer["method"] == "exact" and answer["engine"] == "onnx"
+
+
+def test_compare_imports_no_torch(
+    exported: Path, cache_dir: Path, small_image_dir: Path
+) -> None:
+    """The export carries the cohort and the calibration's hubness entry: the torch-free
+    verdict is the hubness-corrected one."""
+    left, right = (sorted((small_image_dir / side).glob("*.jpg"))[0] for side in ("left", "right"))
+    result = probe(cache_dir, "compare", str(left), str(right), "--model", str(exported),
+                   "--json")
+    assert result["code"] == 0 and result["torch"] is False
+    verdict = json.loads(str(result["out"]))
+    assert verdict["calibration"]["k"] == 20 and verdict["calibrated"] is True
+    assert verdict["verdict_score"] < verdict["score"]  # minus two positive hubness halves
