@@ -29,19 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from ..models.train import TrainConfig, load_data
+from . import fold_rerank as tools
 from .fold_learned_regions import HUBNESS_KS, verification_entry
-from .fold_rerank import (
-    bundle_cohort,
-    cached_features,
-    cell,
-    corrected_pairs,
-    figures,
-    fold_cohort,
-    load_folds,
-    machine,
-    pair_matrix,
-    signed,
-)
 
 ENTRY_FIGURES = ("threshold", "target_far", "far", "tpr", "positives", "negatives", "auc",
                  "auc_se", "eer", "eer_se", "tmr_at_far", "tmr_at_far_se", "auc_gain",
@@ -73,29 +62,30 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "(the recipe's model), unless no correction wins")
     args = parser.parse_args(argv)
     config = TrainConfig.from_file(args.config, progress=False)
-    print(f"machine: {machine()}", flush=True)
+    print(f"machine: {tools.machine()}", flush=True)
     started = time.perf_counter()
     data = load_data(config)
-    features = cached_features(config, data.images)
-    folds = load_folds(args.cv_dir, data.images)
+    features = tools.cached_features(config, data.images)
+    folds = tools.load_folds(args.cv_dir, data.images)
     if any(f.head is None for f in folds):
         raise SystemExit(f"{args.cv_dir}: fold heads missing; re-run the row with "
                          "--keep-fold-models")
     cosines: dict[int, list[np.ndarray]] = {k: [] for k in sorted({0, *args.hubness_k})}
     for fold in folds:
-        cohort, plain = fold_cohort(fold, features), pair_matrix(fold, fold.vectors)
+        cohort, plain = tools.fold_cohort(fold, features), tools.pair_matrix(fold, fold.vectors)
         for k, found in cosines.items():
-            found.append(corrected_pairs(fold, plain, cohort, k))
-    base = [figures(c) for c in cosines[0]]
+            found.append(tools.corrected_pairs(fold, plain, cohort, k))
+    base = [tools.figures(c) for c in cosines[0]]
     print("\n| pair score | AUC | EER | TMR @ 1% FMR | paired AUC |\n|---|---|---|---|---|")
-    report: dict[str, object] = {"machine": machine(), "settings": {
+    report: dict[str, object] = {"machine": tools.machine(), "settings": {
         "config": str(args.config), "cv_dir": str(args.cv_dir), "hubness_k": list(cosines)}}
     for k, cos in cosines.items():
-        rows = [figures(c) for c in cos]
+        rows = [tools.figures(c) for c in cos]
         label = f"cosine - hubness (k={k})" if k else "cosine"
-        print(f"| {label} | {cell([m['auc'] for m in rows])} | {cell([m['eer'] for m in rows])}"
-              f" | {cell([m['tmr_at_far'] for m in rows])} | "
-              f"{signed([m['auc'] - b['auc'] for m, b in zip(rows, base, strict=True)])} |")
+        figures = " | ".join(tools.cell([m[name] for m in rows])
+                             for name in ("auc", "eer", "tmr_at_far"))
+        gain = tools.signed([m["auc"] - b["auc"] for m, b in zip(rows, base, strict=True)])
+        print(f"| {label} | {figures} | {gain} |")
         report[label] = rows
     entry = hubness_entry(cosines, args.far)
     print(f"| k nested per fold: {entry['nested_k']} | {entry['auc']:.3f} ± "
@@ -114,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
-    print(f"\ndone in {time.perf_counter() - started:.0f} s; {machine()}")
+    print(f"\ndone in {time.perf_counter() - started:.0f} s; {tools.machine()}")
 
 
 def ship(model_dir: Path, features: np.ndarray, config: TrainConfig, recipe: Path, folds: int,
@@ -125,9 +115,9 @@ def ship(model_dir: Path, features: np.ndarray, config: TrainConfig, recipe: Pat
     from ..models.resolve import default_cache_dir, resolve_model
 
     model = resolve_model(str(model_dir), default_cache_dir())
-    cohort = bundle_cohort(model_dir, features, config, recipe)
+    cohort = tools.bundle_cohort(model_dir, features, config, recipe)
     measured_on = {"method": f"out-of-fold scores of {folds}-fold cross-validation",
-                   "machine": machine(), **cohort.facts}
+                   "machine": tools.machine(), **cohort.facts}
     cohort_file = cohort.save(model_dir, model.fingerprint)
     return [cohort_file, update_calibration(model_dir, model.fingerprint,
                                        {HUBNESS_KEY: {**entry, "measured_on": measured_on}})]
