@@ -11,8 +11,9 @@ A candidate's score is ``cosine + weight * maxsim``:
 
 Both come from one pass of the trunks (:class:`~.regions_net.DescribeNet`, or its ONNX export
 ``rerank.onnx`` on the ONNX engines). In 5-fold cross-validation on the ``accurate`` model it
-gained +0.042 ± 0.007 top-1 over the cosine (0.597; +0.029 with another seed of the map) and
-+0.011 ROC-AUC as a pair score (``benchmarks/RESULTS.md``, issue 14, "Sixth session").
+gains +0.039 ± 0.007 top-1 over the cosine (0.593; 0.588 over five seeds of the map) and, as a
+pair score with the hubness term (:mod:`.cohort`), +0.017 ROC-AUC (0.911; ``benchmarks/
+RESULTS.md``, issue 14, "Sixth session" and "Seventh session").
 The weights are measured properties of one model's weights, so they live in the model's
 ``calibration.json`` (key :data:`~.model.RERANK_KEY`), and the region map beside it
 (:data:`~.model.REGIONS_FILE`); a model without both has no re-ranker.

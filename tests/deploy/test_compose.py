@@ -101,6 +101,12 @@ def test_compose_deployment_serves_and_survives_a_restart(deployment) -> None:
                             data={"k": "1"})
         assert found.status_code == 200, found.text
         assert found.json()["matches"][0]["key"] == query.stem
+        # The container's pair verdict is the hubness-corrected one: the export carries the
+        # model's cohort and its calibration's hubness entry.
+        verdict = client.post("/compare", data={"key_a": query.stem, "key_b": images[8].stem})
+        assert verdict.status_code == 200, verdict.text
+        body = verdict.json()
+        assert body["calibration"]["k"] == 20 and body["verdict_score"] < body["score"]
 
     restart = subprocess.run([*base, "restart"], cwd=REPO, env=env, capture_output=True,
                              text=True, check=False, timeout=300)

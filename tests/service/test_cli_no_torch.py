@@ -7,10 +7,14 @@ whether ``torch`` ended up in ``sys.modules``.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
+import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -20,7 +24,18 @@ from lookalike.models.embedder import Embedder
 from lookalike.models.export import export_serving_model
 
 PROBE = """
-import contextlib, io, json, sys
+import contextlib, importlib.abc, io, json, os, sys
+blocked = set(json.loads(os.environ.get("PROBE_BLOCKED", "[]")))
+
+
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r} (not installed)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, Blocked())
 args = json.loads(sys.argv[1])
 out = io.StringIO()
 if args[0] == "app":
@@ -30,10 +45,12 @@ if args[0] == "app":
     settings = Settings(index=args[1], model=args[2], engine="onnx-int8", cache_dir=args[3])
     with TestClient(create_app(settings)) as client:
         ok = client.get("/ready").status_code == 200
-        if len(args) > 4:  # also explain two indexed images
-            answer = client.post("/explain", data={"key_a": args[4], "key_b": args[5]})
-            ok = ok and answer.status_code == 200
-            out.write(answer.text)
+        if len(args) > 4:  # also compare and explain two indexed images
+            keys = {"key_a": args[4], "key_b": args[5]}
+            verdict = client.post("/compare", data=keys)
+            answer = client.post("/explain", data=keys)
+            ok = ok and verdict.status_code == 200 and answer.status_code == 200
+            out.write(json.dumps({"compare": verdict.json(), **answer.json()}))
     code = 0 if ok else 1
 else:
     from lookalike.service.cli import app
@@ -47,8 +64,11 @@ print(json.dumps({"code": code, "torch": "torch" in sys.modules, "out": out.getv
 """
 
 
-def probe(cache_dir: Path, *args: str) -> dict[str, object]:
-    env = {**os.environ, "LOOKALIKE_CACHE_DIR": str(cache_dir)}
+def probe(cache_dir: Path, *args: str, blocked: Sequence[str] = ()) -> dict[str, object]:
+    """Run ``args`` in a fresh interpreter in which the modules ``blocked`` cannot be imported
+    (as if not installed)."""
+    env = {**os.environ, "LOOKALIKE_CACHE_DIR": str(cache_dir),
+           "PROBE_BLOCKED": json.dumps(list(blocked))}
     env.pop("LOOKALIKE_MODEL", None)
     done = subprocess.run(
         [sys.executable, "-c", PROBE, json.dumps(list(args))],
@@ -139,3 +159,44 @@ def test_compare_imports_no_torch(
     verdict = json.loads(str(result["out"]))
     assert verdict["calibration"]["k"] == 20 and verdict["calibrated"] is True
     assert verdict["verdict_score"] < verdict["score"]  # minus two positive hubness halves
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _requirement_names(lines: Sequence[str]) -> set[str]:
+    names = set()
+    for line in lines:
+        found = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", line.split("#")[0])
+        if found:
+            names.add(re.sub(r"[-_.]+", "-", found.group(1)).lower())
+    return names
+
+
+def not_in_the_serving_image() -> list[str]:
+    """Import names of the project's dependencies that docker/requirements-serve.txt leaves
+    out (torch, timm, ...): the serving image does not have them."""
+    project = _requirement_names(tomllib.loads((REPO / "pyproject.toml").read_text())[
+        "project"]["dependencies"])
+    serving = _requirement_names((REPO / "docker" / "requirements-serve.txt").read_text()
+                                 .splitlines())
+    left_out = project - serving
+    return sorted(
+        module for module, dists in importlib.metadata.packages_distributions().items()
+        if {re.sub(r"[-_.]+", "-", d).lower() for d in dists} & left_out and module.isidentifier()
+    )
+
+
+def test_serving_needs_only_the_serving_images_packages(
+    exported: Path, cache_dir: Path, small_store_path: Path, small_image_dir: Path
+) -> None:
+    """The compose image installs docker/requirements-serve.txt, not the project's
+    dependencies. Start-up, /compare (the hubness-corrected verdict reads the cohort) and
+    /explain run here with every other dependency unimportable, as in the image."""
+    blocked = not_in_the_serving_image()
+    assert {"torch", "timm", "typer"} <= set(blocked), blocked
+    left, right = (sorted((small_image_dir / side).glob("*.jpg"))[0] for side in ("left", "right"))
+    result = probe(cache_dir, "app", str(small_store_path), str(exported), str(cache_dir),
+                   f"left/{left.stem}", f"right/{right.stem}", blocked=blocked)
+    assert result["code"] == 0, result
+    assert json.loads(str(result["out"]))["compare"]["calibration"]["k"] == 20
