@@ -30,7 +30,7 @@ import numpy as np
 
 from ..models.train import TrainConfig, load_data
 from . import fold_rerank as tools
-from .fold_learned_regions import HUBNESS_KS, verification_entry
+from .fold_learned_regions import HUBNESS_KS, entry_cells, verification_entry
 
 ENTRY_FIGURES = ("threshold", "target_far", "far", "tpr", "positives", "negatives", "auc",
                  "auc_se", "eer", "eer_se", "tmr_at_far", "tmr_at_far_se", "auc_gain",
@@ -88,11 +88,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"| {label} | {figures} | {gain} |")
         report[label] = rows
     entry = hubness_entry(cosines, args.far)
-    print(f"| k nested per fold: {entry['nested_k']} | {entry['auc']:.3f} ± "
-          f"{entry['auc_se']:.3f} | {entry['eer']:.3f} ± {entry['eer_se']:.3f} | "
-          f"{entry['tmr_at_far']:.3f} ± {entry['tmr_at_far_se']:.3f} | {entry['auc_gain']:+.3f}"
-          f" ± {entry['auc_gain_se']:.3f} |\n\nchosen over all folds: k = {entry['k']}, "
-          f"threshold {entry['threshold']:.4f} at FMR {args.far}")
+    print(f"| k nested per fold: {entry['nested_k']} | {entry_cells(entry)} |\n\nchosen over "
+          f"all folds: k = {entry['k']}, threshold {entry['threshold']:.4f} at FMR {args.far}")
     report["entry"] = entry
     if args.write_calibration:
         if not entry["k"]:

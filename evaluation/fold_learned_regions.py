@@ -153,6 +153,13 @@ def verification_entry(cosines: dict[int, list[np.ndarray]], lates: list[np.ndar
             for k, v in entry.items()}
 
 
+def entry_cells(entry: dict[str, object]) -> str:
+    """A verification entry's out-of-fold AUC, EER, TMR and paired AUC gain as table cells."""
+    return " | ".join(f"{entry[name]:{'+' if name == 'auc_gain' else ''}.3f} ± "
+                      f"{entry[name + '_se']:.3f}"
+                      for name in ("auc", "eer", "tmr_at_far", "auc_gain"))
+
+
 def ship(model_dir: Path, region_map: RegionMap, features: np.ndarray, config: TrainConfig,
          recipe: Path, entry: dict[str, object]) -> list[Path]:
     """Write the region map and the cohort (the bundle's embeddings of the training images'
@@ -276,27 +283,16 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"{[round(g, 3) for g in gain]} |")
         report[f"sets/{name}"] = {"lam": chosen, "metrics": found}
 
-    cosine_only = {name: [figures(c) for c in cos] for name, cos in pair_cosines.items()}
-    plain = cosine_only["plain"]
+    plain = [figures(c) for c in pair_cosines["plain"]]
     print("\n| verification score | lam per fold | AUC | EER | TMR @ 1% FMR | paired AUC |\n"
           "|---|---|---|---|---|---|")
-    for name, cos in pair_cosines.items():
+    scores = {f"{name} cosine": cos for name, cos in pair_cosines.items()}
+    scores |= {f"plain cosine - hubness (k={k})": cos for k, cos in corrected.items() if k}
+    for name, cos in scores.items():
         lams, nested_found = nested_verification(cos, pair_lates, args.lambdas)
         for label, found, chosen in (
-                (f"{name} cosine", cosine_only[name], ""),
-                (f"{name} cosine + lam x learned MaxSim", nested_found, lams)):
-            gain = signed([m["auc"] - b["auc"] for m, b in zip(found, plain, strict=True)])
-            print(f"| {label} | {chosen} | {cell([m['auc'] for m in found])} | "
-                  f"{cell([m['eer'] for m in found])} | {cell([m['tmr_at_far'] for m in found])}"
-                  f" | {gain} |")
-            report[f"verification/{label}"] = {"lam": chosen, "metrics": found}
-    for k, cos in corrected.items():
-        if not k:
-            continue
-        for label, (chosen, found) in (
-                (f"plain cosine - hubness (k={k})", ("", [figures(c) for c in cos])),
-                (f"plain cosine - hubness (k={k}) + lam x learned MaxSim",
-                 nested_verification(cos, pair_lates, args.lambdas))):
+                (name, [figures(c) for c in cos], ""),
+                (f"{name} + lam x learned MaxSim", nested_found, lams)):
             gain = signed([m["auc"] - b["auc"] for m, b in zip(found, plain, strict=True)])
             print(f"| {label} | {chosen} | {cell([m['auc'] for m in found])} | "
                   f"{cell([m['eer'] for m in found])} | {cell([m['tmr_at_far'] for m in found])}"
@@ -306,10 +302,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     picks = list(zip(verification["nested_hubness_k"], verification["nested_weights"],
                      strict=True))
     print(f"| plain cosine - hubness + lam x learned MaxSim, k and lam nested | {picks} | "
-          f"{verification['auc']:.3f} ± {verification['auc_se']:.3f} | "
-          f"{verification['eer']:.3f} ± {verification['eer_se']:.3f} | "
-          f"{verification['tmr_at_far']:.3f} ± {verification['tmr_at_far_se']:.3f} | "
-          f"{verification['auc_gain']:+.3f} ± {verification['auc_gain_se']:.3f} |")
+          f"{entry_cells(verification)} |")
     report["verification/shipped"] = verification
     if args.write_rerank:
         weight = train_region_map(tokens, pairs, args.dim, args.epochs, args.temperature,

@@ -40,6 +40,11 @@ class Cohort:
         """``(M, D)`` unit vectors -> ``(M,)`` mean cosine to their ``k`` nearest here."""
         return hubness(vectors, self.vectors, k)
 
+    def corrected(self, score: float, a: np.ndarray, b: np.ndarray, k: int) -> float:
+        """A pair score of the unit embeddings ``a`` and ``b`` minus half of each one's
+        hubness: what both pair verdicts judge (:mod:`.verdict`, :mod:`.rerank`)."""
+        return score - 0.5 * float(self.hubness(np.stack([a, b]), k).sum())
+
     @staticmethod
     def as_stored(vectors: np.ndarray) -> np.ndarray:
         """``vectors`` as a saved cohort gives them back: int8 with one scale per vector, then

@@ -373,7 +373,7 @@ def _export_extras_into(model: Model, out: Path, cache_dir: str | Path | None) -
             if made[0].parent != out:
                 for source, name in zip(made, names, strict=True):
                     atomic_write(out / name, lambda target, s=source: shutil.copyfile(s, target))
-    # The re-ranked pair score's cohort is data, not a conversion: copied as it is.
+    # The pair scores' cohort is data, not a conversion: copied as it is.
     cohort = model.path / COHORT_FILE if model.path is not None else None
     if cohort is not None and cohort.is_file() and cohort.parent != out:
         atomic_write(out / COHORT_FILE, lambda target: shutil.copyfile(cohort, target))

@@ -51,7 +51,7 @@ REGIONS_FILE = "regions.safetensors"
 fact like its calibration, and likewise outside the fingerprinted files."""
 COHORT_FILE = "cohort.safetensors"
 """A bundle's cohort (:mod:`.cohort`): its unit embeddings of the images it was trained on,
-against which the re-ranked pair score corrects hubness; outside the fingerprinted files too."""
+against which its pair scores correct hubness; outside the fingerprinted files too."""
 
 
 @dataclass(frozen=True)
@@ -116,9 +116,7 @@ def load_calibration(directory: Path, fingerprint: str) -> dict[str, Any] | None
         _check_rerank(file, calibration[RERANK_KEY])
     if HUBNESS_KEY in calibration:
         _check_hubness(file, calibration[HUBNESS_KEY])
-        if not (file.parent / COHORT_FILE).is_file():
-            raise BundleError(f"{file} corrects hubness, but the model has no {COHORT_FILE}; "
-                              "measure it again (python -m lookalike.evaluation.fold_hubness)")
+        _require_cohort(file, "python -m lookalike.evaluation.fold_hubness")
     return {**calibration, "threshold": threshold}
 
 
@@ -164,11 +162,16 @@ def _check_rerank(file: Path, rerank: Any) -> None:
             "[0, 10] (and a 'verification' entry, if any, its 'weight', 'threshold' and "
             "'target_far', and a 'hubness_k' in [0, 10000] if any); delete the entry or "
             "measure it again (benchmarks/RESULTS.md, issue 14)")
-    if verification and verification.get("hubness_k", 0) and \
-            not (file.parent / COHORT_FILE).is_file():
-        raise BundleError(f"{file}: the re-ranked pair score corrects hubness, but the model has "
-                          f"no {COHORT_FILE}; measure it again (python -m "
-                          "lookalike.evaluation.fold_learned_regions --write-rerank MODEL_DIR)")
+    if verification and verification.get("hubness_k", 0):
+        _require_cohort(file, "python -m lookalike.evaluation.fold_learned_regions "
+                        "--write-rerank MODEL_DIR")
+
+
+def _require_cohort(file: Path, command: str) -> None:
+    """A calibration that corrects hubness needs the cohort beside it: refused at load."""
+    if not (file.parent / COHORT_FILE).is_file():
+        raise BundleError(f"{file} corrects hubness, but the model has no {COHORT_FILE}; "
+                          f"measure it again ({command})")
 
 
 def update_calibration(directory: Path, fingerprint: str, values: dict[str, Any]) -> Path:

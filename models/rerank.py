@@ -165,8 +165,7 @@ class Reranker:
         score = float(self.cosines(a, b[None])[0] + verification.weight * late)
         if verification.hubness_k:
             dim = self.layout.embedding_dim
-            hubs = self.cohort().hubness(np.stack([a[:dim], b[:dim]]), verification.hubness_k)
-            score -= 0.5 * float(hubs.sum())
+            score = self.cohort().corrected(score, a[:dim], b[:dim], verification.hubness_k)
         return score, verification
 
     def cohort(self) -> Cohort:

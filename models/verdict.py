@@ -46,27 +46,22 @@ class Verdict:
         return self.calibration is not None
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.clip(np.dot(a, b), -1.0, 1.0))
-
-
 def plain_verdict(model: Model, a: np.ndarray, b: np.ndarray, fallback_threshold: float
                   ) -> Verdict:
     """The verdict on two embeddings of ``model``."""
     a, b = unit(np.asarray(a, np.float32)), unit(np.asarray(b, np.float32))
-    score, calibration = _cosine(a, b), model.calibration
+    score, calibration = float(np.clip(a @ b, -1.0, 1.0)), model.calibration
     if calibration is None:
         return Verdict(score, score, fallback_threshold, None)
     entry = calibration.get(HUBNESS_KEY)
     if entry is None:
         return Verdict(score, score, float(calibration["threshold"]), calibration)
-    hubs = cohort_of(model, len(a)).hubness(np.stack([a, b]), entry["k"])
-    return Verdict(score, score - 0.5 * float(hubs.sum()), float(entry["threshold"]), entry)
+    corrected = cohort_of(model, len(a)).corrected(score, a, b, entry["k"])
+    return Verdict(score, corrected, float(entry["threshold"]), entry)
 
 
 def reranked_verdict(reranker: Reranker, a: np.ndarray, b: np.ndarray) -> Verdict:
     """The verdict on two descriptions (:meth:`~.rerank.Reranker.describe`), ``a`` the query."""
-    dim = reranker.layout.embedding_dim
     pair, verification = reranker.pair_score(a, b)
-    return Verdict(_cosine(a[:dim], b[:dim]), pair, verification.threshold, verification.entry,
-                   rerank_score=pair)
+    return Verdict(float(reranker.cosines(a, b[None])[0]), pair, verification.threshold,
+                   verification.entry, rerank_score=pair)
