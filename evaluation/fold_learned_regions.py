@@ -100,6 +100,13 @@ def fold_training_pairs(pairs: np.ndarray, fold: Fold) -> np.ndarray:
     return pairs[~held_out]
 
 
+def mirrored_pairs(pairs: np.ndarray, images: int) -> np.ndarray:
+    """``pairs`` (rows of ``images`` tokens), then each pair's mirror image: both images
+    flipped, whose tokens follow the originals (image ``i``'s mirror is row ``images + i``).
+    A look-alike stays one when both pictures are mirrored, so this doubles the pairs."""
+    return np.concatenate([pairs, pairs + images])
+
+
 def rerank_entry(cosines: list[np.ndarray], lates: list[np.ndarray], answers: list[np.ndarray],
                  base: list[dict[str, float]], lambdas: Sequence[float] = WEIGHTS
                  ) -> dict[str, object]:
@@ -204,6 +211,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                         default=(LOCATIONS,), help="comma-separated grids (cells per side) of "
                         "the region tokens, e.g. 7,3,1 adds a 3 x 3 and a whole-image region "
                         "to the 7 x 7 ones (measurement only)")
+    parser.add_argument("--mirrored-pairs", action="store_true",
+                        help="train the map on each pair's mirror image too (both images "
+                        "flipped, one more pass over the images, cached): twice the training "
+                        "pairs at no serving cost")
+    parser.add_argument("--mirror-candidates", action="store_true",
+                        help="match each query region against the candidate's regions and its "
+                        "mirror's (measurement only: a second pass per candidate)")
     parser.add_argument("--hubness-k", type=lambda text: tuple(int(v) for v in text.split(",")),
                         default=HUBNESS_KS, help="comma-separated cohort neighbours of the pair "
                         "score's hubness correction to choose from (0: none; nested with the "
@@ -214,9 +228,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "model) and write the weight best over all folds, with the out-of-fold "
                         "figures, into its calibration.json")
     args = parser.parse_args(argv)
-    if args.write_rerank and (args.symmetric or args.maps != 1 or args.scales != (LOCATIONS,)):
+    if args.write_rerank and (args.symmetric or args.maps != 1 or args.scales != (LOCATIONS,)
+                              or args.mirror_candidates):
         parser.error("--write-rerank ships one map, query -> candidate, on the 7 x 7 grid: "
-                     "drop --symmetric, --maps and --scales")
+                     "drop --symmetric, --maps, --scales and --mirror-candidates")
     config = TrainConfig.from_file(args.config, progress=False)
     print(f"machine: {machine()}", flush=True)
     started = time.perf_counter()
@@ -229,6 +244,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     per_stage = stage_maps(maps, len(config.backbones))
     mean, scale = standardisation(per_stage)
     tokens = multiscale(torch.from_numpy(location_tokens(per_stage, mean, scale)), args.scales)
+    mirrored = None
+    if args.mirrored_pairs or args.mirror_candidates:
+        flipped = region_cache(config, data.images, args.region_cache, flip=True)
+        flipped_stages = stage_maps({k: v.float().numpy() for k, v in flipped.items()},
+                                    len(config.backbones))
+        mirrored = multiscale(torch.from_numpy(location_tokens(flipped_stages, mean, scale)),
+                              args.scales)
+    train_tokens = torch.cat([tokens, mirrored]) if args.mirrored_pairs else tokens
     pairs = np.array([(rows[str(data.first_paths[a])], rows[str(data.second_paths[b])])
                       for (a, b), label in zip(data.pairs, data.targets, strict=True) if label])
     folds = load_folds(args.cv_dir, data.images)
@@ -241,19 +264,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     lates, pair_lates, answers = [], [], []
     for fold in folds:
         cohort = fold_cohort(fold, features)
-        regions = [project(train_region_map(tokens, fold_training_pairs(pairs, fold), args.dim,
-                                            args.epochs, args.temperature, args.weight_decay,
-                                            batch_size=args.batch_size,
-                                            seed=fold.number + args.seed + 100 * k),
-                           tokens[torch.from_numpy(fold.rows)]) for k in range(args.maps)]
+        training = fold_training_pairs(pairs, fold)
+        if args.mirrored_pairs:
+            training = mirrored_pairs(training, len(tokens))
+        weights = [train_region_map(train_tokens, training, args.dim, args.epochs,
+                                    args.temperature, args.weight_decay,
+                                    batch_size=args.batch_size,
+                                    seed=fold.number + args.seed + 100 * k)
+                   for k in range(args.maps)]
+        held_out = torch.from_numpy(fold.rows)
+        regions = [project(w, tokens[held_out]) for w in weights]
+        targets = ([np.concatenate([r, project(w, mirrored[held_out])], axis=1)
+                    for r, w in zip(regions, weights, strict=True)]
+                   if args.mirror_candidates else [None] * len(weights))
         tta = tta_vectors(fold, features, mirror)
         for name, vectors in (("plain", fold.vectors), ("flip TTA", tta)):
             cosines[name].append(fold.cosines(vectors))
             pair_cosines[name].append(pair_matrix(fold, vectors))
         for k, found in corrected.items():
             found.append(corrected_pairs(fold, pair_cosines["plain"][-1], cohort, k))
-        lates.append(np.mean([fold.late(r, args.symmetric) for r in regions], axis=0))
-        pair_lates.append(np.mean([pair_matrix(fold, None, r) for r in regions], axis=0))
+        lates.append(np.mean([fold.late(r, args.symmetric, t)
+                              for r, t in zip(regions, targets, strict=True)], axis=0))
+        pair_lates.append(np.mean([pair_matrix(fold, None, r, t)
+                                   for r, t in zip(regions, targets, strict=True)], axis=0))
         answers.append(fold.answers)
         print(f"fold {fold.number}: learned MaxSim alone top-1 "
               f"{set_metrics(lates[-1], fold.answers)['top1']:.3f} "
@@ -266,7 +299,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     base = [set_metrics(c, a) for c, a in zip(cosines["plain"], answers, strict=True)]
     alone = [set_metrics(li, a) for li, a in zip(lates, answers, strict=True)]
     ensemble = f" x {args.maps} maps (MaxSims averaged)" if args.maps > 1 else ""
-    print(f"\nlearned regions {args.dim}-d{ensemble}, {args.epochs} epochs, temperature "
+    variant = (", mirrored pairs" if args.mirrored_pairs else "") + (
+        ", candidates' mirrors" if args.mirror_candidates else "")
+    print(f"\nlearned regions {args.dim}-d{ensemble}{variant}, {args.epochs} epochs, temperature "
           f"{args.temperature}, weight decay {args.weight_decay}, batch {args.batch_size}\n\n"
           "| scoring | lam per fold "
           "| top-1 | top-5 | MRR | paired top-1 |\n|---|---|---|---|---|---|")
@@ -305,13 +340,16 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{entry_cells(verification)} |")
     report["verification/shipped"] = verification
     if args.write_rerank:
-        weight = train_region_map(tokens, pairs, args.dim, args.epochs, args.temperature,
-                                  args.weight_decay, batch_size=args.batch_size, seed=args.seed)
+        training = mirrored_pairs(pairs, len(tokens)) if args.mirrored_pairs else pairs
+        weight = train_region_map(train_tokens, training, args.dim, args.epochs,
+                                  args.temperature, args.weight_decay,
+                                  batch_size=args.batch_size, seed=args.seed)
         stages = tuple((b, s, stage_channels(name)[s]) for b, name in enumerate(config.backbones)
                        for s in REGION_STAGES)
         facts = {"dim": args.dim, "epochs": args.epochs, "temperature": args.temperature,
                  "weight_decay": args.weight_decay, "batch_size": args.batch_size,
-                 "pairs": len(pairs), "images": len(data.images), "recipe": str(args.config)}
+                 "pairs": len(pairs), "images": len(data.images), "recipe": str(args.config),
+                 "mirrored_pairs": args.mirrored_pairs}
         region_map = RegionMap(weight.numpy(), mean, scale, stages, LOCATIONS, facts)
         entry = rerank_entry(cosines["plain"], lates, answers, base, args.lambdas)
         entry["verification"] = verification

@@ -89,16 +89,17 @@ def cached_features(config: TrainConfig, images: Sequence[Path]) -> np.ndarray:
 
 
 def region_cache(config: TrainConfig, images: Sequence[Path], directory: Path,
-                 progress: bool = True) -> dict[str, torch.Tensor]:
+                 progress: bool = True, flip: bool = False) -> dict[str, torch.Tensor]:
     """Per image (rows of ``images``), computed once and cached: ``b{i}.s{s}`` ``(N, C, 7, 7)``
     float16, stage ``s`` of backbone ``i`` average-pooled to 7 x 7 (:data:`REGION_STAGES`),
     and ``mirror`` ``(N, F)`` float16, the recipe's pooled features of the mirrored image (the
-    feature-cache layout)."""
+    feature-cache layout). ``flip``: the stage maps of the *mirrored* images instead, and no
+    ``mirror`` (a second cache, for training the region map on mirrored pairs too)."""
     model = config.model_config()
     facts = {"backbones": model.backbones, "taps": model.taps, "grid_taps": model.grid_taps,
              "grid": model.grid, "pooling": model.pooling, "size": model.input_size,
              "stages": REGION_STAGES, "locations": LOCATIONS,
-             "images": images_identity(images)}
+             "images": images_identity(images)} | ({"flip": True} if flip else {})
     key = hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
     path = directory / f"regions-{key}.safetensors"
     if path.is_file():
@@ -109,7 +110,10 @@ def region_cache(config: TrainConfig, images: Sequence[Path], directory: Path,
     maps: dict[str, list[torch.Tensor]] = {}
     mirrored = []
     with torch.inference_mode():
-        for batch in tqdm(loader, desc="regions + mirrored features", disable=not progress):
+        for batch in tqdm(loader, desc="mirrored regions" if flip else
+                          "regions + mirrored features", disable=not progress):
+            if flip:
+                batch = torch.flip(batch, dims=[3])
             for b, stages in enumerate(net.stages):
                 x = batch
                 for index, stage in enumerate(stages):
@@ -120,9 +124,11 @@ def region_cache(config: TrainConfig, images: Sequence[Path], directory: Path,
                         maps.setdefault(f"b{b}.s{index}", []).append(pooled)
                     if index >= max(REGION_STAGES):
                         break
-            mirrored.append(net.features(torch.flip(batch, dims=[3])).half())
+            if not flip:
+                mirrored.append(net.features(torch.flip(batch, dims=[3])).half())
     tensors = {name: torch.cat(parts).contiguous() for name, parts in maps.items()}
-    tensors["mirror"] = torch.cat(mirrored).contiguous()
+    if not flip:
+        tensors["mirror"] = torch.cat(mirrored).contiguous()
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     return tensors
@@ -315,9 +321,12 @@ class Fold:
         return set_cosines(self.vectors if vectors is None else vectors, self.queries,
                            self.candidates)
 
-    def late(self, regions: np.ndarray, symmetric: bool) -> np.ndarray:
-        """``(S, C)`` MaxSim of each set's candidates; ``regions`` rows = validation images."""
-        return np.stack([maxsim(regions[q], regions[c], symmetric)
+    def late(self, regions: np.ndarray, symmetric: bool,
+             candidate_regions: np.ndarray | None = None) -> np.ndarray:
+        """``(S, C)`` MaxSim of each set's candidates; ``regions`` rows = validation images
+        (``candidate_regions``, if given, the candidates' side: more regions per image)."""
+        targets = regions if candidate_regions is None else candidate_regions
+        return np.stack([maxsim(regions[q], targets[c], symmetric)
                          for q, c in zip(self.queries, self.candidates, strict=True)])
 
 
@@ -376,15 +385,17 @@ def nested(cosines: list[np.ndarray], lates: list[np.ndarray], answers: list[np.
     return pick_nested(set_table(cosines, lates, answers, lambdas), lambdas, "top1")
 
 
-def pair_matrix(fold: Fold, vectors: np.ndarray, regions: np.ndarray | None = None
-                ) -> np.ndarray:
+def pair_matrix(fold: Fold, vectors: np.ndarray, regions: np.ndarray | None = None,
+                candidate_regions: np.ndarray | None = None) -> np.ndarray:
     """``(N, N)`` scores of each query (left image) against every pair's true match: the
-    cosine of ``vectors``, or with ``regions`` the MaxSim (query -> candidate); the diagonal
-    holds the matching pairs (the layout :func:`~.verification.matrix_pairs` splits)."""
+    cosine of ``vectors``, or with ``regions`` the MaxSim (query -> candidate, the candidates'
+    side from ``candidate_regions`` if given); the diagonal holds the matching pairs (the
+    layout :func:`~.verification.matrix_pairs` splits)."""
     truth = fold.candidates[np.arange(len(fold.answers)), fold.answers]
     if regions is None:
         return vectors[fold.queries] @ vectors[truth].T
-    return np.stack([maxsim(regions[q], regions[truth]) for q in fold.queries])
+    targets = (regions if candidate_regions is None else candidate_regions)[truth]
+    return np.stack([maxsim(regions[q], targets) for q in fold.queries])
 
 
 def figures(matrix: np.ndarray) -> dict[str, float]:

@@ -16,12 +16,13 @@ import torch
 from lookalike.core.scoring import unit
 from lookalike.evaluation.fold_learned_regions import (
     fold_training_pairs,
+    mirrored_pairs,
     multiscale,
     rerank_entry,
     ship,
     verification_entry,
 )
-from lookalike.evaluation.fold_rerank import Fold, corrected_pairs
+from lookalike.evaluation.fold_rerank import Fold, corrected_pairs, pair_matrix
 from lookalike.models.cohort import Cohort
 from lookalike.models.embedder import Embedder
 from lookalike.models.model import RERANK_KEY
@@ -37,6 +38,31 @@ def test_a_fold_trains_only_on_pairs_outside_it() -> None:
     fold = Fold(1, np.array([2, 3]), np.zeros((2, 2)), np.zeros(1, int), np.zeros((1, 1), int),
                 np.zeros(1, int), head=None)
     np.testing.assert_array_equal(fold_training_pairs(pairs, fold), [[0, 1], [4, 5]])
+
+
+def test_mirrored_pairs_follow_the_originals_as_rows_of_the_mirrored_tokens() -> None:
+    np.testing.assert_array_equal(mirrored_pairs(np.array([[0, 1], [2, 3]]), 10),
+                                  [[0, 1], [2, 3], [10, 11], [12, 13]])
+
+
+def test_candidates_mirrors_add_regions_a_query_region_may_match() -> None:
+    """``--mirror-candidates``: each query region takes its best match among the candidate's
+    regions and its mirror's, so the MaxSim is the better of the two where one region wins,
+    and never lower than without the mirrors; queries keep their own regions."""
+    regions = np.zeros((3, 1, 2))
+    regions[:, 0] = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]  # a query and two candidates
+    mirrors = np.zeros((3, 1, 2))
+    mirrors[:, 0] = [[0.0, 1.0], [1.0, 0.0], [0.6, 0.8]]
+    fold = Fold(0, np.arange(3), np.eye(3), np.array([0]), np.array([[1, 2]]), np.array([0]),
+                head=None)
+    plain = fold.late(regions, symmetric=False)
+    both = fold.late(regions, symmetric=False,
+                     candidate_regions=np.concatenate([regions, mirrors], axis=1))
+    np.testing.assert_allclose(plain, [[0.0, 0.6]])
+    np.testing.assert_allclose(both, [[1.0, 0.6]])  # candidate 1's mirror matches the query
+    union = np.concatenate([regions, mirrors], axis=1)
+    np.testing.assert_allclose(pair_matrix(fold, None, regions, union), [[1.0]])
+    np.testing.assert_allclose(pair_matrix(fold, None, regions), [[0.0]])
 
 
 def test_multiscale_keeps_the_grid_and_adds_its_pooled_cells() -> None:

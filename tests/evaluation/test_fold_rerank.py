@@ -113,3 +113,26 @@ def test_verification_with_late_interaction_chooses_lam_out_of_fold() -> None:
     assert all(lam > 0 for lam in late["lam"])
     assert all(m["auc"] > 0.99 and m["tmr_at_far"] > 0.9 for m in late["metrics"])
     assert np.mean([m["auc"] for m in table["fold model"]["metrics"]]) < 0.9
+
+
+def test_the_flipped_region_cache_holds_the_mirror_images_maps(tmp_path) -> None:
+    """``region_cache(flip=True)`` (training the map on mirrored pairs) computes each image's
+    stage maps from its mirror: the same maps as the plain cache of a mirrored copy of the
+    file, cached apart from the plain cache (another key) and without the ``mirror`` features."""
+    from PIL import Image
+
+    from lookalike.evaluation.fold_rerank import region_cache
+
+    rng = np.random.default_rng(3)
+    picture = Image.fromarray(rng.integers(0, 255, size=(224, 224, 3), dtype=np.uint8))
+    picture.save(tmp_path / "a.png")
+    picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "mirror.png")
+    config = TrainConfig(pairs="unused.csv")
+    cache = tmp_path / "cache"
+    flipped = region_cache(config, [tmp_path / "a.png"], cache, progress=False, flip=True)
+    plain = region_cache(config, [tmp_path / "mirror.png"], cache, progress=False)
+    assert "mirror" not in flipped and "mirror" in plain
+    assert len(list(cache.glob("regions-*.safetensors"))) == 2
+    for name, maps in flipped.items():
+        np.testing.assert_allclose(maps.float().numpy(), plain[name].float().numpy(),
+                                   atol=2e-2, rtol=1e-2)
