@@ -5,7 +5,10 @@ for it (untrained trunk channels, or the global head's per-location terms). Here
 are *learned* (:mod:`~lookalike.models.regions_net`): each image's 49 locations (stages 4-7
 of the recipe's frozen trunks pooled to 7 x 7, standardised) go through one linear map ``W``
 to ``dim`` values and unit length, and ``W`` is trained on the fold's *training* pairs with a
-symmetric InfoNCE over the in-batch MaxSim scores (query -> candidate). The fold's held-out
+symmetric InfoNCE over the in-batch MaxSim scores (query -> candidate), and with it (the
+default ``--pooling weighted``) the importance that weighs the query's regions in MaxSim
+instead of their plain mean (``--pooling mean``, the sixth to eleventh sessions' setting). The
+fold's held-out
 sets are then scored by ``cosine + lam * learned MaxSim`` with the fold model's cosine,
 ``lam`` chosen per fold on the other folds (nested), so every figure is out of fold;
 verification pairs too (``lam`` nested on AUC).
@@ -39,7 +42,9 @@ from ..models.regions_net import (
     LOCATIONS,
     REGION_STAGES,
     RegionMap,
+    TrainedMap,
     location_tokens,
+    region_weights,
     standardisation,
     train_region_map,
 )
@@ -91,6 +96,14 @@ def project(weight: torch.Tensor, tokens: torch.Tensor) -> np.ndarray:
     """``(N, L, C)`` tokens -> ``(N, L, dim)`` unit learned regions."""
     with torch.no_grad():
         return F.normalize(tokens @ weight.T, dim=-1).numpy()
+
+
+def query_weights(trained: TrainedMap, tokens: torch.Tensor) -> np.ndarray | None:
+    """``(N, L, C)`` tokens -> ``(N, L)`` query-region weights of a weighted map, else None."""
+    if trained.importance is None:
+        return None
+    with torch.no_grad():
+        return region_weights(tokens, trained.importance).double().numpy()
 
 
 def fold_training_pairs(pairs: np.ndarray, fold: Fold) -> np.ndarray:
@@ -191,6 +204,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dim", type=int, default=256, help="learned region width")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--temperature", type=float, default=0.05)
+    parser.add_argument("--pooling", choices=("weighted", "mean"), default="weighted",
+                        help="how MaxSim pools the query's regions: weights learned with the "
+                        "map (shipped since the twelfth session) or their plain mean")
+    parser.add_argument("--importance-lr", type=float, default=1e-2,
+                        help="learning rate of the region importance (--pooling weighted)")
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--batch-size", type=int, default=128,
                         help="pairs per training batch: each pair's negatives are the batch's "
@@ -232,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                               or args.mirror_candidates):
         parser.error("--write-rerank ships one map, query -> candidate, on the 7 x 7 grid: "
                      "drop --symmetric, --maps, --scales and --mirror-candidates")
+    weighted = args.pooling == "weighted"
     config = TrainConfig.from_file(args.config, progress=False)
     print(f"machine: {machine()}", flush=True)
     started = time.perf_counter()
@@ -267,26 +286,30 @@ def main(argv: Sequence[str] | None = None) -> None:
         training = fold_training_pairs(pairs, fold)
         if args.mirrored_pairs:
             training = mirrored_pairs(training, len(tokens))
-        weights = [train_region_map(train_tokens, training, args.dim, args.epochs,
+        trained = [train_region_map(train_tokens, training, args.dim, args.epochs,
                                     args.temperature, args.weight_decay,
                                     batch_size=args.batch_size,
-                                    seed=fold.number + args.seed + 100 * k)
+                                    seed=fold.number + args.seed + 100 * k, weighted=weighted,
+                                    importance_lr=args.importance_lr)
                    for k in range(args.maps)]
         held_out = torch.from_numpy(fold.rows)
-        regions = [project(w, tokens[held_out]) for w in weights]
-        targets = ([np.concatenate([r, project(w, mirrored[held_out])], axis=1)
-                    for r, w in zip(regions, weights, strict=True)]
-                   if args.mirror_candidates else [None] * len(weights))
+        regions = [project(m.weight, tokens[held_out]) for m in trained]
+        qweights = [query_weights(m, tokens[held_out]) for m in trained]
+        targets = ([np.concatenate([r, project(m.weight, mirrored[held_out])], axis=1)
+                    for r, m in zip(regions, trained, strict=True)]
+                   if args.mirror_candidates else [None] * len(trained))
         tta = tta_vectors(fold, features, mirror)
         for name, vectors in (("plain", fold.vectors), ("flip TTA", tta)):
             cosines[name].append(fold.cosines(vectors))
             pair_cosines[name].append(pair_matrix(fold, vectors))
         for k, found in corrected.items():
             found.append(corrected_pairs(fold, pair_cosines["plain"][-1], cohort, k))
-        lates.append(np.mean([fold.late(r, args.symmetric, t)
-                              for r, t in zip(regions, targets, strict=True)], axis=0))
-        pair_lates.append(np.mean([pair_matrix(fold, None, r, t)
-                                   for r, t in zip(regions, targets, strict=True)], axis=0))
+        lates.append(np.mean([fold.late(r, args.symmetric, t, w)
+                              for r, t, w in zip(regions, targets, qweights, strict=True)],
+                             axis=0))
+        pair_lates.append(np.mean([pair_matrix(fold, None, r, t, w)
+                                   for r, t, w in zip(regions, targets, qweights, strict=True)],
+                                  axis=0))
         answers.append(fold.answers)
         print(f"fold {fold.number}: learned MaxSim alone top-1 "
               f"{set_metrics(lates[-1], fold.answers)['top1']:.3f} "
@@ -301,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ensemble = f" x {args.maps} maps (MaxSims averaged)" if args.maps > 1 else ""
     variant = (", mirrored pairs" if args.mirrored_pairs else "") + (
         ", candidates' mirrors" if args.mirror_candidates else "")
-    print(f"\nlearned regions {args.dim}-d{ensemble}{variant}, {args.epochs} epochs, temperature "
+    print(f"\nlearned regions {args.dim}-d{ensemble}{variant}, {args.pooling} query regions, "
+          f"{args.epochs} epochs, temperature "
           f"{args.temperature}, weight decay {args.weight_decay}, batch {args.batch_size}\n\n"
           "| scoring | lam per fold "
           "| top-1 | top-5 | MRR | paired top-1 |\n|---|---|---|---|---|---|")
@@ -341,16 +365,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     report["verification/shipped"] = verification
     if args.write_rerank:
         training = mirrored_pairs(pairs, len(tokens)) if args.mirrored_pairs else pairs
-        weight = train_region_map(train_tokens, training, args.dim, args.epochs,
-                                  args.temperature, args.weight_decay,
-                                  batch_size=args.batch_size, seed=args.seed)
+        final = train_region_map(train_tokens, training, args.dim, args.epochs,
+                                 args.temperature, args.weight_decay,
+                                 batch_size=args.batch_size, seed=args.seed, weighted=weighted,
+                                 importance_lr=args.importance_lr)
         stages = tuple((b, s, stage_channels(name)[s]) for b, name in enumerate(config.backbones)
                        for s in REGION_STAGES)
         facts = {"dim": args.dim, "epochs": args.epochs, "temperature": args.temperature,
                  "weight_decay": args.weight_decay, "batch_size": args.batch_size,
                  "pairs": len(pairs), "images": len(data.images), "recipe": str(args.config),
-                 "mirrored_pairs": args.mirrored_pairs}
-        region_map = RegionMap(weight.numpy(), mean, scale, stages, LOCATIONS, facts)
+                 "mirrored_pairs": args.mirrored_pairs, "pooling": args.pooling}
+        if weighted:
+            facts["importance_lr"] = args.importance_lr
+        region_map = RegionMap(final.weight.numpy(), mean, scale, stages, LOCATIONS, facts,
+                               None if final.importance is None else final.importance.numpy())
         entry = rerank_entry(cosines["plain"], lates, answers, base, args.lambdas)
         entry["verification"] = verification
         entry["measured_on"] = {"cv_dir": str(args.cv_dir), "folds": len(folds),

@@ -322,11 +322,14 @@ class Fold:
                            self.candidates)
 
     def late(self, regions: np.ndarray, symmetric: bool,
-             candidate_regions: np.ndarray | None = None) -> np.ndarray:
+             candidate_regions: np.ndarray | None = None,
+             weights: np.ndarray | None = None) -> np.ndarray:
         """``(S, C)`` MaxSim of each set's candidates; ``regions`` rows = validation images
-        (``candidate_regions``, if given, the candidates' side: more regions per image)."""
+        (``candidate_regions``, if given, the candidates' side: more regions per image;
+        ``weights``, if given, each image's query-region weights)."""
         targets = regions if candidate_regions is None else candidate_regions
-        return np.stack([maxsim(regions[q], targets[c], symmetric)
+        return np.stack([maxsim(regions[q], targets[c], symmetric,
+                                None if weights is None else weights[q])
                          for q, c in zip(self.queries, self.candidates, strict=True)])
 
 
@@ -386,16 +389,20 @@ def nested(cosines: list[np.ndarray], lates: list[np.ndarray], answers: list[np.
 
 
 def pair_matrix(fold: Fold, vectors: np.ndarray, regions: np.ndarray | None = None,
-                candidate_regions: np.ndarray | None = None) -> np.ndarray:
+                candidate_regions: np.ndarray | None = None,
+                weights: np.ndarray | None = None) -> np.ndarray:
     """``(N, N)`` scores of each query (left image) against every pair's true match: the
     cosine of ``vectors``, or with ``regions`` the MaxSim (query -> candidate, the candidates'
-    side from ``candidate_regions`` if given); the diagonal holds the matching pairs (the
-    layout :func:`~.verification.matrix_pairs` splits)."""
+    side from ``candidate_regions`` if given, the query's regions weighted by ``weights`` if
+    given); the diagonal holds the matching pairs (the layout
+    :func:`~.verification.matrix_pairs` splits)."""
     truth = fold.candidates[np.arange(len(fold.answers)), fold.answers]
     if regions is None:
         return vectors[fold.queries] @ vectors[truth].T
     targets = (regions if candidate_regions is None else candidate_regions)[truth]
-    return np.stack([maxsim(regions[q], targets) for q in fold.queries])
+    return np.stack([maxsim(regions[q], targets,
+                            weights=None if weights is None else weights[q])
+                     for q in fold.queries])
 
 
 def figures(matrix: np.ndarray) -> dict[str, float]:

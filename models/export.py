@@ -219,6 +219,7 @@ def export_rerank(model: Model, onnx_target: Path, facts_target: Path) -> None:
                     RERANK_TOLERANCE)
     facts = {"fingerprint": model.fingerprint, "embedding_dim": model.facts.embedding_dim,
              "locations": region_map.locations, "region_dim": region_map.dim,
+             "weighted": region_map.weighted,
              "regions_sha256": files_sha256(model.path / REGIONS_FILE)}
     atomic_write(facts_target, json.dumps(facts))
 

@@ -36,8 +36,9 @@ from .errors import BundleError
 from .model import REGIONS_FILE
 from .network import EmbeddingNet, grid_pool
 
-__all__ = ["LOCATIONS", "REGION_STAGES", "DescribeNet", "RegionMap", "batch_maxsim",
-           "pool_locations", "standardisation", "train_region_map"]
+__all__ = ["LOCATIONS", "REGION_STAGES", "DescribeNet", "RegionMap", "TrainedMap",
+           "batch_maxsim", "pool_locations", "region_weights", "standardisation",
+           "train_region_map"]
 
 REGION_STAGES = (4, 5, 6, 7)
 """The stages (of every trunk) whose output maps make an image's region vectors."""
@@ -70,47 +71,87 @@ def location_tokens(maps: Sequence[np.ndarray], mean: np.ndarray, scale: np.ndar
     return ((tokens - mean[None, :, None]) * scale[None, :, None]).transpose(0, 2, 1)
 
 
-def batch_maxsim(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+def batch_maxsim(queries: torch.Tensor, candidates: torch.Tensor,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
     """``(B, R, D)`` and ``(C, S, D)`` unit regions -> ``(B, C)``: each query's mean over its
-    regions of the best cosine among each candidate's regions (differentiable)."""
-    return torch.einsum("ird,jsd->ijrs", queries, candidates).amax(dim=3).mean(dim=2)
+    regions of the best cosine among each candidate's regions, or, with ``weights`` ``(B, R)``
+    (each row summing to 1), the query regions' weighted sum (differentiable)."""
+    best = torch.einsum("ird,jsd->ijrs", queries, candidates).amax(dim=3)  # (B, C, R)
+    return best.mean(dim=2) if weights is None else (best * weights[:, None, :]).sum(dim=2)
+
+
+def region_weights(tokens: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+    """``(N, L, C)`` standardised tokens, ``(C,)`` importance -> ``(N, L)``: a softmax over
+    each image's locations of their importance scores."""
+    return (tokens @ importance).softmax(dim=-1)
+
+
+@dataclass(frozen=True)
+class TrainedMap:
+    """What :func:`train_region_map` learns: the map ``weight`` ``(dim, C)`` and, when the
+    query's regions are weighted, the ``importance`` ``(C,)`` that weighs them."""
+
+    weight: torch.Tensor
+    importance: torch.Tensor | None = None
 
 
 def train_region_map(tokens: torch.Tensor, pairs: np.ndarray, dim: int = 128, epochs: int = 5,
                      temperature: float = 0.05, weight_decay: float = 0.01, lr: float = 1e-3,
-                     batch_size: int = 128, seed: int = 0) -> torch.Tensor:
+                     batch_size: int = 128, seed: int = 0, weighted: bool = False,
+                     importance_lr: float = 1e-2) -> TrainedMap:
     """``W`` ``(dim, C)`` trained so that each pair ``(first, second)`` of ``pairs`` (rows of
     ``tokens`` ``(N, L, C)``) has a higher MaxSim than the batch's other pairs: a symmetric
-    InfoNCE at ``temperature``, AdamW, one-cycle schedule (10% warm-up, cosine decay)."""
+    InfoNCE at ``temperature``, AdamW, one-cycle schedule (10% warm-up, cosine decay).
+
+    ``weighted`` also learns which of the query's regions count (:func:`region_weights`):
+    look-alikes are often alike in one part, and a plain mean gives a blank background the
+    weight of a face. The importance starts at zero, the plain mean, at its own learning rate
+    ``importance_lr``."""
     torch.manual_seed(seed)
     projection = nn.Linear(tokens.shape[2], dim, bias=False)
-    optimiser = torch.optim.AdamW(projection.parameters(), lr=lr, weight_decay=weight_decay)
+    groups: list[dict[str, Any]] = [{"params": list(projection.parameters()), "lr": lr}]
+    importance = None
+    if weighted:
+        importance = nn.Parameter(torch.zeros(tokens.shape[2]))
+        groups.append({"params": [importance], "lr": importance_lr})
+    optimiser = torch.optim.AdamW(groups, weight_decay=weight_decay)
     # A short run (a smoke test) keeps >= 2 warm-up steps, which the scheduler needs.
     steps = max(3, epochs * -(-len(pairs) // batch_size))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, lr, total_steps=steps,
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, [g["lr"] for g in groups],
+                                                   total_steps=steps,
                                                    pct_start=max(0.1, 2 / steps))
     rng = np.random.default_rng(seed)
     for _ in range(epochs):
         order = rng.permutation(len(pairs))
         for start in range(0, len(order), batch_size):
             batch = torch.from_numpy(pairs[order[start:start + batch_size]])
-            first = F.normalize(projection(tokens[batch[:, 0]]), dim=-1)
-            second = F.normalize(projection(tokens[batch[:, 1]]), dim=-1)
-            logits = batch_maxsim(first, second) / temperature
+            a, b = tokens[batch[:, 0]], tokens[batch[:, 1]]
+            first = F.normalize(projection(a), dim=-1)
+            second = F.normalize(projection(b), dim=-1)
+            if importance is None:  # the plain map: the same scores read both ways
+                forward = batch_maxsim(first, second)
+                backward = forward.T
+            else:  # each side is the query once, weighted by its own regions' importance
+                forward = batch_maxsim(first, second, region_weights(a, importance))
+                backward = batch_maxsim(second, first, region_weights(b, importance))
             target = torch.arange(len(batch))
-            loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+            loss = 0.5 * (F.cross_entropy(forward / temperature, target)
+                          + F.cross_entropy(backward / temperature, target))
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             schedule.step()
-    return projection.weight.detach().clone()
+    return TrainedMap(projection.weight.detach().clone(),
+                      None if importance is None else importance.detach().clone())
 
 
 @dataclass(frozen=True)
 class RegionMap:
     """A trained region map: ``regions = normalise(weight @ ((x - mean) * scale))`` per
     location ``x`` of the ``stages`` (``(trunk, stage, channels)``) pooled to ``locations``
-    per side; ``facts`` say how it was trained."""
+    per side; with an ``importance``, each query region's weight in MaxSim is a softmax over
+    the image's locations of ``importance @ ((x - mean) * scale)`` (without: the plain mean);
+    ``facts`` say how it was trained."""
 
     weight: np.ndarray
     mean: np.ndarray
@@ -118,6 +159,7 @@ class RegionMap:
     stages: tuple[tuple[int, int, int], ...]
     locations: int = LOCATIONS
     facts: dict[str, Any] = field(default_factory=dict)
+    importance: np.ndarray | None = None
 
     @property
     def dim(self) -> int:
@@ -126,6 +168,20 @@ class RegionMap:
     def regions(self, tokens: np.ndarray) -> np.ndarray:
         """``(N, L, C)`` standardised tokens -> ``(N, L, dim)`` unit region vectors."""
         return unit(tokens @ self.weight.T)
+
+    @property
+    def weighted(self) -> bool:
+        """Whether the query's regions are weighted (else MaxSim is their plain mean)."""
+        return self.importance is not None
+
+    def weights(self, tokens: np.ndarray) -> np.ndarray | None:
+        """``(N, L, C)`` standardised tokens -> ``(N, L)`` query-region weights (rows sum to
+        1), or None for the plain mean."""
+        if self.importance is None:
+            return None
+        logits = tokens @ self.importance
+        found = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return found / found.sum(axis=-1, keepdims=True)
 
     def save(self, directory: Path, fingerprint: str) -> Path:
         """Write :data:`~.model.REGIONS_FILE` into the bundle ``directory`` (atomically),
@@ -138,6 +194,8 @@ class RegionMap:
                     "stages": json.dumps(self.stages), "facts": json.dumps(self.facts)}
         tensors = {"weight": self.weight.astype(np.float32), "mean": self.mean.astype(np.float32),
                    "scale": self.scale.astype(np.float32)}
+        if self.importance is not None:
+            tensors["importance"] = self.importance.astype(np.float32)
         return atomic_write(Path(directory) / REGIONS_FILE,
                             lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
@@ -154,16 +212,18 @@ class RegionMap:
         try:
             with safe_open(str(path), framework="numpy") as handle:
                 metadata = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in ("weight", "mean", "scale")}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
             stages = tuple(tuple(int(v) for v in s) for s in json.loads(metadata["stages"]))
             found = cls(tensors["weight"], tensors["mean"], tensors["scale"], stages,
-                        int(metadata["locations"]), json.loads(metadata.get("facts", "{}")))
+                        int(metadata["locations"]), json.loads(metadata.get("facts", "{}")),
+                        tensors.get("importance"))
             trained_for = metadata["model_fingerprint"]
         except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
             raise BundleError(f"{path} is damaged ({type(exc).__name__}: {exc})") from exc
         channels = sum(c for _, _, c in stages)
         if found.weight.ndim != 2 or found.weight.shape[1] != channels or \
-                found.mean.shape != (channels,) or found.scale.shape != (channels,):
+                found.mean.shape != (channels,) or found.scale.shape != (channels,) or \
+                (found.importance is not None and found.importance.shape != (channels,)):
             raise BundleError(f"{path} is damaged: its shapes do not match its stages")
         if trained_for != fingerprint:
             raise BundleError(f"{path} was trained for other weights ({trained_for[:12]}); "
@@ -172,8 +232,9 @@ class RegionMap:
 
 
 class DescribeNet(nn.Module):
-    """Images ``(B, 3, S, S)`` -> descriptions ``(B, D + L * dim)``: the model's own unit
-    embedding, then its ``L`` unit region vectors, row-major; one pass of the trunks."""
+    """Images ``(B, 3, S, S)`` -> descriptions ``(B, D + L * dim [+ L])``: the model's own
+    unit embedding, then its ``L`` unit region vectors, row-major, then (a weighted map) the
+    ``L`` query-region weights; one pass of the trunks."""
 
     def __init__(self, net: EmbeddingNet, region_map: RegionMap) -> None:
         super().__init__()
@@ -185,11 +246,18 @@ class DescribeNet(nn.Module):
         self.register_buffer("projection", torch.from_numpy(scaled.astype(np.float32)))
         self.register_buffer("offset", torch.from_numpy(
             (-(scaled.astype(np.float64) @ region_map.mean)).astype(np.float32)))
+        # Of the importance, only the scaled part: its offset is the same at every location,
+        # and a softmax over the locations ignores it.
+        self.register_buffer("importance", None if region_map.importance is None else
+                             torch.from_numpy((region_map.importance * region_map.scale)
+                                              .astype(np.float32)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features, maps = self.net.features_and_maps(images, self.keys)
         embedding = self.net.project(features)
         tokens = torch.cat([pool_locations(x.float(), self.locations) for x in maps], dim=1)
         regions = torch.matmul(self.projection, tokens) + self.offset[:, None]  # (B, dim, L)
-        regions = F.normalize(regions, dim=1).transpose(1, 2).flatten(1)
-        return torch.cat([embedding, regions], dim=1)
+        parts = [embedding, F.normalize(regions, dim=1).transpose(1, 2).flatten(1)]
+        if self.importance is not None:
+            parts.append(torch.matmul(self.importance, tokens).softmax(dim=-1))  # (B, L)
+        return torch.cat(parts, dim=1)

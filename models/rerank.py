@@ -90,32 +90,38 @@ class RerankSpec:
         return cls(float(entry["weight"]), verification)
 
 
-def maxsim(query: np.ndarray, candidates: np.ndarray, symmetric: bool = False) -> np.ndarray:
+def maxsim(query: np.ndarray, candidates: np.ndarray, symmetric: bool = False,
+           weights: np.ndarray | None = None) -> np.ndarray:
     """``(R, D)`` unit query regions, ``(K, S, D)`` candidates' -> ``(K,)``: the mean over
-    the query's regions of the best candidate region's cosine (and back, if symmetric)."""
+    the query's regions (or their sum weighted by ``weights`` ``(R,)``, summing to 1) of the
+    best candidate region's cosine (and back, plain mean, if symmetric)."""
     sims = np.matmul(candidates, query.T)  # (K, S, R), one BLAS product per candidate
-    forward = sims.max(axis=1).mean(axis=1)
+    best = sims.max(axis=1)
+    forward = best.mean(axis=1) if weights is None else best @ weights
     return 0.5 * (forward + sims.max(axis=2).mean(axis=1)) if symmetric else forward
 
 
 @dataclass(frozen=True)
 class Layout:
-    """How a description ``(D + L * d,)`` splits: embedding width, regions, region width."""
+    """How a description ``(D + L * d [+ L],)`` splits: embedding width, regions, region
+    width, and whether the query-region weights follow."""
 
     embedding_dim: int
     regions: int
     region_dim: int
+    weighted: bool = False
 
     @property
     def width(self) -> int:
-        return self.embedding_dim + self.regions * self.region_dim
+        return self.embedding_dim + self.regions * (self.region_dim + self.weighted)
 
 
 class Reranker:
     """Describes images for re-ranking and scores candidates against a query.
 
     An image's *description* is one float32 vector: its unit embedding, then its ``L`` unit
-    region vectors. :meth:`embedder` wraps :meth:`describe` as an
+    region vectors, then (a weighted map) the weights of its regions as a query's in MaxSim.
+    :meth:`embedder` wraps :meth:`describe` as an
     :class:`~.embedder.Embedder` whose "vectors" are descriptions, so the file pipeline
     (decoding beside the forward pass, errors per file, progress) is the usual one.
     """
@@ -142,14 +148,24 @@ class Reranker:
 
     def regions(self, descriptions: np.ndarray) -> np.ndarray:
         """``(..., width)`` -> ``(..., L, d)`` unit region vectors."""
-        shape = descriptions.shape[:-1] + (self.layout.regions, self.layout.region_dim)
-        return descriptions[..., self.layout.embedding_dim:].reshape(shape)
+        layout = self.layout
+        start = layout.embedding_dim
+        shape = descriptions.shape[:-1] + (layout.regions, layout.region_dim)
+        return descriptions[..., start:start + layout.regions * layout.region_dim].reshape(shape)
+
+    def weights(self, description: np.ndarray) -> np.ndarray | None:
+        """A query description's region weights ``(L,)``, or None (the plain mean)."""
+        return description[-self.layout.regions:] if self.layout.weighted else None
+
+    def late(self, query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """``(width,)`` query description, ``(K, width)`` candidates' -> ``(K,)`` MaxSim."""
+        return maxsim(self.regions(query), self.regions(candidates), weights=self.weights(query))
 
     def scores(self, query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """``(width,)`` query description, ``(K, width)`` candidates' -> ``(K,)``."""
         if len(candidates) == 0:
             return np.zeros(0, np.float32)
-        late = maxsim(self.regions(query), self.regions(candidates))
+        late = self.late(query, candidates)
         return (self.cosines(query, candidates) + self.spec.weight * late).astype(np.float32)
 
     def pair_score(self, a: np.ndarray, b: np.ndarray) -> tuple[float, VerificationSpec]:
@@ -161,7 +177,7 @@ class Reranker:
             raise EngineError(
                 f"model {self.source.bundle.name!r} has a re-ranker for candidate sets but no "
                 "calibrated pair score ('verification' in its re-ranker entry)")
-        late = maxsim(self.regions(a), self.regions(b)[None])[0]
+        late = self.late(a, b[None])[0]
         score = float(self.cosines(a, b[None])[0] + verification.weight * late)
         if verification.hubness_k:
             dim = self.layout.embedding_dim
@@ -195,7 +211,8 @@ def _torch_describe(embedder: Embedder) -> tuple[Callable[[np.ndarray], np.ndarr
         with torch.inference_mode():
             return module(torch.from_numpy(batch)).numpy()
 
-    return run, Layout(embedder.dim, region_map.locations**2, region_map.dim)
+    return run, Layout(embedder.dim, region_map.locations**2, region_map.dim,
+                       region_map.weighted)
 
 
 def _onnx_describe(embedder: Embedder, cache_dir: str | Path | None
@@ -208,7 +225,8 @@ def _onnx_describe(embedder: Embedder, cache_dir: str | Path | None
         onnx, facts_file = rerank_files(embedder.bundle, directory)
         facts = json.loads(facts_file.read_text())
         return ort_runner(onnx, threads=2), Layout(
-            int(facts["embedding_dim"]), int(facts["locations"]) ** 2, int(facts["region_dim"]))
+            int(facts["embedding_dim"]), int(facts["locations"]) ** 2, int(facts["region_dim"]),
+            bool(facts.get("weighted", False)))
 
 
 _rerankers: weakref.WeakKeyDictionary[Embedder, Reranker] = weakref.WeakKeyDictionary()

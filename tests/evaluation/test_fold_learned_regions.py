@@ -65,6 +65,20 @@ def test_candidates_mirrors_add_regions_a_query_region_may_match() -> None:
     np.testing.assert_allclose(pair_matrix(fold, None, regions), [[0.0]])
 
 
+def test_query_weights_decide_which_regions_count() -> None:
+    """A weighted map's held-out scores: each query region's best match, weighted by the
+    query's own weights, in candidate sets and in pair matrices alike."""
+    regions = np.array([[[1.0, 0.0], [0.0, 1.0]],   # the query: two regions
+                        [[1.0, 0.0], [1.0, 0.0]],   # candidate 1 matches its first
+                        [[0.0, 1.0], [0.0, 1.0]]])  # candidate 2 its second
+    weights = np.array([[0.9, 0.1], [0.5, 0.5], [0.5, 0.5]])
+    fold = Fold(0, np.arange(3), np.eye(3), np.array([0]), np.array([[1, 2]]), np.array([0]),
+                head=None)
+    np.testing.assert_allclose(fold.late(regions, symmetric=False), [[0.5, 0.5]])
+    np.testing.assert_allclose(fold.late(regions, False, weights=weights), [[0.9, 0.1]])
+    np.testing.assert_allclose(pair_matrix(fold, None, regions, weights=weights), [[0.9]])
+
+
 def test_multiscale_keeps_the_grid_and_adds_its_pooled_cells() -> None:
     """``--scales 7,3,1``: the 49 tokens unchanged, then 9 means of overlapping 3 x 3 cells
     (adaptive pooling of a 7-cell side: rows 0-2, 2-4, 4-6), then the whole image's mean."""
@@ -99,7 +113,8 @@ def test_ship_writes_a_map_and_entry_the_bundle_reranks_with(
     channels = sum(c for _, _, c in stages)
     rng = np.random.default_rng(0)
     region_map = RegionMap(rng.normal(size=(8, channels)).astype(np.float32),
-                           np.zeros(channels, np.float32), np.ones(channels, np.float32), stages)
+                           np.zeros(channels, np.float32), np.ones(channels, np.float32), stages,
+                           importance=rng.normal(size=channels).astype(np.float32))
     entry = {"weight": 0.5, "regions": REGIONS, "top1": 0.6}
     model = resolve_model(str(copy), cache_dir)
     embedder = Embedder(model, "torch")
@@ -117,6 +132,7 @@ def test_ship_writes_a_map_and_entry_the_bundle_reranks_with(
     assert cohort.facts == {"images": 3, "pairs_file": "pairs.csv", "recipe": "recipe.toml"}
     np.testing.assert_allclose(cohort.vectors, embedder.embed_arrays(images), atol=1e-2)
     reranker = reranker_for(embedder)
+    assert reranker.layout.weighted  # the map's importance travels with it
     described = reranker.describe(images[:1])
     assert reranker.scores(described[0], described) == pytest.approx([1.5], abs=1e-5)
 

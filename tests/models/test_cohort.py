@@ -78,8 +78,8 @@ def test_the_pair_score_subtracts_half_of_each_sides_hubness(
     a, b = reranker.describe(np.stack([accurate.load_file(p)[0] for p in paths]))
     dim, cohort = accurate.dim, reranker.cohort().vectors
     spec = reranker.spec.verification
-    plain = a[:dim] @ b[:dim] + spec.weight * maxsim(reranker.regions(a),
-                                                     reranker.regions(b)[None])[0]
+    plain = a[:dim] @ b[:dim] + spec.weight * maxsim(
+        reranker.regions(a), reranker.regions(b)[None], weights=reranker.weights(a))[0]
     for k in (0, 20):
         hubs = [np.sort(cohort @ v[:dim])[-k:].mean() if k else 0.0 for v in (a, b)]
         changed = dataclasses.replace(reranker.spec,

@@ -83,8 +83,10 @@ def test_scores_add_the_weighted_maxsim_to_the_cosine(
     described = reranker.describe(_batch(accurate, demo_dir, demo_pairs))
     query, candidates = described[0], described[1:]
     regions, dim = reranker.regions(described), accurate.dim
-    expected = [candidate[:dim] @ query[:dim] + reranker.spec.weight * np.mean(
-        [max(q @ r for r in mine) for q in regions[0]])
+    weights = reranker.weights(query)  # the shipped map weighs the query's regions
+    assert reranker.layout.weighted and weights.sum() == pytest.approx(1.0, abs=1e-5)
+    expected = [candidate[:dim] @ query[:dim] + reranker.spec.weight * sum(
+        w * max(q @ r for r in mine) for q, w in zip(regions[0], weights, strict=True))
         for candidate, mine in zip(candidates, regions[1:], strict=True)]
     np.testing.assert_allclose(reranker.scores(query, candidates), expected, atol=1e-5)
     assert reranker.scores(query, candidates[:0]).shape == (0,)
