@@ -89,8 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "lookalike",
                         help="built-in models and converted engines are cached here")
     parser.add_argument("--rerank", action="store_true",
-                        help="also time the model's re-ranker (flip TTA + region terms per "
-                             "image, what 'lookalike rank --rerank' runs) on each engine, "
+                        help="also time the model's re-ranker (embedding, learned regions "
+                             "and their weights in one pass per image, what 'lookalike rank "
+                             "--rerank' runs) on each engine, "
                              "against the plain embedding at batch 32 in the same run")
     parser.add_argument("--quick", action="store_true",
                         help="64 images and at most 5 s per pass, one pass, 40 candidate sets")

@@ -5,15 +5,16 @@ A candidate's score is ``cosine + weight * maxsim``:
 * ``cosine`` is the model's own embedding cosine;
 * ``maxsim`` is ColBERT-style late interaction over the model's *learned* region vectors
   (:mod:`.regions_net`: the trunks' 7 x 7 locations through a linear map trained on look-alike
-  pairs): the mean over the query's regions of the best cosine among the candidate's regions.
-  TLL likeness is often partial (a hairstyle, a pose, a shape in one corner); matching region
-  to region scores that.
+  pairs): each query region's best cosine among the candidate's regions, summed with the
+  query regions' learned weights (a softmax over its locations; a map without them: the plain
+  mean). TLL likeness is often partial (a hairstyle, a pose, a shape in one corner); matching
+  region to region, and weighing the regions that carry a likeness, scores that.
 
 Both come from one pass of the trunks (:class:`~.regions_net.DescribeNet`, or its ONNX export
 ``rerank.onnx`` on the ONNX engines). In 5-fold cross-validation on the ``accurate`` model it
-gains +0.039 ± 0.007 top-1 over the cosine (0.593; 0.588 over five seeds of the map) and, as a
-pair score with the hubness term (:mod:`.cohort`), +0.017 ROC-AUC (0.911; ``benchmarks/
-RESULTS.md``, issue 14, "Sixth session" and "Seventh session").
+gains +0.075 ± 0.008 top-1 over the cosine (0.629; the plain mean of the regions gave 0.593)
+and, as a pair score with the hubness term (:mod:`.cohort`), +0.027 ROC-AUC (0.921;
+``benchmarks/RESULTS.md``, issue 14, "Twelfth session").
 The weights are measured properties of one model's weights, so they live in the model's
 ``calibration.json`` (key :data:`~.model.RERANK_KEY`), and the region map beside it
 (:data:`~.model.REGIONS_FILE`); a model without both has no re-ranker.
