@@ -39,8 +39,11 @@ $PYTHON -m lookalike.evaluation.fold_rerank --config models/recipes/accurate.tom
   --cv-dir "$OUT/e30-lite01/model.work/cv" --regions explain-7x7,head-7x7 --verification
 # Variants measured beside it (RESULTS.md, "Sixth session" and "Seventh session"), none shipped:
 # fold_learned_regions ... --dim 128|512, --epochs 10, --seed 1-4, --symmetric, --temperature 0.1,
-# --maps 2, --scales 7,3,1, --batch-size 64|256.
-# Shipped (sixth session; the pair score's hubness term since the seventh). The map trained on
+# --maps 2, --scales 7,3,1, --batch-size 64|256; later --mirrored-pairs, --mirror-candidates,
+# and (twelfth session, after the weights shipped) --pooling mean, --importance-lr 0.03,
+# --epochs 10.
+# Shipped (sixth session; the pair score's hubness term since the seventh; the query regions'
+# learned weights, --pooling weighted, the default, since the twelfth). The map trained on
 # all pairs goes into models/accurate/regions.safetensors, the model's embeddings of the
 # training images into cohort.safetensors, and the weight (and the pair score's weight, hubness k
 # and threshold) best over all folds, with the out-of-fold figures, into its calibration.json.

@@ -66,8 +66,8 @@ def test_batch_maxsim_is_the_rerankers_maxsim() -> None:
     np.testing.assert_allclose(got, np.stack([maxsim(x, c) for x in q]), atol=1e-6)
     weights = rng.dirichlet(np.ones(5), size=3).astype(np.float32)
     got = batch_maxsim(torch.from_numpy(q), torch.from_numpy(c), torch.from_numpy(weights))
-    np.testing.assert_allclose(got.numpy(), np.stack([maxsim(x, c, weights=w)
-                                                      for x, w in zip(q, weights)]), atol=1e-6)
+    by_query = [maxsim(x, c, weights=w) for x, w in zip(q, weights, strict=True)]
+    np.testing.assert_allclose(got.numpy(), np.stack(by_query), atol=1e-6)
     best = np.einsum("rd,ksd->krs", q[0], c).max(axis=2)  # (K, R): each region's best match
     np.testing.assert_allclose(maxsim(q[0], c, weights=weights[0]), best @ weights[0],
                                atol=1e-6)
@@ -247,7 +247,8 @@ def test_onnx_describes_as_pytorch_does_and_travels_in_the_serving_export(
     weights = by_onnx.weights(expected[0])
     assert weights.shape == (LOCATIONS**2,) and weights.sum() == pytest.approx(1.0, abs=1e-5)
     loop = [expected[i, :dim] @ expected[0, :dim]
-            + sum(w * max(q @ r for r in regions[i]) for q, w in zip(regions[0], weights))
+            + sum(w * max(q @ r for r in regions[i])
+                  for q, w in zip(regions[0], weights, strict=True))
             for i in range(1, 5)]
     np.testing.assert_allclose(scores, loop, atol=1e-5)
     np.testing.assert_allclose(by_onnx.cosines(expected[0], expected[1:]),
