@@ -7,11 +7,10 @@ of the recipe's frozen trunks pooled to 7 x 7, standardised) go through one line
 to ``dim`` values and unit length, and ``W`` is trained on the fold's *training* pairs with a
 symmetric InfoNCE over the in-batch MaxSim scores (query -> candidate), and with it (the
 default ``--pooling weighted``) the importance that weighs the query's regions in MaxSim
-instead of their plain mean (``--pooling mean``, the sixth to eleventh sessions' setting). The
-fold's held-out
-sets are then scored by ``cosine + lam * learned MaxSim`` with the fold model's cosine,
-``lam`` chosen per fold on the other folds (nested), so every figure is out of fold;
-verification pairs too (``lam`` nested on AUC).
+instead of their plain mean (``--pooling mean``, the sixth to eleventh sessions' setting).
+The fold's held-out sets are then scored by ``cosine + lam * learned MaxSim`` with the fold
+model's cosine, ``lam`` chosen per fold on the other folds (nested), so every figure is out
+of fold; verification pairs too (``lam`` nested on AUC).
 
 ``--write-rerank MODEL_DIR`` then ships it: ``W`` trained the same way on *all* pairs goes
 into the bundle (``regions.safetensors``) and the weight best over all folds, with the

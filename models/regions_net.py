@@ -182,9 +182,8 @@ class RegionMap:
         1), or None for the plain mean."""
         if self.importance is None:
             return None
-        logits = tokens @ self.importance
-        found = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        return found / found.sum(axis=-1, keepdims=True)
+        return region_weights(torch.from_numpy(np.asarray(tokens, np.float32)),
+                              torch.from_numpy(self.importance.astype(np.float32))).numpy()
 
     def save(self, directory: Path, fingerprint: str) -> Path:
         """Write :data:`~.model.REGIONS_FILE` into the bundle ``directory`` (atomically),

@@ -1,10 +1,10 @@
 """Learned regions (issue 14): the batched MaxSim is the re-ranker's, weighted or not; training
 learns which channels carry a pair's likeness, so held-out pairs (new identities) match better
 than before training, and (weighted) which of the query's regions carry it; the describe
-network is the model's own embedding followed by the map of its stage
-maps pooled to 7 x 7 (checked against adaptive pooling and NumPy); a region map round-trips
-and refuses damage and other weights; the ONNX export describes as PyTorch does, torch-free
-from a serving model too, which carries the cohort."""
+network is the model's own embedding followed by the map of its stage maps pooled to 7 x 7
+(checked against adaptive pooling and NumPy), then the query-region weights; a region map
+round-trips and refuses damage and other weights; the ONNX export describes as PyTorch does,
+torch-free from a serving model too, which carries the cohort."""
 
 from __future__ import annotations
 
