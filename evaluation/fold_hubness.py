@@ -41,7 +41,8 @@ def hubness_entry(cosines: dict[int, list[np.ndarray]], far: float = 0.01) -> di
     """The calibration entry from each fold's :func:`~.fold_rerank.pair_matrix` cosines per
     ``k`` (0: uncorrected): ``k`` best by mean AUC over all folds, its threshold at ``far`` on
     the pooled out-of-fold scores, and the out-of-fold figures with ``k`` nested."""
-    found = verification_entry(cosines, [np.zeros_like(c) for c in cosines[0]], (0.0,), far)
+    found = verification_entry({(k, 0.0): found for k, found in cosines.items()}, cosines[0],
+                               far)
     return {"k": found["hubness_k"], **{name: found[name] for name in ENTRY_FIGURES},
             "nested_k": found["nested_hubness_k"]}
 
@@ -107,7 +108,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 def ship(model_dir: Path, features: np.ndarray, config: TrainConfig, recipe: Path, folds: int,
          entry: dict[str, object]) -> list[Path]:
     """Write the bundle's cohort and its :data:`~lookalike.models.model.HUBNESS_KEY` entry,
-    both naming its fingerprint."""
+    both naming its fingerprint. A cohort already there for these weights is the same
+    embeddings (:func:`~.fold_rerank.bundle_cohort`) and may carry the re-ranker's regions
+    (:mod:`.fold_learned_regions`), so it is kept."""
+    from ..models.cohort import Cohort
+    from ..models.errors import BundleError
     from ..models.model import HUBNESS_KEY, update_calibration
     from ..models.resolve import default_cache_dir, resolve_model
 
@@ -115,9 +120,13 @@ def ship(model_dir: Path, features: np.ndarray, config: TrainConfig, recipe: Pat
     cohort = tools.bundle_cohort(model_dir, features, config, recipe)
     measured_on = {"method": f"out-of-fold scores of {folds}-fold cross-validation",
                    "machine": tools.machine(), **cohort.facts}
-    cohort_file = cohort.save(model_dir, model.fingerprint)
-    return [cohort_file, update_calibration(model_dir, model.fingerprint,
-                                       {HUBNESS_KEY: {**entry, "measured_on": measured_on}})]
+    try:
+        Cohort.load(Path(model_dir), model.fingerprint, cohort.vectors.shape[1])
+        written = []
+    except BundleError:
+        written = [cohort.save(model_dir, model.fingerprint)]
+    return [*written, update_calibration(model_dir, model.fingerprint,
+                                         {HUBNESS_KEY: {**entry, "measured_on": measured_on}})]
 
 
 if __name__ == "__main__":

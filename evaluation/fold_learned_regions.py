@@ -10,7 +10,9 @@ default ``--pooling weighted``) the importance that weighs the query's regions i
 instead of their plain mean (``--pooling mean``, the sixth to eleventh sessions' setting).
 The fold's held-out sets are then scored by ``cosine + lam * learned MaxSim`` with the fold
 model's cosine, ``lam`` chosen per fold on the other folds (nested), so every figure is out
-of fold; verification pairs too (``lam`` nested on AUC).
+of fold; verification pairs too (``lam`` nested on AUC). The served pair score takes MaxSim
+both ways and subtracts half of each image's hubness *of that score* against the fold's
+:func:`region_cohort` (its training images' regions, as stored), ``k`` nested with ``lam``.
 
 ``--write-rerank MODEL_DIR`` then ships it: ``W`` trained the same way on *all* pairs goes
 into the bundle (``regions.safetensors``) and the weight best over all folds, with the
@@ -26,6 +28,7 @@ Needs a CV row run with ``--keep-fold-models`` and the region cache of :mod:`.fo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -36,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.scoring import set_metrics
+from ..models.cohort import Cohort, CohortRegions
 from ..models.network import stage_channels
 from ..models.regions_net import (
     LOCATIONS,
@@ -47,7 +51,7 @@ from ..models.regions_net import (
     standardisation,
     train_region_map,
 )
-from ..models.rerank import REGIONS
+from ..models.rerank import PAIR_SCORE, REGIONS, cohort_scores, combined_hubness
 from ..models.train import TrainConfig, load_data
 from .crossval import mean_se
 from .fold_rerank import (
@@ -64,7 +68,6 @@ from .fold_rerank import (
     nested,
     nested_verification,
     pair_matrix,
-    pair_table,
     pick_nested,
     region_cache,
     set_table,
@@ -79,6 +82,13 @@ WEIGHTS = (*LAMBDAS, 4.0, 6.0, 10.0)
 whose top (3.0) the learned MaxSim reached in some folds."""
 HUBNESS_KS = (0, 5, 10, 20, 50)
 """Cohort neighbours of the pair score's hubness correction to choose from (0: none)."""
+REGION_COHORT_IMAGES = 800
+"""Cohort images whose regions the re-ranked pair score's hubness is measured against: those
+most often among other images' best-scoring (in cross-validation 800 such images of 2,400
+gave all 2,400's ROC-AUC, 400 lost 0.002, and 400 drawn at random 0.002-0.003)."""
+PROBES, SELECTION_K, SELECTION_WEIGHT = 600, 50, 4.0
+"""How the region cohort is chosen: each of ``PROBES`` cohort images (drawn) votes for its
+``SELECTION_K`` best-scoring others, by cosine + ``SELECTION_WEIGHT`` x symmetric MaxSim."""
 
 
 def multiscale(tokens: torch.Tensor, scales: Sequence[int]) -> torch.Tensor:
@@ -103,6 +113,46 @@ def query_weights(trained: TrainedMap, tokens: torch.Tensor) -> np.ndarray | Non
         return None
     with torch.no_grad():
         return region_weights(tokens, trained.importance).double().numpy()
+
+
+def pair_weights(trained: TrainedMap, tokens: torch.Tensor) -> np.ndarray:
+    """:func:`query_weights`, uniform for a plain map (as the served pair score's)."""
+    found = query_weights(trained, tokens)
+    return np.full(tokens.shape[:2], 1.0 / tokens.shape[1]) if found is None else found
+
+
+def region_cohort(vectors: np.ndarray, regions: np.ndarray, weights: np.ndarray,
+                  count: int = REGION_COHORT_IMAGES, seed: int = 0) -> CohortRegions:
+    """The regions (``(N, L, d)``, weights ``(N, L)``) of the ``count`` of ``N`` cohort images
+    (unit ``vectors``) that are most often among the best-scoring of the others (drawn
+    probes'): a hubness is the mean of an image's best scores, so these are the images it is
+    made of, and a tenth of the cohort gives nearly the whole cohort's correction."""
+    everyone = Cohort(vectors, regions=CohortRegions(np.arange(len(vectors)), regions, weights))
+    probes = np.random.default_rng(seed).choice(len(vectors), min(PROBES, len(vectors)),
+                                                replace=False)
+    cosines, lates = cohort_scores(vectors[probes], regions[probes], weights[probes], everyone)
+    scores = cosines + SELECTION_WEIGHT * lates
+    scores[np.arange(len(probes)), probes] = -np.inf
+    k = min(SELECTION_K, len(vectors) - 1)
+    best = np.argpartition(scores, scores.shape[1] - k, axis=1)[:, -k:]
+    votes = np.bincount(best.ravel(), minlength=len(vectors))
+    rows = np.sort(np.argsort(-votes, kind="stable")[:count])
+    return CohortRegions(rows, regions[rows], weights[rows])
+
+
+def combined_pairs(pair_cosines: np.ndarray, pair_lates: np.ndarray, fold: Fold,
+                   held_out: tuple[np.ndarray, np.ndarray], weight: float, k: int
+                   ) -> np.ndarray:
+    """A fold's re-ranked pair scores as served: ``(N, N)`` cosines + ``weight`` x symmetric
+    MaxSims, minus half of each side's :func:`~lookalike.models.rerank.combined_hubness` from
+    the validation images' ``held_out`` :func:`~lookalike.models.rerank.cohort_scores` (``k``
+    0: uncorrected)."""
+    scores = pair_cosines + weight * pair_lates
+    if not k:
+        return scores
+    hub = combined_hubness(*held_out, weight, k)
+    truth = fold.candidates[np.arange(len(fold.answers)), fold.answers]
+    return scores - 0.5 * (hub[fold.queries][:, None] + hub[truth][None, :])
 
 
 def fold_training_pairs(pairs: np.ndarray, fold: Fold) -> np.ndarray:
@@ -138,26 +188,24 @@ def rerank_entry(cosines: list[np.ndarray], lates: list[np.ndarray], answers: li
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}
 
 
-def verification_entry(cosines: dict[int, list[np.ndarray]], lates: list[np.ndarray],
-                       lambdas: Sequence[float] = WEIGHTS, far: float = 0.01
-                       ) -> dict[str, object]:
-    """The re-ranked verification score's calibration (``/compare`` with ``rerank``):
-    ``cosines`` per hubness ``k`` (0: uncorrected). The ``k`` and weight best by mean AUC over
-    every fold, the threshold at ``far`` on the pooled out-of-fold non-matching scores with
-    them (as ``calibration.json``'s cosine threshold is fitted), and the out-of-fold figures
-    with ``k`` and weight chosen per fold on the others."""
-    options = [(k, lam) for k in cosines for lam in lambdas]
-    tables = [pair_table(cos, lates, lambdas) for cos in cosines.values()]
-    table = [[t for tab in tables for t in tab[fold]] for fold in range(len(lates))]
+def verification_entry(scores: dict[tuple[int, float], list[np.ndarray]],
+                       plain: list[np.ndarray], far: float = 0.01) -> dict[str, object]:
+    """A pair score's calibration from each fold's ``(N, N)`` pair ``scores`` per option
+    ``(hubness k, weight)`` (``plain``: each fold's uncorrected cosines, the baseline): the
+    option best by mean AUC over every fold, the threshold at ``far`` on the pooled
+    out-of-fold non-matching scores with it (as ``calibration.json``'s cosine threshold is
+    fitted), and the out-of-fold figures with the option chosen per fold on the others."""
+    options = list(scores)
+    table = [[figures(scores[option][fold]) for option in options]
+             for fold in range(len(plain))]
     chosen, found = pick_nested(table, options, "auc")
     auc = np.array([[t["auc"] for t in row] for row in table])
     hubness_k, weight = options[int(np.argmax(auc.mean(axis=0)))]
-    split = [matrix_pairs(c + weight * li)
-             for c, li in zip(cosines[hubness_k], lates, strict=True)]
+    split = [matrix_pairs(m) for m in scores[hubness_k, weight]]
     positive = np.concatenate([p for p, _ in split])
     negative = np.concatenate([n for _, n in split])
     threshold = threshold_at_far(negative, far)
-    plain = [figures(c) for c in cosines[0]]
+    baseline = [figures(c) for c in plain]
     entry: dict[str, object] = {
         "weight": weight, "hubness_k": hubness_k, "threshold": threshold, "target_far": far,
         "far": float((negative >= threshold).mean()), "tpr": float((positive >= threshold).mean()),
@@ -167,7 +215,7 @@ def verification_entry(cosines: dict[int, list[np.ndarray]], lates: list[np.ndar
     for metric in ("auc", "eer", "tmr_at_far"):
         entry[metric], entry[f"{metric}_se"] = mean_se([m[metric] for m in found])
     entry["auc_gain"], entry["auc_gain_se"] = mean_se(
-        [m["auc"] - b["auc"] for m, b in zip(found, plain, strict=True)])
+        [m["auc"] - b["auc"] for m, b in zip(found, baseline, strict=True)])
     return {k: round(v, 4) if isinstance(v, float) and k != "threshold" else v
             for k, v in entry.items()}
 
@@ -179,18 +227,24 @@ def entry_cells(entry: dict[str, object]) -> str:
                       for name in ("auc", "eer", "tmr_at_far", "auc_gain"))
 
 
-def ship(model_dir: Path, region_map: RegionMap, features: np.ndarray, config: TrainConfig,
-         recipe: Path, entry: dict[str, object]) -> list[Path]:
+def ship(model_dir: Path, trained: TrainedMap, region_map: RegionMap, tokens: torch.Tensor,
+         features: np.ndarray, config: TrainConfig, recipe: Path, entry: dict[str, object]
+         ) -> list[Path]:
     """Write the region map and the cohort (the bundle's embeddings of the training images'
-    cached ``features``, as each fold's cohort was made) beside the bundle, and merge
-    ``entry`` into its ``calibration.json`` under ``rerank``: all name its fingerprint."""
+    cached ``features``, as each fold's cohort was made, and the :func:`region_cohort` of the
+    map's regions of their ``tokens``) beside the bundle, and merge ``entry`` into its
+    ``calibration.json`` under ``rerank``: all name its fingerprint."""
     from ..models.model import RERANK_KEY, update_calibration
     from ..models.resolve import default_cache_dir, resolve_model
 
     model = resolve_model(str(model_dir), default_cache_dir())
+    cohort = bundle_cohort(model_dir, features, config, recipe)
+    found = region_cohort(cohort.vectors, project(trained.weight, tokens),
+                          pair_weights(trained, tokens))
+    cohort = dataclasses.replace(cohort, regions=found,
+                                 facts=cohort.facts | {"region_images": len(found.rows)})
     return [region_map.save(model_dir, model.fingerprint),
-            bundle_cohort(model_dir, features, config, recipe).save(model_dir,
-                                                                     model.fingerprint),
+            cohort.save(model_dir, model.fingerprint),
             update_calibration(model_dir, model.fingerprint, {RERANK_KEY: entry})]
 
 
@@ -280,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     pair_cosines: dict[str, list[np.ndarray]] = {"plain": [], "flip TTA": []}
     corrected: dict[int, list[np.ndarray]] = {k: [] for k in (0, *args.hubness_k)}
     lates, pair_lates, answers = [], [], []
+    symmetric_lates, held_out_scores = [], []
     for fold in folds:
         cohort = fold_cohort(fold, features)
         training = fold_training_pairs(pairs, fold)
@@ -310,6 +365,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                                    for r, t, w in zip(regions, targets, qweights, strict=True)],
                                   axis=0))
         answers.append(fold.answers)
+        # the pair score as served: the first map's MaxSims both ways, hubness of that score
+        first, first_weights = regions[0], pair_weights(trained[0], tokens[held_out])
+        symmetric_lates.append(pair_matrix(fold, None, first, weights=first_weights,
+                                           symmetric=True))
+        others = torch.from_numpy(np.delete(np.arange(len(tokens)), fold.rows))
+        found = region_cohort(cohort, project(trained[0].weight, tokens[others]),
+                              pair_weights(trained[0], tokens[others]), seed=fold.number)
+        held_out_scores.append(cohort_scores(fold.vectors, first, first_weights,
+                                             Cohort(cohort, regions=found.stored())))
         print(f"fold {fold.number}: learned MaxSim alone top-1 "
               f"{set_metrics(lates[-1], fold.answers)['top1']:.3f} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
@@ -356,11 +420,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"{cell([m['eer'] for m in found])} | {cell([m['tmr_at_far'] for m in found])}"
                   f" | {gain} |")
             report[f"verification/{label}"] = {"lam": chosen, "metrics": found}
-    verification = verification_entry(corrected, pair_lates, args.lambdas)
+    combined = {(k, lam): [combined_pairs(c, li, fold, held, lam, k) for c, li, fold, held in
+                           zip(pair_cosines["plain"], symmetric_lates, folds, held_out_scores,
+                               strict=True)]
+                for k in (0, *args.hubness_k) for lam in args.lambdas}
+    verification = verification_entry(combined, pair_cosines["plain"])
+    verification["pair_score"] = PAIR_SCORE
     picks = list(zip(verification["nested_hubness_k"], verification["nested_weights"],
                      strict=True))
-    print(f"| plain cosine - hubness + lam x learned MaxSim, k and lam nested | {picks} | "
-          f"{entry_cells(verification)} |")
+    print(f"| plain cosine + lam x learned MaxSim both ways - hubness of that score "
+          f"({REGION_COHORT_IMAGES} cohort images' regions), k and lam nested (shipped) | "
+          f"{picks} | {entry_cells(verification)} |")
     report["verification/shipped"] = verification
     if args.write_rerank:
         training = mirrored_pairs(pairs, len(tokens)) if args.mirrored_pairs else pairs
@@ -382,7 +452,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         entry["verification"] = verification
         entry["measured_on"] = {"cv_dir": str(args.cv_dir), "folds": len(folds),
                                 "pairs_file": str(config.pairs), "machine": machine(), **facts}
-        written = ship(args.write_rerank, region_map, features, config, args.config, entry)
+        written = ship(args.write_rerank, final, region_map, tokens, features, config,
+                       args.config, entry)
         print(f"\nre-ranker written: {', '.join(map(str, written))}: {entry}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

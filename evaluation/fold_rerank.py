@@ -390,18 +390,19 @@ def nested(cosines: list[np.ndarray], lates: list[np.ndarray], answers: list[np.
 
 def pair_matrix(fold: Fold, vectors: np.ndarray, regions: np.ndarray | None = None,
                 candidate_regions: np.ndarray | None = None,
-                weights: np.ndarray | None = None) -> np.ndarray:
+                weights: np.ndarray | None = None, symmetric: bool = False) -> np.ndarray:
     """``(N, N)`` scores of each query (left image) against every pair's true match: the
     cosine of ``vectors``, or with ``regions`` the MaxSim (query -> candidate, the candidates'
     side from ``candidate_regions`` if given, the query's regions weighted by ``weights`` if
-    given); the diagonal holds the matching pairs (the layout
-    :func:`~.verification.matrix_pairs` splits)."""
+    given; ``symmetric``: both ways, each side's regions weighted by its own); the diagonal
+    holds the matching pairs (the layout :func:`~.verification.matrix_pairs` splits)."""
     truth = fold.candidates[np.arange(len(fold.answers)), fold.answers]
     if regions is None:
         return vectors[fold.queries] @ vectors[truth].T
     targets = (regions if candidate_regions is None else candidate_regions)[truth]
-    return np.stack([maxsim(regions[q], targets,
-                            weights=None if weights is None else weights[q])
+    back = None if weights is None else weights[truth]
+    return np.stack([maxsim(regions[q], targets, symmetric,
+                            None if weights is None else weights[q], back)
                      for q in fold.queries])
 
 

@@ -34,18 +34,21 @@ from typing import Any
 
 import numpy as np
 
-from ..core.scoring import unit
+from ..core.scoring import top_k_mean, unit
 from .cohort import Cohort, cohort_of
 from .embedder import Embedder
 from .errors import EngineError
 from .export import conversion_dir
 from .model import RERANK_KEY
 
-__all__ = ["REGIONS", "Layout", "Reranker", "RerankSpec", "VerificationSpec", "maxsim",
-           "reranker_for", "unit"]
+__all__ = ["PAIR_SCORE", "REGIONS", "Layout", "Reranker", "RerankSpec", "VerificationSpec",
+           "cohort_scores", "combined_hubness", "maxsim", "reranker_for", "unit"]
 
 REGIONS = "learned-7x7"
 """The kind of regions this version re-ranks with, as a calibration entry records it."""
+PAIR_SCORE = "symmetric, combined hubness"
+"""The re-ranked pair score this version judges, as its calibration records it: cosine +
+weight x MaxSim both ways, minus half of each side's :func:`combined_hubness`."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,12 @@ class RerankSpec:
                 "measure it again (python -m lookalike.evaluation.fold_learned_regions "
                 "--write-rerank MODEL_DIR)")
         found = entry.get("verification")
+        if found is not None and found.get("pair_score") != PAIR_SCORE:
+            raise EngineError(
+                f"model {embedder.bundle.name!r} has a pair score calibrated as "
+                f"{found.get('pair_score', 'query -> candidate, cosine hubness')!r}; this "
+                f"version judges {PAIR_SCORE!r}: measure it again (python -m "
+                "lookalike.evaluation.fold_learned_regions --write-rerank MODEL_DIR)")
         verification = None if found is None else VerificationSpec(
             float(found["weight"]), float(found["threshold"]), float(found["target_far"]), found,
             int(found.get("hubness_k", 0)))
@@ -92,14 +101,50 @@ class RerankSpec:
 
 
 def maxsim(query: np.ndarray, candidates: np.ndarray, symmetric: bool = False,
-           weights: np.ndarray | None = None) -> np.ndarray:
+           weights: np.ndarray | None = None,
+           candidate_weights: np.ndarray | None = None) -> np.ndarray:
     """``(R, D)`` unit query regions, ``(K, S, D)`` candidates' -> ``(K,)``: the mean over
     the query's regions (or their sum weighted by ``weights`` ``(R,)``, summing to 1) of the
-    best candidate region's cosine (and back, plain mean, if symmetric)."""
-    sims = np.matmul(candidates, query.T)  # (K, S, R), one BLAS product per candidate
+    best candidate region's cosine; if symmetric, averaged with the same back (each candidate
+    region's best query region, weighted by ``candidate_weights`` ``(K, S)`` if given)."""
+    # (K, S, R) from one BLAS product over all candidates' regions: twice as fast as one per
+    # candidate at 800 x 49 regions (benchmarks/pair_score.py)
+    sims = (candidates.reshape(-1, candidates.shape[-1]) @ query.T).reshape(
+        *candidates.shape[:2], len(query))
     best = sims.max(axis=1)
     forward = best.mean(axis=1) if weights is None else best @ weights
-    return 0.5 * (forward + sims.max(axis=2).mean(axis=1)) if symmetric else forward
+    if not symmetric:
+        return forward
+    back = sims.max(axis=2)
+    back = back.mean(axis=1) if candidate_weights is None else (back * candidate_weights).sum(1)
+    return 0.5 * (forward + back)
+
+
+def cohort_scores(vectors: np.ndarray, regions: np.ndarray, weights: np.ndarray,
+                  cohort: Cohort) -> tuple[np.ndarray, np.ndarray]:
+    """``(M, D)`` unit embeddings with their ``(M, L, d)`` regions and ``(M, L)`` weights ->
+    their cosines and symmetric MaxSims ``(M, K)`` to the ``K`` cohort images with regions."""
+    found = cohort.regions
+    if found is None:
+        raise EngineError("the model's cohort has no regions, which its pair score's hubness "
+                          "needs; measure it again (python -m "
+                          "lookalike.evaluation.fold_learned_regions --write-rerank MODEL_DIR)")
+    if found.regions.shape[1:] != regions.shape[1:]:
+        raise EngineError(f"the model's cohort regions are {found.regions.shape[1:]}, its "
+                          f"descriptions' {regions.shape[1:]}; measure the cohort again")
+    cosines = np.asarray(vectors, np.float32) @ cohort.vectors[found.rows].T
+    lates = np.stack([maxsim(r, found.regions, True, w, found.weights)
+                      for r, w in zip(regions, weights, strict=True)])
+    return cosines, lates
+
+
+def combined_hubness(cosines: np.ndarray, lates: np.ndarray, weight: float, k: int
+                     ) -> np.ndarray:
+    """:func:`cohort_scores` -> ``(M,)``: each image's mean pair score (cosine + ``weight`` x
+    symmetric MaxSim) to its ``k`` best-scoring cohort images. The re-ranked pair score
+    subtracts half of each side's: CSLS on the score that is judged, not only on its cosine
+    (+0.007 ROC-AUC out of fold; ``benchmarks/RESULTS.md``, "Thirteenth session")."""
+    return top_k_mean(cosines + weight * lates, k)
 
 
 @dataclass(frozen=True)
@@ -154,9 +199,10 @@ class Reranker:
         shape = descriptions.shape[:-1] + (layout.regions, layout.region_dim)
         return descriptions[..., start:start + layout.regions * layout.region_dim].reshape(shape)
 
-    def weights(self, description: np.ndarray) -> np.ndarray | None:
-        """A query description's region weights ``(L,)``, or None (the plain mean)."""
-        return description[-self.layout.regions:] if self.layout.weighted else None
+    def weights(self, descriptions: np.ndarray) -> np.ndarray | None:
+        """``(..., width)`` descriptions' region weights ``(..., L)`` as queries, or None (the
+        plain mean)."""
+        return descriptions[..., -self.layout.regions:] if self.layout.weighted else None
 
     def late(self, query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """``(width,)`` query description, ``(K, width)`` candidates' -> ``(K,)`` MaxSim."""
@@ -170,20 +216,34 @@ class Reranker:
         return (self.cosines(query, candidates) + self.spec.weight * late).astype(np.float32)
 
     def pair_score(self, a: np.ndarray, b: np.ndarray) -> tuple[float, VerificationSpec]:
-        """The calibrated pair score of two descriptions (``a`` the query side): cosine plus
-        weight x MaxSim, minus half of each image's hubness when the calibration corrects it;
-        and the calibration it is judged by. A clear error when the model has none."""
+        """The calibrated pair score of two descriptions: cosine plus weight x MaxSim both ways
+        (the pair has no query side), minus half of each image's :func:`combined_hubness` when
+        the calibration corrects it; and the calibration it is judged by. A clear error when
+        the model has none."""
         verification = self.spec.verification
         if verification is None:
             raise EngineError(
                 f"model {self.source.bundle.name!r} has a re-ranker for candidate sets but no "
                 "calibrated pair score ('verification' in its re-ranker entry)")
-        late = self.late(a, b[None])[0]
+        both = np.stack([a, b])
+        regions, weights = self.regions(both), self.pair_weights(both)
+        late = maxsim(regions[0], regions[1][None], True, weights[0], weights[1][None])[0]
         score = float(self.cosines(a, b[None])[0] + verification.weight * late)
         if verification.hubness_k:
             dim = self.layout.embedding_dim
-            score = self.cohort().corrected(score, a[:dim], b[:dim], verification.hubness_k)
+            hubs = combined_hubness(*cohort_scores(both[:, :dim], regions, weights,
+                                                   self.cohort()),
+                                    verification.weight, verification.hubness_k)
+            score -= 0.5 * float(hubs.sum())
         return score, verification
+
+    def pair_weights(self, descriptions: np.ndarray) -> np.ndarray:
+        """``(N, width)`` -> ``(N, L)`` region weights; a plain map's are uniform."""
+        found = self.weights(descriptions)
+        if found is not None:
+            return found
+        return np.full((len(descriptions), self.layout.regions), 1.0 / self.layout.regions,
+                       np.float32)
 
     def cohort(self) -> Cohort:
         """The model's cohort, loaded on first use (only the pair score needs it)."""

@@ -165,8 +165,9 @@ class CompareResponse(BaseModel):
     score: float = Field(ge=-1.0, le=1.0, description="Cosine similarity of the two images.")
     rerank_score: float | None = Field(
         None, description="With rerank=true: the re-ranked pair score, cosine + weight x MaxSim "
-        "over learned regions minus half of each image's hubness against the model's cohort "
-        "(calibration.hubness_k nearest; 0: none), which same and threshold then apply to.")
+        "over learned regions (both ways) minus half of each image's hubness, its mean of that "
+        "same score to its best-scoring images of the model's cohort (calibration.hubness_k; "
+        "0: none), which same and threshold then apply to.")
     verdict_score: float = Field(
         description="The score same and threshold apply to: rerank_score when re-ranked; else, "
         "when the model's calibration corrects hubness, score minus half of each image's "

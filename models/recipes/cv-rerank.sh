@@ -45,7 +45,8 @@ $PYTHON -m lookalike.evaluation.fold_rerank --config models/recipes/accurate.tom
 # Shipped (sixth session; the pair score's hubness term since the seventh; the query regions'
 # learned weights, --pooling weighted, the default, since the twelfth). The map trained on
 # all pairs goes into models/accurate/regions.safetensors, the model's embeddings of the
-# training images into cohort.safetensors, and the weight (and the pair score's weight, hubness k
+# training images (and the regions of the 800 the pair score's hubness is made of) into
+# cohort.safetensors, and the weight (and the pair score's weight, hubness k
 # and threshold) best over all folds, with the out-of-fold figures, into its calibration.json.
 $PYTHON -m lookalike.evaluation.fold_learned_regions --config models/recipes/accurate.toml \
   --cv-dir "$OUT/e30-lite01/model.work/cv" --write-rerank models/accurate

@@ -4,6 +4,7 @@ entry, which the model then loads and /compare judges by."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from lookalike.evaluation.fold_hubness import hubness_entry, ship
 from lookalike.models.cohort import cohort_of
 from lookalike.models.embedder import Embedder
-from lookalike.models.model import HUBNESS_KEY
+from lookalike.models.model import CALIBRATION_FILE, COHORT_FILE, HUBNESS_KEY
 from lookalike.models.resolve import resolve_model
 from lookalike.models.train import TrainConfig
 
@@ -55,8 +56,18 @@ def test_ship_writes_a_cohort_and_an_entry_the_model_loads(
     with torch.no_grad():
         features = model.torch_net().features(torch.from_numpy(images)).double().numpy()
     entry = {**hubness_entry(_folds(0.5)), "threshold": 0.05}
+    # a model without a cohort yet: the entry and the file go together
+    calibration = json.loads((copy / CALIBRATION_FILE).read_text())
+    del calibration[HUBNESS_KEY]
+    (copy / CALIBRATION_FILE).write_text(json.dumps(calibration))
+    (copy / COHORT_FILE).unlink()
     written = ship(copy, features, TrainConfig(pairs=Path("pairs.csv")), Path("r.toml"), 5, entry)
     assert [p.name for p in written] == ["cohort.safetensors", "calibration.json"]
+    # a cohort already there for these weights (it may hold the re-ranker's regions) is kept
+    stored = (copy / COHORT_FILE).read_bytes()
+    again = ship(copy, features, TrainConfig(pairs=Path("pairs.csv")), Path("r.toml"), 5, entry)
+    assert [p.name for p in again] == ["calibration.json"]
+    assert (copy / COHORT_FILE).read_bytes() == stored
     reloaded = resolve_model(str(copy), cache_dir)
     assert reloaded.calibration[HUBNESS_KEY]["threshold"] == 0.05
     assert reloaded.calibration[HUBNESS_KEY]["measured_on"]["images"] == 4

@@ -2,7 +2,8 @@
 share no image with it; the shipped entry reports out-of-fold figures and the weight (and
 hubness k) best over all folds; the hubness correction is the pair score's; shipping writes
 the map, the cohort (the bundle's own embeddings) and the entry into a bundle, which then
-re-ranks."""
+re-ranks; the pair score is corrected by the hubness of the combined score against the
+region cohort, the images others score best with."""
 
 from __future__ import annotations
 
@@ -15,20 +16,24 @@ import torch
 
 from lookalike.core.scoring import unit
 from lookalike.evaluation.fold_learned_regions import (
+    combined_pairs,
     fold_training_pairs,
     mirrored_pairs,
     multiscale,
+    project,
+    query_weights,
+    region_cohort,
     rerank_entry,
     ship,
     verification_entry,
 )
 from lookalike.evaluation.fold_rerank import Fold, corrected_pairs, pair_matrix
-from lookalike.models.cohort import Cohort
+from lookalike.models.cohort import Cohort, CohortRegions
 from lookalike.models.embedder import Embedder
 from lookalike.models.model import RERANK_KEY
 from lookalike.models.network import stage_channels
-from lookalike.models.regions_net import REGION_STAGES, RegionMap
-from lookalike.models.rerank import REGIONS, reranker_for
+from lookalike.models.regions_net import REGION_STAGES, RegionMap, TrainedMap
+from lookalike.models.rerank import REGIONS, cohort_scores, reranker_for
 from lookalike.models.resolve import resolve_model
 from lookalike.models.train import TrainConfig
 
@@ -119,17 +124,27 @@ def test_ship_writes_a_map_and_entry_the_bundle_reranks_with(
     model = resolve_model(str(copy), cache_dir)
     embedder = Embedder(model, "torch")
     images = np.stack([embedder.load_file(p)[0] for p in sorted((demo_dir / "left").glob(
-        "*.jpg"))[:3]])
+        "*.jpg"))[:6]])
     with torch.no_grad():
         features = model.torch_net().features(torch.from_numpy(images)).double().numpy()
     config = TrainConfig(pairs=Path("pairs.csv"))
-    written = ship(copy, region_map, features, config, Path("recipe.toml"), entry)
+    trained = TrainedMap(torch.from_numpy(region_map.weight),
+                         torch.from_numpy(region_map.importance))
+    tokens = torch.from_numpy(rng.normal(size=(6, 49, channels)).astype(np.float32))
+    written = ship(copy, trained, region_map, tokens, features, config, Path("recipe.toml"),
+                   entry)
     assert [p.name for p in written] == ["regions.safetensors", "cohort.safetensors",
                                          "calibration.json"]
     embedder = Embedder(resolve_model(str(copy), cache_dir), "torch")
     assert embedder.bundle.calibration[RERANK_KEY] == entry
     cohort = Cohort.load(copy, model.fingerprint, embedder.dim)
-    assert cohort.facts == {"images": 3, "pairs_file": "pairs.csv", "recipe": "recipe.toml"}
+    assert cohort.facts == {"images": 6, "pairs_file": "pairs.csv", "recipe": "recipe.toml",
+                            "region_images": 6}
+    # the cohort's regions are the map's regions of the tokens, as the pair score needs them
+    expected = project(trained.weight, tokens)
+    assert cohort.regions is not None and list(cohort.regions.rows) == list(range(6))
+    np.testing.assert_allclose(cohort.regions.regions, expected, atol=0.1)
+    np.testing.assert_allclose(cohort.regions.weights, query_weights(trained, tokens), atol=1e-3)
     np.testing.assert_allclose(cohort.vectors, embedder.embed_arrays(images), atol=1e-2)
     reranker = reranker_for(embedder)
     assert reranker.layout.weighted  # the map's importance travels with it
@@ -151,7 +166,9 @@ def test_verification_entry_fits_the_threshold_on_the_pooled_out_of_fold_scores(
         late[np.diag_indices(12)] = 1.0
         cosines.append(cosine)
         lates.append(late)
-    entry = verification_entry({0: cosines}, lates, (0.0, 1.0))
+    scores = {(0, lam): [c + lam * li for c, li in zip(cosines, lates, strict=True)]
+              for lam in (0.0, 1.0)}
+    entry = verification_entry(scores, cosines)
     assert entry["weight"] == 1.0 and entry["nested_weights"] == [1.0] * 3
     assert entry["hubness_k"] == 0 and entry["nested_hubness_k"] == [0] * 3
     assert entry["auc"] == 1.0 and entry["auc_gain"] > 0
@@ -175,3 +192,55 @@ def test_corrected_pairs_subtract_half_of_each_sides_hubness() -> None:
                 for i, q in enumerate(queries)]
     np.testing.assert_allclose(corrected_pairs(fold, cosines, cohort, 4), expected, atol=1e-6)
     assert corrected_pairs(fold, cosines, cohort, 0) is cosines
+
+
+def test_the_region_cohort_keeps_the_images_others_score_best_with() -> None:
+    """Three of 200 images are hubs (every region close to one shared direction, so every
+    image scores high with them): a region cohort of three keeps exactly them."""
+    rng = np.random.default_rng(2)
+    regions = unit(rng.normal(size=(200, 4, 16)))
+    shared = unit(rng.normal(size=16))
+    hubs = [5, 17, 30]
+    regions[hubs] = unit(shared + 0.05 * rng.normal(size=(3, 4, 16)))
+    regions[:, 0] = unit(regions[:, 0] + shared)  # every image has one region near the hubs
+    vectors = unit(rng.normal(size=(200, 8)))
+    found = region_cohort(vectors, regions, np.full((200, 4), 0.25), count=3)
+    assert list(found.rows) == hubs
+    np.testing.assert_array_equal(found.regions, regions[hubs])
+
+
+def test_combined_pairs_correct_by_the_hubness_of_the_combined_score() -> None:
+    """As the served pair score: cosine + w x MaxSim both ways - (hub(query) + hub(match)) / 2,
+    each hub the mean of an image's k best (cosine + w x MaxSim both ways) to the cohort's
+    region images; k=0 leaves the combined score alone."""
+    rng = np.random.default_rng(3)
+    vectors, regions = unit(rng.normal(size=(6, 8))), unit(rng.normal(size=(6, 3, 4)))
+    weights = rng.dirichlet(np.ones(3), size=6)
+    cohort_vectors, cohort_regions = unit(rng.normal(size=(9, 8))), unit(rng.normal(size=(9, 3, 4)))
+    cohort_weights = rng.dirichlet(np.ones(3), size=9)
+    cohort = Cohort(cohort_vectors, regions=CohortRegions(np.arange(9), cohort_regions,
+                                                          cohort_weights))
+    queries, candidates = np.array([0, 1, 2]), np.array([[3, 4], [5, 3], [4, 5]])
+    fold = Fold(1, np.arange(6), vectors, queries, candidates, np.array([0, 1, 1]), head=None)
+    truth = np.array([3, 3, 5])
+
+    def late(i: int, r: np.ndarray, w_r: np.ndarray) -> float:
+        forward = sum(weights[i][a] * max(regions[i][a] @ c for c in r) for a in range(3))
+        back = sum(w_r[b] * max(r[b] @ q for q in regions[i]) for b in range(3))
+        return 0.5 * (forward + back)
+
+    hub = [np.sort([vectors[i] @ cohort_vectors[j] + 2.0 * late(i, cohort_regions[j],
+                                                                 cohort_weights[j])
+                    for j in range(9)])[-4:].mean() for i in range(6)]
+    pair_cosines = vectors[queries] @ vectors[truth].T
+    pair_lates = pair_matrix(fold, None, regions, weights=weights, symmetric=True)
+    for i, q in enumerate(queries):
+        for j, t in enumerate(truth):
+            assert pair_lates[i, j] == pytest.approx(late(q, regions[t], weights[t]))
+    held_out = cohort_scores(vectors, regions, weights, cohort)
+    expected = [[pair_cosines[i, j] + 2.0 * pair_lates[i, j] - 0.5 * (hub[q] + hub[t])
+                 for j, t in enumerate(truth)] for i, q in enumerate(queries)]
+    np.testing.assert_allclose(combined_pairs(pair_cosines, pair_lates, fold, held_out, 2.0, 4),
+                               expected, atol=1e-6)
+    np.testing.assert_allclose(combined_pairs(pair_cosines, pair_lates, fold, held_out, 2.0, 0),
+                               pair_cosines + 2.0 * pair_lates)

@@ -1,7 +1,8 @@
 """The shipped re-ranker (issue 14): MaxSim against a plain loop; descriptions that are the
 model's own embedding and unit learned regions; scores that are the cosine plus the measured
-weight times MaxSim; `lookalike rank --rerank` end to end on real demo images; and clear errors
-for a model without one, one measured for the old regions, or a damaged entry."""
+weight times MaxSim (both ways, each side's regions by its own weights, for a pair);
+`lookalike rank --rerank` end to end on real demo images; and clear errors for a model without
+one, one measured for the old regions or the old pair score, or a damaged entry."""
 
 from __future__ import annotations
 
@@ -36,6 +37,23 @@ def test_maxsim_is_the_mean_best_region_cosine() -> None:
             back = np.mean([max(q @ c for q in query) for c in candidate])
             expected.append((forward + back) / 2 if symmetric else forward)
         np.testing.assert_allclose(maxsim(query, candidates, symmetric), expected)
+
+
+def test_symmetric_maxsim_weighs_each_sides_regions_by_its_own_weights() -> None:
+    """The pair score's MaxSim: the query's best matches weighted by its weights, averaged with
+    each candidate region's best match weighted by the candidate's."""
+    rng = np.random.default_rng(1)
+    query, candidates = _unit(rng.normal(size=(4, 6))), _unit(rng.normal(size=(3, 5, 6)))
+    weights, candidate_weights = rng.dirichlet(np.ones(4)), rng.dirichlet(np.ones(5), size=3)
+    expected = []
+    for candidate, back_weights in zip(candidates, candidate_weights, strict=True):
+        forward = sum(w * max(q @ c for c in candidate) for q, w in zip(query, weights,
+                                                                          strict=True))
+        back = sum(w * max(q @ c for q in query) for c, w in zip(candidate, back_weights,
+                                                                   strict=True))
+        expected.append((forward + back) / 2)
+    np.testing.assert_allclose(maxsim(query, candidates, True, weights, candidate_weights),
+                               expected)
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +126,22 @@ def test_an_entry_for_the_old_regions_asks_to_measure_again(
     calibration[RERANK_KEY] = {**calibration[RERANK_KEY], "regions": "explain-7x7"}
     (copy / CALIBRATION_FILE).write_text(json.dumps(calibration))
     with pytest.raises(EngineError, match="'explain-7x7'.*fold_learned_regions"):
+        RerankSpec.of(Embedder(resolve_model(str(copy), cache_dir)))
+
+
+def test_a_pair_score_calibrated_the_old_way_asks_to_measure_again(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    """Earlier versions judged query -> candidate MaxSim with the cosine's hubness; their
+    threshold does not fit this version's score, so it is refused, not misapplied."""
+    copy = tmp_path / "accurate"
+    shutil.copytree(resolve_model("accurate", cache_dir).path, copy)
+    calibration = json.loads((copy / CALIBRATION_FILE).read_text())
+    verification = dict(calibration[RERANK_KEY]["verification"])
+    del verification["pair_score"]
+    calibration[RERANK_KEY] = {**calibration[RERANK_KEY], "verification": verification}
+    (copy / CALIBRATION_FILE).write_text(json.dumps(calibration))
+    with pytest.raises(EngineError, match="cosine hubness.*measure it again"):
         RerankSpec.of(Embedder(resolve_model(str(copy), cache_dir)))
 
 
