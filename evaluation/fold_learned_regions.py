@@ -126,7 +126,7 @@ def region_cohort(vectors: np.ndarray, regions: np.ndarray, weights: np.ndarray,
     """The regions (``(N, L, d)``, weights ``(N, L)``) of the ``count`` of ``N`` cohort images
     (unit ``vectors``) that are most often among the best-scoring of the others (drawn
     probes'): a hubness is the mean of an image's best scores, so these are the images it is
-    made of, and a tenth of the cohort gives nearly the whole cohort's correction."""
+    made of, and a third of the cohort gives the whole cohort's correction."""
     everyone = Cohort(vectors, regions=CohortRegions(np.arange(len(vectors)), regions, weights))
     probes = np.random.default_rng(seed).choice(len(vectors), min(PROBES, len(vectors)),
                                                 replace=False)
