@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from lookalike.models.resolve import default_cache_dir, resolve_model
 DEMO = Path(__file__).resolve().parents[1] / "demo" / "tll" / "left"
 
 
-def timed(run, repeats: int) -> tuple[float, float]:
+def timed(run: Callable[[], object], repeats: int) -> tuple[float, float]:
     """Median and 95th percentile milliseconds of ``repeats`` calls (after one warm-up)."""
     run()
     times = []

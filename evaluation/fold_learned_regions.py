@@ -150,9 +150,7 @@ def combined_pairs(pair_cosines: np.ndarray, pair_lates: np.ndarray, fold: Fold,
     scores = pair_cosines + weight * pair_lates
     if not k:
         return scores
-    hub = combined_hubness(*held_out, weight, k)
-    truth = fold.candidates[np.arange(len(fold.answers)), fold.answers]
-    return scores - 0.5 * (hub[fold.queries][:, None] + hub[truth][None, :])
+    return fold.minus_hubness(scores, combined_hubness(*held_out, weight, k))
 
 
 def fold_training_pairs(pairs: np.ndarray, fold: Fold) -> np.ndarray:

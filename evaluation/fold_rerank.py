@@ -317,6 +317,17 @@ class Fold:
     answers: np.ndarray
     head: Head | None
 
+    @property
+    def truth(self) -> np.ndarray:
+        """Each set's matching candidate (a row of the validation images): the columns of
+        :func:`pair_matrix`."""
+        return self.candidates[np.arange(len(self.answers)), self.answers]
+
+    def minus_hubness(self, pairs: np.ndarray, hub: np.ndarray) -> np.ndarray:
+        """:func:`pair_matrix` scores minus half of each side's hubness ``hub`` (one per
+        validation image), as the served pair scores subtract them."""
+        return pairs - 0.5 * (hub[self.queries][:, None] + hub[self.truth][None, :])
+
     def cosines(self, vectors: np.ndarray | None = None) -> np.ndarray:
         return set_cosines(self.vectors if vectors is None else vectors, self.queries,
                            self.candidates)
@@ -396,7 +407,7 @@ def pair_matrix(fold: Fold, vectors: np.ndarray, regions: np.ndarray | None = No
     side from ``candidate_regions`` if given, the query's regions weighted by ``weights`` if
     given; ``symmetric``: both ways, each side's regions weighted by its own); the diagonal
     holds the matching pairs (the layout :func:`~.verification.matrix_pairs` splits)."""
-    truth = fold.candidates[np.arange(len(fold.answers)), fold.answers]
+    truth = fold.truth
     if regions is None:
         return vectors[fold.queries] @ vectors[truth].T
     targets = (regions if candidate_regions is None else candidate_regions)[truth]
@@ -438,9 +449,7 @@ def corrected_pairs(fold: Fold, cosines: np.ndarray, cohort: np.ndarray, k: int)
     ``cohort`` (its ``k`` nearest; ``k`` 0: unchanged), as the served pair scores do."""
     if not k:
         return cosines
-    hub = hubness(fold.vectors, cohort, k)
-    truth = fold.candidates[np.arange(len(fold.answers)), fold.answers]
-    return cosines - 0.5 * (hub[fold.queries][:, None] + hub[truth][None, :])
+    return fold.minus_hubness(cosines, hubness(fold.vectors, cohort, k))
 
 
 def bundle_cohort(model_dir: Path, features: np.ndarray, config: TrainConfig,
