@@ -212,6 +212,7 @@ def verification_entry(scores: dict[tuple[int, float], list[np.ndarray]],
         "nested_hubness_k": [k for k, _ in chosen]}
     for metric in ("auc", "eer", "tmr_at_far"):
         entry[metric], entry[f"{metric}_se"] = mean_se([m[metric] for m in found])
+    entry["fold_auc"] = [round(m["auc"], 4) for m in found]  # to pair runs fold by fold
     entry["auc_gain"], entry["auc_gain_se"] = mean_se(
         [m["auc"] - b["auc"] for m, b in zip(found, baseline, strict=True)])
     return {k: round(v, 4) if isinstance(v, float) and k != "threshold" else v
@@ -276,6 +277,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="added to each fold's seed for the map's init and batches (the "
                         "all-pairs map uses it alone): to see how far seeds move the figures")
+    parser.add_argument("--stages", type=lambda text: tuple(int(v) for v in text.split(",")),
+                        default=REGION_STAGES, help="comma-separated trunk stages whose maps "
+                        "make the region tokens (each stage weighted alike), e.g. 3,4,5,6,7 "
+                        "adds the 28 x 28 stage pooled to 7 x 7 (a new region cache)")
     parser.add_argument("--scales", type=lambda text: tuple(int(v) for v in text.split(",")),
                         default=(LOCATIONS,), help="comma-separated grids (cells per side) of "
                         "the region tokens, e.g. 7,3,1 adds a 3 x 3 and a whole-image region "
@@ -308,17 +313,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     data = load_data(config)
     rows = {str(p): i for i, p in enumerate(data.images)}
     features = cached_features(config, data.images)
-    cache = region_cache(config, data.images, args.region_cache)
+    cache = region_cache(config, data.images, args.region_cache, stages=args.stages)
     mirror = cache["mirror"].float().numpy().astype(np.float64)[:, :features.shape[1]]
     maps = {k: v.float().numpy() for k, v in cache.items() if k != "mirror"}
-    per_stage = stage_maps(maps, len(config.backbones))
+    per_stage = stage_maps(maps, len(config.backbones), args.stages)
     mean, scale = standardisation(per_stage)
     tokens = multiscale(torch.from_numpy(location_tokens(per_stage, mean, scale)), args.scales)
     mirrored = None
     if args.mirrored_pairs or args.mirror_candidates:
-        flipped = region_cache(config, data.images, args.region_cache, flip=True)
+        flipped = region_cache(config, data.images, args.region_cache, flip=True,
+                               stages=args.stages)
         flipped_stages = stage_maps({k: v.float().numpy() for k, v in flipped.items()},
-                                    len(config.backbones))
+                                    len(config.backbones), args.stages)
         mirrored = multiscale(torch.from_numpy(location_tokens(flipped_stages, mean, scale)),
                               args.scales)
     train_tokens = torch.cat([tokens, mirrored]) if args.mirrored_pairs else tokens
@@ -437,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                  batch_size=args.batch_size, seed=args.seed, weighted=weighted,
                                  importance_lr=args.importance_lr)
         stages = tuple((b, s, stage_channels(name)[s]) for b, name in enumerate(config.backbones)
-                       for s in REGION_STAGES)
+                       for s in args.stages)
         facts = {"dim": args.dim, "epochs": args.epochs, "temperature": args.temperature,
                  "weight_decay": args.weight_decay, "batch_size": args.batch_size,
                  "pairs": len(pairs), "images": len(data.images), "recipe": str(args.config),

@@ -89,16 +89,17 @@ def cached_features(config: TrainConfig, images: Sequence[Path]) -> np.ndarray:
 
 
 def region_cache(config: TrainConfig, images: Sequence[Path], directory: Path,
-                 progress: bool = True, flip: bool = False) -> dict[str, torch.Tensor]:
+                 progress: bool = True, flip: bool = False,
+                 stages: Sequence[int] = REGION_STAGES) -> dict[str, torch.Tensor]:
     """Per image (rows of ``images``), computed once and cached: ``b{i}.s{s}`` ``(N, C, 7, 7)``
-    float16, stage ``s`` of backbone ``i`` average-pooled to 7 x 7 (:data:`REGION_STAGES`),
+    float16, stage ``s`` (of ``stages``) of backbone ``i`` average-pooled to 7 x 7,
     and ``mirror`` ``(N, F)`` float16, the recipe's pooled features of the mirrored image (the
     feature-cache layout). ``flip``: the stage maps of the *mirrored* images instead, and no
     ``mirror`` (a second cache, for training the region map on mirrored pairs too)."""
     model = config.model_config()
     facts = {"backbones": model.backbones, "taps": model.taps, "grid_taps": model.grid_taps,
              "grid": model.grid, "pooling": model.pooling, "size": model.input_size,
-             "stages": REGION_STAGES, "locations": LOCATIONS,
+             "stages": list(stages), "locations": LOCATIONS,
              "images": images_identity(images)} | ({"flip": True} if flip else {})
     key = hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
     path = directory / f"regions-{key}.safetensors"
@@ -114,15 +115,15 @@ def region_cache(config: TrainConfig, images: Sequence[Path], directory: Path,
                           "regions + mirrored features", disable=not progress):
             if flip:
                 batch = torch.flip(batch, dims=[3])
-            for b, stages in enumerate(net.stages):
+            for b, trunk in enumerate(net.stages):
                 x = batch
-                for index, stage in enumerate(stages):
+                for index, stage in enumerate(trunk):
                     x = stage(x)
-                    if index in REGION_STAGES:
+                    if index in stages:
                         pooled = pool_locations(x, LOCATIONS).half().unflatten(
                             2, (LOCATIONS, LOCATIONS))
                         maps.setdefault(f"b{b}.s{index}", []).append(pooled)
-                    if index >= max(REGION_STAGES):
+                    if index >= max(stages):
                         break
             if not flip:
                 mirrored.append(net.features(torch.flip(batch, dims=[3])).half())
@@ -205,11 +206,12 @@ def trunk_3x3(features: np.ndarray, config: TrainConfig) -> np.ndarray:
     return unit(np.concatenate(parts, axis=2))
 
 
-def stage_maps(maps: dict[str, np.ndarray], backbones: int) -> list[np.ndarray]:
+def stage_maps(maps: dict[str, np.ndarray], backbones: int,
+               stages: Sequence[int] = REGION_STAGES) -> list[np.ndarray]:
     """The cache's region maps as ``(N, C, 49)`` per stage, in the order of the learned
     regions' tokens (:mod:`~lookalike.models.regions_net`): trunk, then stage."""
     return [maps[f"b{b}.s{stage}"].reshape(len(maps[f"b{b}.s{stage}"]), -1, LOCATIONS**2)
-            for b in range(backbones) for stage in REGION_STAGES]
+            for b in range(backbones) for stage in stages]
 
 
 def trunk_7x7(maps: dict[str, np.ndarray], backbones: int) -> np.ndarray:

@@ -136,3 +136,29 @@ def test_the_flipped_region_cache_holds_the_mirror_images_maps(tmp_path) -> None
     for name, maps in flipped.items():
         np.testing.assert_allclose(maps.float().numpy(), plain[name].float().numpy(),
                                    atol=2e-2, rtol=1e-2)
+
+
+def test_the_region_cache_holds_the_stages_asked_for(tmp_path) -> None:
+    """``--stages``: another stage set is another cache (the default one's key unchanged),
+    holding those stages' maps pooled to 7 x 7, in the order ``stage_maps`` reads them."""
+    from PIL import Image
+
+    from lookalike.evaluation.fold_rerank import region_cache, stage_maps
+    from lookalike.models.network import stage_channels
+
+    rng = np.random.default_rng(4)
+    Image.fromarray(rng.integers(0, 255, size=(96, 96, 3), dtype=np.uint8)).save(
+        tmp_path / "a.png")
+    config = TrainConfig(pairs="unused.csv")
+    cache = tmp_path / "cache"
+    default = region_cache(config, [tmp_path / "a.png"], cache, progress=False)
+    wider = region_cache(config, [tmp_path / "a.png"], cache, progress=False,
+                         stages=(3, 4, 5, 6, 7))
+    assert len(list(cache.glob("regions-*.safetensors"))) == 2
+    assert "b0.s3" in wider and "b0.s3" not in default
+    channels = stage_channels(config.backbones[0])
+    maps = stage_maps({k: v.float().numpy() for k, v in wider.items() if k != "mirror"}, 1,
+                      (3, 4, 5, 6, 7))
+    assert [m.shape for m in maps] == [(1, channels[s], 49) for s in (3, 4, 5, 6, 7)]
+    for name in default:  # the stages both hold are the same maps
+        np.testing.assert_array_equal(default[name].numpy(), wider[name].numpy())
