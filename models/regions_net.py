@@ -11,7 +11,8 @@ stage weighted alike), and one linear map ``W`` takes them to ``dim`` values of 
 locations weighs its regions as a query's (:func:`region_weights`): a plain mean gives a
 blank background the weight of a face. In 5-fold cross-validation 256-d regions gained +0.029
 to +0.042 top-1 on the ``accurate`` model with the plain mean (five seeds), and +0.075 with
-the learned weights (0.629 top-1; +0.036 ± 0.007 over the plain mean in every fold), against
+the learned weights (0.629 top-1; +0.036 ± 0.007 over the plain mean in every fold; 0.638
+with the InfoNCE's temperature at 0.03 instead of 0.05), against
 +0.015 for MaxSim over the untrained ``/explain`` terms (``benchmarks/RESULTS.md``, issue 14).
 
 A :class:`RegionMap` is a measured property of one model's weights, like its calibration, so
