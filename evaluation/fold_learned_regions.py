@@ -315,18 +315,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     data = load_data(config)
     rows = {str(p): i for i, p in enumerate(data.images)}
     features = cached_features(config, data.images)
-    cache = region_cache(config, data.images, args.region_cache, stages=args.stages)
+
+    def cached_stages(flip: bool = False) -> tuple[dict[str, torch.Tensor], list[np.ndarray]]:
+        """The region cache (of the mirrored images: ``flip``) and its maps per stage."""
+        cache = region_cache(config, data.images, args.region_cache, flip=flip,
+                             stages=args.stages)
+        maps = {k: v.float().numpy() for k, v in cache.items() if k != "mirror"}
+        return cache, stage_maps(maps, len(config.backbones), args.stages)
+
+    cache, per_stage = cached_stages()
     mirror = cache["mirror"].float().numpy().astype(np.float64)[:, :features.shape[1]]
-    maps = {k: v.float().numpy() for k, v in cache.items() if k != "mirror"}
-    per_stage = stage_maps(maps, len(config.backbones), args.stages)
     mean, scale = standardisation(per_stage)
     tokens = multiscale(torch.from_numpy(location_tokens(per_stage, mean, scale)), args.scales)
     mirrored = None
     if args.mirrored_pairs or args.mirror_candidates:
-        flipped = region_cache(config, data.images, args.region_cache, flip=True,
-                               stages=args.stages)
-        flipped_stages = stage_maps({k: v.float().numpy() for k, v in flipped.items()},
-                                    len(config.backbones), args.stages)
+        _, flipped_stages = cached_stages(flip=True)
         mirrored = multiscale(torch.from_numpy(location_tokens(flipped_stages, mean, scale)),
                               args.scales)
     train_tokens = torch.cat([tokens, mirrored]) if args.mirrored_pairs else tokens
