@@ -43,6 +43,9 @@ from ..models.cohort import Cohort, CohortRegions
 from ..models.network import stage_channels
 from ..models.regions_net import (
     LOCATIONS,
+    MAP_DIM,
+    MAP_EPOCHS,
+    MAP_TEMPERATURE,
     REGION_STAGES,
     RegionMap,
     TrainedMap,
@@ -253,9 +256,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cv-dir", type=Path, required=True,
                         help="WORK_DIR/cv of 'lookalike train --cv K --keep-fold-models'")
     parser.add_argument("--region-cache", type=Path, default=Path("data/train/region-cache"))
-    parser.add_argument("--dim", type=int, default=256, help="learned region width")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--temperature", type=float, default=0.03,
+    parser.add_argument("--dim", type=int, default=MAP_DIM, help="learned region width")
+    parser.add_argument("--epochs", type=int, default=MAP_EPOCHS)
+    parser.add_argument("--temperature", type=float, default=MAP_TEMPERATURE,
                         help="of the map's InfoNCE (0.03 since the fourteenth session: 0.05 "
                         "gave 0.002-0.003 less AUC and 0.009 less top-1 over two seeds)")
     parser.add_argument("--pooling", choices=("weighted", "mean"), default="weighted",

@@ -40,12 +40,16 @@ from .errors import BundleError
 from .model import REGIONS_FILE
 from .network import EmbeddingNet, grid_pool
 
-__all__ = ["LOCATIONS", "REGION_STAGES", "DescribeNet", "RegionMap", "TrainedMap",
-           "batch_maxsim", "pool_locations", "region_weights", "standardisation",
-           "train_region_map"]
+__all__ = ["LOCATIONS", "MAP_DIM", "MAP_EPOCHS", "MAP_TEMPERATURE", "REGION_STAGES",
+           "DescribeNet", "RegionMap", "TrainedMap", "batch_maxsim", "pool_locations",
+           "region_weights", "standardisation", "train_region_map"]
 
 REGION_STAGES = (4, 5, 6, 7)
 """The stages (of every trunk) whose output maps make an image's region vectors."""
+MAP_DIM, MAP_EPOCHS, MAP_TEMPERATURE = 256, 5, 0.03
+"""The shipped map's width, epochs and InfoNCE temperature, chosen on 5-fold cross-validation
+(``benchmarks/RESULTS.md``, issue 14: 256-d of 128 / 256 / 512; 5 epochs of 5 / 10;
+temperature 0.03 of 0.02 / 0.03 / 0.05 / 0.1)."""
 LOCATIONS = 7
 """Regions per side: stages 4-5 (14 x 14 at 224 px) are pooled to it, stages 6-7 are it."""
 
@@ -99,8 +103,9 @@ class TrainedMap:
     importance: torch.Tensor | None = None
 
 
-def train_region_map(tokens: torch.Tensor, pairs: np.ndarray, dim: int = 128, epochs: int = 5,
-                     temperature: float = 0.05, weight_decay: float = 0.01, lr: float = 1e-3,
+def train_region_map(tokens: torch.Tensor, pairs: np.ndarray, dim: int = MAP_DIM,
+                     epochs: int = MAP_EPOCHS, temperature: float = MAP_TEMPERATURE,
+                     weight_decay: float = 0.01, lr: float = 1e-3,
                      batch_size: int = 128, seed: int = 0, weighted: bool = False,
                      importance_lr: float = 1e-2) -> TrainedMap:
     """``W`` ``(dim, C)`` trained so that each pair ``(first, second)`` of ``pairs`` (rows of
