@@ -42,7 +42,9 @@ $PYTHON -m lookalike.evaluation.fold_rerank --config models/recipes/accurate.tom
 # --maps 2, --scales 7,3,1, --batch-size 64|256; later --mirrored-pairs, --mirror-candidates,
 # and (twelfth session, after the weights shipped) --pooling mean, --importance-lr 0.03,
 # --epochs 10; fourteenth session: --temperature 0.02|0.1, --stages 3,4,5,6,7|4,5,6,7,8,
-# --mirrored-pairs again (the map's temperature 0.03, now the default, shipped).
+# --mirrored-pairs again (the map's temperature 0.03, now the default, shipped); fifteenth:
+# --seed 2, --batch-size 64, and --config a copy of accurate.toml with Lite2 added (its own CV
+# row with --keep-fold-models and region cache) with --cv-dir that row's.
 # Shipped (sixth session; the pair score's hubness term since the seventh; the query regions'
 # learned weights, --pooling weighted, the default, since the twelfth). The map trained on
 # all pairs goes into models/accurate/regions.safetensors, the model's embeddings of the
