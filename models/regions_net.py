@@ -47,7 +47,8 @@ __all__ = ["LOCATIONS", "MAP_DIM", "MAP_EPOCHS", "MAP_TEMPERATURE", "REGION_STAG
 REGION_STAGES = (4, 5, 6, 7)
 """The stages (of every trunk) whose output maps make an image's region vectors."""
 MAP_DIM, MAP_EPOCHS, MAP_TEMPERATURE = 256, 5, 0.03
-"""The shipped map's width, epochs and InfoNCE temperature, chosen on 5-fold cross-validation
+"""The shipped map's width, epochs and InfoNCE temperature (it also learns the query-region
+weights: :func:`train_region_map`'s ``weighted``), chosen on 5-fold cross-validation
 (``benchmarks/RESULTS.md``, issue 14: 256-d of 128 / 256 / 512; 5 epochs of 5 / 10;
 temperature 0.03 of 0.02 / 0.03 / 0.05 / 0.1)."""
 LOCATIONS = 7
@@ -106,7 +107,7 @@ class TrainedMap:
 def train_region_map(tokens: torch.Tensor, pairs: np.ndarray, dim: int = MAP_DIM,
                      epochs: int = MAP_EPOCHS, temperature: float = MAP_TEMPERATURE,
                      weight_decay: float = 0.01, lr: float = 1e-3,
-                     batch_size: int = 128, seed: int = 0, weighted: bool = False,
+                     batch_size: int = 128, seed: int = 0, weighted: bool = True,
                      importance_lr: float = 1e-2) -> TrainedMap:
     """``W`` ``(dim, C)`` trained so that each pair ``(first, second)`` of ``pairs`` (rows of
     ``tokens`` ``(N, L, C)``) has a higher MaxSim than the batch's other pairs: a symmetric

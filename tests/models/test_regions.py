@@ -81,7 +81,7 @@ def test_training_learns_the_channels_that_match_pairs() -> None:
                          held_out)
     # This toy task's settings; the shipped ones (MAP_DIM, MAP_TEMPERATURE) fit the trunks'.
     weight = train_region_map(train, pairs, dim=8, epochs=30, temperature=0.05, batch_size=16,
-                              lr=1e-2).weight
+                              lr=1e-2, weighted=False).weight
     trained = _project(weight, held_out)
     assert weight.shape == (8, 24) and trained.shape == (40, 4, 8)
     assert _top1(trained) >= max(0.75, _top1(untrained) + 0.3), (_top1(trained), _top1(untrained))
@@ -107,9 +107,9 @@ def test_weighted_training_learns_which_query_regions_carry_the_likeness() -> No
     train, held_out = _marked_tokens(96, rng), _marked_tokens(30, rng)
     pairs = np.arange(192).reshape(96, 2)
     plain = train_region_map(train, pairs, dim=8, epochs=30, temperature=0.05, batch_size=16,
-                             lr=1e-2)
+                             lr=1e-2, weighted=False)
     weighted = train_region_map(train, pairs, dim=8, epochs=30, temperature=0.05, batch_size=16,
-                                lr=1e-2, weighted=True, importance_lr=1e-1)
+                                lr=1e-2, importance_lr=1e-1)
     assert plain.importance is None and weighted.importance is not None
     weights = region_weights(held_out, weighted.importance).numpy()
     assert weights.shape == (60, 4) and weights[:, 0].mean() > 0.6, weights.mean(axis=0)
