@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--config", type=Path, required=True, help="the CV row's recipe")
     parser.add_argument("--cv-dir", type=Path, required=True,
                         help="WORK_DIR/cv of 'lookalike train --cv K --keep-fold-models'")
-    parser.add_argument("--hubness-k", type=lambda text: tuple(int(v) for v in text.split(",")),
+    parser.add_argument("--hubness-k", type=tools.comma_separated(int),
                         default=HUBNESS_KS, help="comma-separated cohort neighbours to choose "
                         "from (nested, on AUC); 0, no correction, is always among them")
     parser.add_argument("--far", type=float, default=0.01,

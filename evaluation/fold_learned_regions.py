@@ -63,6 +63,7 @@ from .fold_rerank import (
     bundle_cohort,
     cached_features,
     cell,
+    comma_separated,
     corrected_pairs,
     figures,
     fold_cohort,
@@ -270,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=128,
                         help="pairs per training batch: each pair's negatives are the batch's "
                         "other pairs")
-    parser.add_argument("--lambdas", type=lambda text: tuple(float(v) for v in text.split(",")),
+    parser.add_argument("--lambdas", type=comma_separated(float),
                         default=WEIGHTS, help="comma-separated weights of the learned MaxSim "
                         "to choose from (nested)")
     parser.add_argument("--symmetric", action="store_true",
@@ -282,11 +283,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="added to each fold's seed for the map's init and batches (the "
                         "all-pairs map uses it alone): to see how far seeds move the figures")
-    parser.add_argument("--stages", type=lambda text: tuple(int(v) for v in text.split(",")),
+    parser.add_argument("--stages", type=comma_separated(int),
                         default=REGION_STAGES, help="comma-separated trunk stages whose maps "
                         "make the region tokens (each stage weighted alike), e.g. 3,4,5,6,7 "
                         "adds the 28 x 28 stage pooled to 7 x 7 (a new region cache)")
-    parser.add_argument("--scales", type=lambda text: tuple(int(v) for v in text.split(",")),
+    parser.add_argument("--scales", type=comma_separated(int),
                         default=(LOCATIONS,), help="comma-separated grids (cells per side) of "
                         "the region tokens, e.g. 7,3,1 adds a 3 x 3 and a whole-image region "
                         "to the 7 x 7 ones (measurement only)")
@@ -297,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--mirror-candidates", action="store_true",
                         help="match each query region against the candidate's regions and its "
                         "mirror's (measurement only: a second pass per candidate)")
-    parser.add_argument("--hubness-k", type=lambda text: tuple(int(v) for v in text.split(",")),
+    parser.add_argument("--hubness-k", type=comma_separated(int),
                         default=HUBNESS_KS, help="comma-separated cohort neighbours of the pair "
                         "score's hubness correction to choose from (0: none; nested with the "
                         "weight, on AUC); each fold's cohort is the images it trained on")

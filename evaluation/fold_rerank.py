@@ -44,7 +44,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -527,6 +527,12 @@ def tta_speed(model_path: Path, images: Sequence[Path], engine: str = "onnx-int8
 
 
 # -- the report ---------------------------------------------------------------------------------
+
+def comma_separated(cast: Callable[[str], float]) -> Callable[[str], tuple]:
+    """An argparse ``type`` for a comma-separated list: ``"0,5,10"`` -> ``(0, 5, 10)``, each
+    value read by ``cast`` (``int`` or ``float``)."""
+    return lambda text: tuple(cast(v) for v in text.split(","))
+
 
 def machine() -> str:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
