@@ -606,7 +606,7 @@ def rank(
             help="Score by the model's measured re-ranker: cosine + weight x late interaction "
             "over learned region vectors (ColBERT-style MaxSim, the query's regions weighted by "
             "a learned importance). For --model accurate it gained +0.084 +/- 0.006 top-1 in "
-            "5-fold cross-validation (0.638 against 0.555; 0.638 over two seeds of the map) "
+            "5-fold cross-validation (0.638 against 0.555; 0.635 over three seeds of the map) "
             "at about 2x the time per image; scores are then not cosines (up to 1 + weight).",
         ),
     ] = False,
