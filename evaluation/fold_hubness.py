@@ -49,9 +49,7 @@ def hubness_entry(cosines: dict[int, list[np.ndarray]], far: float = 0.01) -> di
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", type=Path, required=True, help="the CV row's recipe")
-    parser.add_argument("--cv-dir", type=Path, required=True,
-                        help="WORK_DIR/cv of 'lookalike train --cv K --keep-fold-models'")
+    tools.add_row_arguments(parser)
     parser.add_argument("--hubness-k", type=tools.comma_separated(int),
                         default=HUBNESS_KS, help="comma-separated cohort neighbours to choose "
                         "from (nested, on AUC); 0, no correction, is always among them")
@@ -62,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="ship it: write the bundle's cohort and the entry into this bundle "
                         "(the recipe's model), unless no correction wins")
     args = parser.parse_args(argv)
-    config = TrainConfig.from_file(args.config, progress=False)
+    config = tools.row_recipe(args)
     print(f"machine: {tools.machine()}", flush=True)
     started = time.perf_counter()
     data = load_data(config)

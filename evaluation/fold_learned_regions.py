@@ -60,6 +60,7 @@ from .crossval import mean_se
 from .fold_rerank import (
     LAMBDAS,
     Fold,
+    add_row_arguments,
     bundle_cohort,
     cached_features,
     cell,
@@ -74,6 +75,7 @@ from .fold_rerank import (
     pair_matrix,
     pick_nested,
     region_cache,
+    row_recipe,
     set_table,
     signed,
     stage_maps,
@@ -253,9 +255,7 @@ def ship(model_dir: Path, trained: TrainedMap, region_map: RegionMap, tokens: to
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", type=Path, required=True, help="the CV row's recipe")
-    parser.add_argument("--cv-dir", type=Path, required=True,
-                        help="WORK_DIR/cv of 'lookalike train --cv K --keep-fold-models'")
+    add_row_arguments(parser)
     parser.add_argument("--region-cache", type=Path, default=Path("data/train/region-cache"))
     parser.add_argument("--dim", type=int, default=MAP_DIM, help="learned region width")
     parser.add_argument("--epochs", type=int, default=MAP_EPOCHS)
@@ -313,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--write-rerank ships one map, query -> candidate, on the 7 x 7 grid: "
                      "drop --symmetric, --maps, --scales and --mirror-candidates")
     weighted = args.pooling == "weighted"
-    config = TrainConfig.from_file(args.config, progress=False)
+    config = row_recipe(args)
     print(f"machine: {machine()}", flush=True)
     started = time.perf_counter()
     data = load_data(config)

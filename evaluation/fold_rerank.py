@@ -528,6 +528,22 @@ def tta_speed(model_path: Path, images: Sequence[Path], engine: str = "onnx-int8
 
 # -- the report ---------------------------------------------------------------------------------
 
+def add_row_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config``, ``--cv-dir`` and ``--set``: the CV row a fold tool reads (see
+    :func:`row_recipe`)."""
+    parser.add_argument("--config", type=Path, required=True, help="the CV row's recipe")
+    parser.add_argument("--cv-dir", type=Path, required=True,
+                        help="WORK_DIR/cv of 'lookalike train --cv K --keep-fold-models'")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe override, as the CV row was run (e.g. backbones=a,b)")
+
+
+def row_recipe(args: argparse.Namespace, **overrides: str) -> TrainConfig:
+    """The CV row's recipe: ``--config`` with its ``--set`` overrides (then ``overrides``)."""
+    given = dict(item.split("=", 1) for item in args.set)
+    return TrainConfig.from_file(args.config, progress=False, **{**given, **overrides})
+
+
 def comma_separated(cast: Callable[[str], float]) -> Callable[[str], tuple]:
     """An argparse ``type`` for a comma-separated list: ``"0,5,10"`` -> ``(0, 5, 10)``, each
     value read by ``cast`` (``int`` or ``float``)."""
@@ -541,11 +557,7 @@ def machine() -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", type=Path, required=True, help="the CV row's recipe")
-    parser.add_argument("--cv-dir", type=Path, required=True,
-                        help="WORK_DIR/cv of 'lookalike train --cv K --keep-fold-models'")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="recipe override, as the CV row was run (e.g. backbones=a,b)")
+    add_row_arguments(parser)
     parser.add_argument("--region-cache", type=Path, default=Path("data/train/region-cache"))
     parser.add_argument("--regions", default=",".join(REGIONS[:4]),
                         help=f"region kinds among {', '.join(REGIONS)} (explain-7x7 runs the "
@@ -562,8 +574,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--speed-images", type=int, default=512)
     args = parser.parse_args(argv)
     if args.speed_model is not None:
-        config = TrainConfig.from_file(args.config, progress=False)
-        images = load_data(config).images[: args.speed_images]
+        images = load_data(row_recipe(args)).images[: args.speed_images]
         print(f"machine: {machine()}", flush=True)
         for batch_size in (32, 8):
             found = tta_speed(args.speed_model, images, batch_size=batch_size)
@@ -571,14 +582,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"{k} {v:.1f} images/s" for k, v in found.items())
                 + f" (ratio {found['flip TTA'] / found['plain']:.2f}x); {machine()}", flush=True)
         return
-    overrides = dict(item.split("=", 1) for item in args.set)
-    config = TrainConfig.from_file(args.config, progress=False, **overrides)
+    config = row_recipe(args)
     print(f"machine: {machine()}", flush=True)
     started = time.perf_counter()
     data = load_data(config)
     features = cached_features(config, data.images)
-    cache_config = TrainConfig.from_file(args.config, progress=False,
-                                         **{**overrides, "backbones": args.cache_backbones})
+    cache_config = row_recipe(args, backbones=args.cache_backbones)
     if cache_config.backbones[:len(config.backbones)] != config.backbones:
         raise SystemExit("--cache-backbones must start with the row's backbones")
     cache = region_cache(cache_config, data.images, args.region_cache)

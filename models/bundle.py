@@ -139,14 +139,15 @@ def _digest(directory: Path) -> str:
 
 
 def save_bundle(
-    net: EmbeddingNet, path: str | Path, *, half: bool = False, offline_trunks: bool = True
+    net: EmbeddingNet, path: str | Path, *, precision: str = "float32",
+    offline_trunks: bool = True,
 ) -> str:
     """Write ``net`` as a bundle at ``path`` (atomically) and return its fingerprint.
 
     The files are written and fsynced in a sibling directory that then replaces ``path``, so
-    a reader sees the old bundle or the whole new one. ``half=True`` stores weights as
-    float16 (half the size; loaded back as float32). With ``offline_trunks`` (the default),
-    trunks identical to their offline ImageNet weights are referenced, not stored.
+    a reader sees the old bundle or the whole new one. ``precision`` (:data:`PRECISIONS`) is
+    how the weights are stored; they are loaded back as float32. With ``offline_trunks`` (the
+    default), trunks identical to their offline ImageNet weights are referenced, not stored.
     """
     from safetensors.torch import save_file
 
@@ -159,14 +160,9 @@ def save_bundle(
         config[OFFLINE_TRUNKS] = references
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        state = {
-            key: (value.half() if half and value.is_floating_point() else value)
-            .detach()
-            .contiguous()
-            .cpu()
-            for key, value in net.state_dict().items()
-            if not key.startswith(skipped)
-        }
+        state = _stored(
+            {key: value.detach().contiguous().cpu() for key, value in net.state_dict().items()
+             if not key.startswith(skipped)}, precision)
         atomic_write(tmp / WEIGHTS_FILE, lambda target: save_file(state, str(target)))
         atomic_write(tmp / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True))
         fingerprint = _digest(tmp)
@@ -178,6 +174,66 @@ def save_bundle(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return fingerprint
+
+
+PRECISIONS = ("float32", "float16", "int8")
+"""How :func:`save_bundle` stores weights. ``int8``: each matrix or kernel (a floating tensor
+of two or more dimensions) as int8 with one float32 scale per output row (symmetric, the
+row's largest magnitude maps to 127), the other floating tensors as float16; a quarter of
+float32 for a linear head, which is what makes a three-trunk fusion head fit."""
+
+INT8_SCALE = ".int8_scale"
+"""Suffix of the state entry holding an int8 tensor's per-row scales."""
+
+
+def int8_rows(tensor: Any) -> tuple[Any, Any]:
+    """``tensor`` (``(rows, ...)``, floating) as int8 codes and one float32 scale per row:
+    ``codes * scale`` (broadcast over the row) is what loading gives back."""
+    import torch
+
+    rows = tensor.float().reshape(len(tensor), -1)
+    peak = rows.abs().amax(dim=1)
+    scale = torch.where(peak > 0, peak / 127, torch.ones_like(peak))
+    codes = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes.reshape(tensor.shape).contiguous(), scale.contiguous()
+
+
+def _stored(state: dict[str, Any], precision: str) -> dict[str, Any]:
+    """A state dict's tensors as ``precision`` stores them."""
+    if precision not in PRECISIONS:
+        raise BundleError(f"unknown weight precision {precision!r}; one of {PRECISIONS}")
+    stored = {}
+    for key, value in state.items():
+        if not value.is_floating_point() or precision == "float32":
+            stored[key] = value
+        elif precision == "int8" and value.dim() >= 2:
+            stored[key], stored[key + INT8_SCALE] = int8_rows(value)
+        else:
+            stored[key] = value.half()
+    return stored
+
+
+def _loaded(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Stored tensors back as float32 (int8 ones times their row scales)."""
+    import torch
+
+    loaded = {}
+    for key, value in state.items():
+        if key.endswith(INT8_SCALE):
+            continue
+        scale = state.get(key + INT8_SCALE)
+        if (value.dtype == torch.int8) != (scale is not None):
+            raise BundleError(f"model bundle {path} has a damaged int8 tensor {key!r}")
+        if scale is not None:
+            if scale.shape != (len(value),):
+                raise BundleError(f"model bundle {path} has a damaged int8 tensor {key!r}")
+            value = value.float() * scale.float().reshape(-1, *([1] * (value.dim() - 1)))
+        loaded[key] = value.float() if value.is_floating_point() else value
+    orphans = [key for key in state if key.endswith(INT8_SCALE)
+               and key[: -len(INT8_SCALE)] not in state]
+    if orphans:
+        raise BundleError(f"model bundle {path} has scales without tensors: {orphans}")
+    return loaded
 
 
 def load_bundle(path: str | Path, *, lazy: bool = False) -> ModelBundle:
@@ -220,9 +276,7 @@ def _load_net(path: Path) -> EmbeddingNet:
         references = raw.pop(OFFLINE_TRUNKS, {}) if isinstance(raw, dict) else {}
         config = EmbeddingConfig.from_dict(raw)
         net = EmbeddingNet(config, pretrained=False)
-        state = load_file(str(path / WEIGHTS_FILE))
-        state = {key: value.float() if value.is_floating_point() else value
-                 for key, value in state.items()}
+        state = _loaded(load_file(str(path / WEIGHTS_FILE)), path)
         state.update(_offline_trunk_state(path, config.backbones, references))
         net.load_state_dict(state)
     except (json.JSONDecodeError, TypeError, ConfigError, BackboneError) as exc:

@@ -453,13 +453,13 @@ class Trainer:
             extra["training"]["fit_on_training_pairs"] = extra["training"].pop(
                 "validation_during_training")
             self.net.config = dataclasses.replace(self.net.config, extra=extra)
-            fingerprint = save_bundle(self.net, out, half=self.config.fp16)
+            fingerprint = save_bundle(self.net, out, precision=self.config.precision)
             return TrainResult(out, fingerprint, extra["training"]["fit_on_training_pairs"],
                                self.state["best_epoch"], self.state["step"], minutes)
         model = dataclasses.replace(self.net.config, extra=extra)
         self.net.config = model
-        save_bundle(self.net, out, half=self.config.fp16)
-        # The saved (possibly fp16) weights, through the real inference path.
+        save_bundle(self.net, out, precision=self.config.precision)
+        # The saved (possibly fp16 or int8) weights, through the real inference path.
         bundle = load_bundle(out)
         embedder = Embedder(bundle)
         vectors = np.zeros((len(self.val.images), embedder.dim), np.float32)
@@ -470,7 +470,7 @@ class Trainer:
         metrics = self.evaluator(vectors)
         extra["validation"] = metrics
         self.net.config = dataclasses.replace(model, extra=extra)
-        fingerprint = save_bundle(self.net, out, half=self.config.fp16)
+        fingerprint = save_bundle(self.net, out, precision=self.config.precision)
         curve = self.work_dir / "training-curve.png"
         if curve.is_file():
             shutil.copy(curve, out / curve.name)

@@ -157,6 +157,8 @@ class TrainConfig:
     device: str = _opt("auto", "Where to train.", bounds=Bounds(choices=("auto", "cpu", "cuda")))
     fp16: bool = _opt(True, "Store the bundle's weights as float16 (half the size).",
                       "--fp16/--fp32")
+    int8: bool = _opt(False, "Store the bundle's weight matrices as int8 with one scale per "
+                      "row (half of --fp16's size; other weights float16).", "--int8/--no-int8")
     progress: bool = _opt(True, "Show progress bars.")
     resume: bool = _opt(False, "Continue from WORK_DIR/checkpoint.pt.")
 
@@ -222,6 +224,11 @@ class TrainConfig:
             key: str(value) if isinstance(value, Path) else value
             for key, value in dataclasses.asdict(self).items()
         }
+
+    @property
+    def precision(self) -> str:
+        """How the bundle stores its weights (:data:`~.bundle.PRECISIONS`)."""
+        return "int8" if self.int8 else "float16" if self.fp16 else "float32"
 
     def model_config(self, extra: dict[str, Any] | None = None) -> EmbeddingConfig:
         from .network import EmbeddingConfig

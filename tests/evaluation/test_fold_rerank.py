@@ -12,11 +12,13 @@ from lookalike.evaluation.fold_rerank import (
     Fold,
     Head,
     _cell_masks,
+    add_row_arguments,
     head_3x3,
     head_7x7,
     layout,
     nested,
     pair_matrix,
+    row_recipe,
     verification_table,
 )
 from lookalike.models.train import TrainConfig
@@ -162,3 +164,20 @@ def test_the_region_cache_holds_the_stages_asked_for(tmp_path) -> None:
     assert [m.shape for m in maps] == [(1, channels[s], 49) for s in (3, 4, 5, 6, 7)]
     for name in default:  # the stages both hold are the same maps
         np.testing.assert_array_equal(default[name].numpy(), wider[name].numpy())
+
+
+def test_a_row_is_its_recipe_with_the_overrides_it_was_run_with() -> None:
+    """The fold tools read a CV row as the recipe plus ``--set`` (how the two-trunk rows of
+    the accurate recipe are re-read after it gained Lite2), then the tool's own overrides."""
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser()
+    add_row_arguments(parser)
+    recipe = Path(__file__).parents[2] / "models" / "recipes" / "accurate.toml"
+    args = parser.parse_args(["--config", str(recipe), "--cv-dir", "unused",
+                              "--set", "backbones=efficientnet_lite0,efficientnet_lite1"])
+    assert row_recipe(args).backbones == ["efficientnet_lite0", "efficientnet_lite1"]
+    assert row_recipe(args, backbones="efficientnet_lite0").backbones == ["efficientnet_lite0"]
+    plain = parser.parse_args(["--config", str(recipe), "--cv-dir", "unused"])
+    assert row_recipe(plain).backbones == TrainConfig.from_file(recipe).backbones

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lookalike.models.bundle import BundleError, load_bundle, save_bundle
+from lookalike.models.bundle import INT8_SCALE, BundleError, int8_rows, load_bundle, save_bundle
 from lookalike.models.network import EmbeddingConfig, EmbeddingNet
 from lookalike.models.resolve import resolve_model
 
@@ -43,18 +43,63 @@ def test_fingerprint_is_stable(small_net: EmbeddingNet, tmp_path: Path) -> None:
     assert save_bundle(small_net, tmp_path / "a") == save_bundle(small_net, tmp_path / "b")
 
 
-def test_half_precision_storage(
-    small_net: EmbeddingNet, images: torch.Tensor, tmp_path: Path
-) -> None:
-    save_bundle(small_net, tmp_path / "half", half=True)
+@pytest.mark.parametrize(("precision", "share", "fidelity"),
+                         [("float16", 0.6, 0.999), ("int8", 0.35, 0.99)])
+def test_reduced_precision_storage(small_net: EmbeddingNet, images: torch.Tensor,
+                                   tmp_path: Path, precision: str, share: float,
+                                   fidelity: float) -> None:
+    """float16 halves the weights, int8 quarters the matrices; both load back as float32
+    and embed nearly as the float32 net does."""
+    save_bundle(small_net, tmp_path / precision, precision=precision)
     full = tmp_path / "full"
     save_bundle(small_net, full)
-    assert (tmp_path / "half" / "model.safetensors").stat().st_size < 0.6 * (
+    assert (tmp_path / precision / "model.safetensors").stat().st_size < share * (
         full / "model.safetensors"
     ).stat().st_size
+    loaded = load_bundle(tmp_path / precision)
+    assert all(p.dtype == torch.float32 for p in loaded.net.state_dict().values()
+               if p.is_floating_point())
     with torch.inference_mode():
-        cosine = (load_bundle(tmp_path / "half").net(images) * small_net(images)).sum(1)
-    assert cosine.min() > 0.999
+        cosine = (loaded.net(images) * small_net(images)).sum(1)
+    assert cosine.min() > fidelity
+
+
+def test_int8_rows_round_trip_within_half_a_step() -> None:
+    weight = torch.randn(5, 7, generator=torch.Generator().manual_seed(2))
+    weight[3] = 0  # an all-zero row keeps a usable scale
+    codes, scale = int8_rows(weight)
+    assert codes.dtype == torch.int8 and scale.shape == (5,)
+    back = codes.float() * scale[:, None]
+    assert (back - weight).abs().max() <= scale.max() / 2 + 1e-7
+    assert codes.abs().amax(dim=1)[[0, 1, 2, 4]].eq(127).all() and back[3].eq(0).all()
+
+
+@pytest.mark.parametrize("damage", ["drop scale", "float codes", "orphan scale"])
+def test_damaged_int8_weights_are_refused(small_net: EmbeddingNet, tmp_path: Path,
+                                          damage: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    save_bundle(small_net, tmp_path / "m", precision="int8")
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(str(weights))
+    scaled = next(key for key in state if key.endswith(INT8_SCALE))
+    if damage == "drop scale":
+        del state[scaled]
+    elif damage == "float codes":
+        base = scaled[: -len(INT8_SCALE)]
+        state[base] = state[base].float()
+    else:
+        state["nothing.here" + INT8_SCALE] = torch.ones(3)
+    save_file(state, str(weights))
+    (tmp_path / "m" / "fingerprint").unlink()  # a re-signed damage, past the fingerprint
+    with pytest.raises(BundleError, match="int8|scales without"):
+        load_bundle(tmp_path / "m")
+
+
+def test_unknown_precision_is_refused(small_net: EmbeddingNet, tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="precision"):
+        save_bundle(small_net, tmp_path / "m", precision="int4")
+    assert not (tmp_path / "m").exists()
 
 
 def test_tampered_weights_are_detected(small_net: EmbeddingNet, tmp_path: Path) -> None:
