@@ -12,10 +12,10 @@ A candidate's score is ``cosine + weight * maxsim``:
 
 Both come from one pass of the trunks (:class:`~.regions_net.DescribeNet`, or its ONNX export
 ``rerank.onnx`` on the ONNX engines). In 5-fold cross-validation on the ``accurate`` model it
-gains +0.084 ± 0.006 top-1 over the cosine (0.638; the plain mean of the regions gave 0.593;
-``benchmarks/RESULTS.md``, issue 14, "Twelfth session" and "Fourteenth session") and, as a
-pair score (MaxSim both ways, minus each image's :func:`combined_hubness` against the
-cohort's regions), +0.036 ROC-AUC (0.930; "Thirteenth session", "Fourteenth session").
+gains +0.085 ± 0.008 top-1 over the cosine (0.640; the plain mean of the regions gave 0.593 on
+the two-trunk model; ``benchmarks/RESULTS.md``, issue 14, "Twelfth session" to "Sixteenth
+session") and, as a pair score (MaxSim both ways, minus each image's :func:`combined_hubness`
+against the cohort's regions), +0.035 ROC-AUC (0.930; 0.931 over three map seeds).
 The weights are measured properties of one model's weights, so they live in the model's
 ``calibration.json`` (key :data:`~.model.RERANK_KEY`), and the region map beside it
 (:data:`~.model.REGIONS_FILE`); a model without both has no re-ranker.

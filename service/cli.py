@@ -79,7 +79,7 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="A shipped model ('default', or 'accurate': slower, two fused trunks), a model "
+        help="A shipped model ('default', or 'accurate': slower, three fused trunks), a model "
         "bundle directory, or a backbone name (untrained); default: the built-in model.",
         envvar="LOOKALIKE_MODEL",
     ),
@@ -605,8 +605,8 @@ def rank(
             "--rerank",
             help="Score by the model's measured re-ranker: cosine + weight x late interaction "
             "over learned region vectors (ColBERT-style MaxSim, the query's regions weighted by "
-            "a learned importance). For --model accurate it gained +0.084 +/- 0.006 top-1 in "
-            "5-fold cross-validation (0.638 against 0.555; 0.635 over three seeds of the map) "
+            "a learned importance). For --model accurate it gained +0.085 +/- 0.008 top-1 in "
+            "5-fold cross-validation (0.640 against 0.555; 0.635 over three seeds of the map) "
             "at about 2x the time per image; scores are then not cosines (up to 1 + weight).",
         ),
     ] = False,

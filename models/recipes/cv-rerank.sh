@@ -13,6 +13,8 @@ PYTHON=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-data/train/cv}
 RECIPE=models/recipes/default.toml
 FUSION=efficientnet_lite0,efficientnet_lite1
+# Up to the fifteenth session the accurate model was this two-trunk fusion; its rows say so.
+LITE01=(--set "backbones=$FUSION")
 
 $LOOKALIKE train --config "$RECIPE" --cv 5 --out "$OUT/e30/model" --no-progress --epochs 30 \
   --keep-fold-models
@@ -22,11 +24,11 @@ $LOOKALIKE train --config "$RECIPE" --cv 5 --out "$OUT/e30-lite01/model" --no-pr
 $PYTHON -m lookalike.evaluation.fold_rerank --config "$RECIPE" --set epochs=30 \
   --cv-dir "$OUT/e30/model.work/cv"
 $PYTHON -m lookalike.evaluation.fold_rerank --config models/recipes/accurate.toml \
-  --cv-dir "$OUT/e30-lite01/model.work/cv"
+  "${LITE01[@]}" --cv-dir "$OUT/e30-lite01/model.work/cv"
 # Untrained regions from the fold models: their exact location terms (the /explain split; one
 # forward pass of each fold's images per fold) and the head's per-location terms.
 $PYTHON -m lookalike.evaluation.fold_rerank --config models/recipes/accurate.toml \
-  --cv-dir "$OUT/e30-lite01/model.work/cv" --regions explain-7x7,head-7x7,head-3x3
+  "${LITE01[@]}" --cv-dir "$OUT/e30-lite01/model.work/cv" --regions explain-7x7,head-7x7,head-3x3
 # What flip TTA costs, end to end on onnx-int8 (plain and TTA interleaved).
 for model in models/default models/accurate; do
   $PYTHON -m lookalike.evaluation.fold_rerank --config "$RECIPE" --cv-dir unused \
@@ -36,7 +38,7 @@ done
 # vectors *trained* for late interaction (a linear map of the trunks' 7 x 7 locations, per fold,
 # on the fold's training pairs), scored out of fold on sets and verification pairs.
 $PYTHON -m lookalike.evaluation.fold_rerank --config models/recipes/accurate.toml \
-  --cv-dir "$OUT/e30-lite01/model.work/cv" --regions explain-7x7,head-7x7 --verification
+  "${LITE01[@]}" --cv-dir "$OUT/e30-lite01/model.work/cv" --regions explain-7x7,head-7x7 --verification
 # Variants measured beside it (RESULTS.md, "Sixth session" and "Seventh session"), none shipped:
 # fold_learned_regions ... --dim 128|512, --epochs 10, --seed 1-4, --symmetric, --temperature 0.1,
 # --maps 2, --scales 7,3,1, --batch-size 64|256; later --mirrored-pairs, --mirror-candidates,
@@ -52,7 +54,7 @@ $PYTHON -m lookalike.evaluation.fold_rerank --config models/recipes/accurate.tom
 # cohort.safetensors, and the weight (and the pair score's weight, hubness k
 # and threshold) best over all folds, with the out-of-fold figures, into its calibration.json.
 $PYTHON -m lookalike.evaluation.fold_learned_regions --config models/recipes/accurate.toml \
-  --cv-dir "$OUT/e30-lite01/model.work/cv" --write-rerank models/accurate
+  "${LITE01[@]}" --cv-dir "$OUT/e30-lite01/model.work/cv" --write-rerank models/accurate
 # Seventh session: the plain pair score's hubness correction (/compare), per model, on its own
 # recipe's folds: the default's CV row with its fold models kept (60 epochs, as shipped), then
 # the cohort and the calibration entry 'hubness' of each model.
@@ -61,4 +63,16 @@ $LOOKALIKE train --config "$RECIPE" --cv 5 --out "$OUT/default/model" --no-progr
 $PYTHON -m lookalike.evaluation.fold_hubness --config "$RECIPE" \
   --cv-dir "$OUT/default/model.work/cv" --write-calibration models/default
 $PYTHON -m lookalike.evaluation.fold_hubness --config models/recipes/accurate.toml \
-  --cv-dir "$OUT/e30-lite01/model.work/cv" --write-calibration models/accurate
+  "${LITE01[@]}" --cv-dir "$OUT/e30-lite01/model.work/cv" --write-calibration models/accurate
+# Sixteenth session: the accurate recipe gains Lite2 (three trunks, the head stored as int8
+# rows), measured in the fifteenth (a copy of the recipe with Lite2 added); the bundle is
+# rebuilt from the recipe's own CV row with its fold models kept, then calibrated as above.
+$LOOKALIKE train --config models/recipes/accurate.toml --no-progress --keep-fold-models
+rm -rf models/accurate && cp -r data/train/accurate/model models/accurate
+$PYTHON -m lookalike.evaluation.fold_hubness --config models/recipes/accurate.toml \
+  --cv-dir data/train/accurate/model.work/cv --write-calibration models/accurate
+$PYTHON -m lookalike.evaluation.fold_learned_regions --config models/recipes/accurate.toml \
+  --cv-dir data/train/accurate/model.work/cv --write-rerank models/accurate
+# and its near-duplicate setting (calibration entry 'dedup'; planted set in report/accurate):
+$LOOKALIKE dedup-evaluate ../shared/tll/pairs.csv --out report/accurate --model accurate \
+  --write-calibration --no-progress

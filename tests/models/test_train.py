@@ -210,9 +210,9 @@ def test_the_shipped_models_are_what_their_recipes_make(tmp_path: Path, name: st
     assert size < 20_000_000
     if name == "accurate":  # its trunks come from the offline packages, checked by sha256
         config = json.loads((shipped_path / "config.json").read_text())
-        assert sorted(config["offline_trunks"]) == ["0", "1"]
-        # head, region map and a cohort with 800 images' regions: 9.3 MB; either trunk's
-        # ImageNet weights (4.7M and 5.4M parameters) would break this
+        assert sorted(config["offline_trunks"]) == ["0", "1", "2"]
+        # head (int8 rows), region map and a cohort with 800 images' regions: 9 MB; any
+        # trunk's ImageNet weights (4.7M, 5.4M and 6.1M parameters) would break this
         assert size < 10_000_000
 
 
