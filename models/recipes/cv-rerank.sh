@@ -47,14 +47,12 @@ $PYTHON -m lookalike.evaluation.fold_rerank --config models/recipes/accurate.tom
 # --mirrored-pairs again (the map's temperature 0.03, now the default, shipped); fifteenth:
 # --seed 2, --batch-size 64, and --config a copy of accurate.toml with Lite2 added (its own CV
 # row with --keep-fold-models and region cache) with --cv-dir that row's.
-# Shipped (sixth session; the pair score's hubness term since the seventh; the query regions'
-# learned weights, --pooling weighted, the default, since the twelfth). The map trained on
-# all pairs goes into models/accurate/regions.safetensors, the model's embeddings of the
-# training images (and the regions of the 800 the pair score's hubness is made of) into
-# cohort.safetensors, and the weight (and the pair score's weight, hubness k
-# and threshold) best over all folds, with the out-of-fold figures, into its calibration.json.
+# The re-ranker as shipped from the sixth to the fifteenth session (the pair score's hubness
+# term since the seventh; the query regions' learned weights, --pooling weighted, the
+# default, since the twelfth), measured on the two-trunk row; it is written into the bundle
+# (--write-rerank) at the end, on the three-trunk accurate row.
 $PYTHON -m lookalike.evaluation.fold_learned_regions --config models/recipes/accurate.toml \
-  "${LITE01[@]}" --cv-dir "$OUT/e30-lite01/model.work/cv" --write-rerank models/accurate
+  "${LITE01[@]}" --cv-dir "$OUT/e30-lite01/model.work/cv"
 # Seventh session: the plain pair score's hubness correction (/compare), per model, on its own
 # recipe's folds: the default's CV row with its fold models kept (60 epochs, as shipped), then
 # the cohort and the calibration entry 'hubness' of each model.
@@ -63,10 +61,15 @@ $LOOKALIKE train --config "$RECIPE" --cv 5 --out "$OUT/default/model" --no-progr
 $PYTHON -m lookalike.evaluation.fold_hubness --config "$RECIPE" \
   --cv-dir "$OUT/default/model.work/cv" --write-calibration models/default
 $PYTHON -m lookalike.evaluation.fold_hubness --config models/recipes/accurate.toml \
-  "${LITE01[@]}" --cv-dir "$OUT/e30-lite01/model.work/cv" --write-calibration models/accurate
+  "${LITE01[@]}" --cv-dir "$OUT/e30-lite01/model.work/cv"
 # Sixteenth session: the accurate recipe gains Lite2 (three trunks, the head stored as int8
 # rows), measured in the fifteenth (a copy of the recipe with Lite2 added); the bundle is
-# rebuilt from the recipe's own CV row with its fold models kept, then calibrated as above.
+# rebuilt from the recipe's own CV row with its fold models kept, then calibrated: the plain
+# pair score's cohort and 'hubness' entry; the map trained on all pairs into
+# regions.safetensors, the model's embeddings of the training images (and the regions of the
+# 800 the pair score's hubness is made of) into cohort.safetensors, and the weights (and the
+# pair score's weight, hubness k and threshold) best over all folds, with the out-of-fold
+# figures, into its calibration.json ('rerank');
 $LOOKALIKE train --config models/recipes/accurate.toml --no-progress --keep-fold-models
 rm -rf models/accurate && cp -r data/train/accurate/model models/accurate
 $PYTHON -m lookalike.evaluation.fold_hubness --config models/recipes/accurate.toml \
