@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from lookalike.core.machine import cpu_description
+from lookalike.core.scoring import set_metrics
 from lookalike.evaluation.fold_rerank import (
     add_row_arguments,
     cached_features,
@@ -26,7 +27,7 @@ from lookalike.evaluation.fold_rerank import (
     pair_matrix,
     row_recipe,
 )
-from lookalike.models.bundle import int8_rows
+from lookalike.models.bundle import from_int8_rows, int8_rows
 from lookalike.models.train import load_data
 
 
@@ -46,11 +47,10 @@ def main() -> None:
           "between the two embeddings |\n|---|---|---|---|---|")
     gains = []
     for fold in folds:
-        codes, scale = int8_rows(torch.from_numpy(fold.head.weight))
-        rounded = dataclasses.replace(
-            fold.head, weight=(codes.double() * scale.double()[:, None]).numpy())
+        stored = int8_rows(torch.from_numpy(fold.head.weight))
+        rounded = dataclasses.replace(fold.head, weight=from_int8_rows(*stored).double().numpy())
         full, int8 = (head.embed(features[fold.rows]) for head in (fold.head, rounded))
-        top1 = [float(np.mean(fold.cosines(v).argmax(1) == fold.answers)) for v in (full, int8)]
+        top1 = [set_metrics(fold.cosines(v), fold.answers)["top1"] for v in (full, int8)]
         auc = [figures(pair_matrix(fold, v))["auc"] for v in (full, int8)]
         gains.append(auc[1] - auc[0])
         print(f"| {fold.number} | {top1[0]:.3f} / {top1[1]:.3f} | {auc[0]:.5f} | "

@@ -198,6 +198,11 @@ def int8_rows(tensor: Any) -> tuple[Any, Any]:
     return codes.reshape(tensor.shape).contiguous(), scale.contiguous()
 
 
+def from_int8_rows(codes: Any, scale: Any) -> Any:
+    """The float32 tensor that :func:`int8_rows`' ``codes`` and per-row ``scale`` stand for."""
+    return codes.float() * scale.float().reshape(-1, *([1] * (codes.dim() - 1)))
+
+
 def _stored(state: dict[str, Any], precision: str) -> dict[str, Any]:
     """A state dict's tensors as ``precision`` stores them."""
     if precision not in PRECISIONS:
@@ -227,7 +232,7 @@ def _loaded(state: dict[str, Any], path: Path) -> dict[str, Any]:
         if scale is not None:
             if scale.shape != (len(value),):
                 raise BundleError(f"model bundle {path} has a damaged int8 tensor {key!r}")
-            value = value.float() * scale.float().reshape(-1, *([1] * (value.dim() - 1)))
+            value = from_int8_rows(value, scale)
         loaded[key] = value.float() if value.is_floating_point() else value
     orphans = [key for key in state if key.endswith(INT8_SCALE)
                and key[: -len(INT8_SCALE)] not in state]
